@@ -1,0 +1,5 @@
+package blockcrypt
+
+import "crypto/aes"
+
+var aesNew = aes.NewCipher
