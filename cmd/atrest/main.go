@@ -35,6 +35,9 @@ func newApp() *cli.App {
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
 			return usageError(err)
 		},
+		CommandNotFound: func(c *cli.Context, name string) {
+			os.Exit(report(c.App.ErrWriter, usagef("unknown command %q", name)))
+		},
 	}
 }
 
