@@ -2,4 +2,10 @@ module github.com/atrest/atrest/blockcrypt/_asm
 
 go 1.26.0
 
-require github.com/mmcloughlin/avo v0.6.0 // indirect
+require github.com/mmcloughlin/avo v0.6.0
+
+require (
+	golang.org/x/mod v0.29.0 // indirect
+	golang.org/x/sync v0.17.0 // indirect
+	golang.org/x/tools v0.38.0 // indirect
+)
