@@ -1,0 +1,307 @@
+// Package fusefs exposes blockdev.Devices as fixed-size regular files in a FUSE directory,
+// so that a loop device (and a file system on it) can sit on top of any atrest layer.
+//
+// Every file is opened with FOPEN_DIRECT_IO, so no plaintext ever enters the page cache
+// of the FUSE file: each read and write reaches the Device as ReadAt/WriteAt. The files
+// never grow or shrink; fsync maps to Flush, and fallocate to the Device's zeroing and
+// trimming capabilities (see Mount for the exact mapping).
+//
+// Concurrency: Mount may be called from several goroutines for different directories.
+// A Server's methods (Dir, Path, Wait, Unmount) are safe for concurrent use. The
+// Devices are called from many goroutines at once, as blockdev.Device requires. The
+// process that serves a mount must never access that mount from a goroutine that
+// serves FUSE requests (no Device method may touch the FUSE file or anything stacked on
+// it, like its loop device), or the kernel waits for a reply that can never come.
+package fusefs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/atrest/atrest/blockdev"
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+)
+
+// DefaultRoot is the directory under which atrest mounts its FUSE directories, one per
+// `atrest mount` (DefaultRoot/<name>).
+const DefaultRoot = "/run/atrest/fuse"
+
+// Defaults of Options.
+const (
+	// DefaultMaxWrite is the largest read or write the kernel sends in one request (it
+	// also sets max_read). 1 MiB is the kernel's cap (fs.fuse.max_pages_limit = 256).
+	DefaultMaxWrite = 1 << 20
+	// DefaultMaxBackground bounds the asynchronous requests the kernel keeps in flight
+	// (readahead, and every direct I/O that arrives through aio, io_uring or a loop
+	// device). It must exceed the queue depth that callers use, or requests queue in
+	// the kernel.
+	DefaultMaxBackground = 128
+)
+
+// File is one export: a name in the FUSE directory and the Device behind it.
+type File struct {
+	Name   string
+	Device blockdev.Device
+}
+
+// Options tune a mount. The zero value is ready to use.
+type Options struct {
+	// Logger receives Device errors (each one also fails its request with EIO) and
+	// go-fuse's diagnostics. Nil discards them.
+	Logger *slog.Logger
+	// MaxWrite is the largest request size in bytes; 0 means DefaultMaxWrite.
+	MaxWrite int
+	// MaxBackground bounds the asynchronous requests in flight; 0 means
+	// DefaultMaxBackground.
+	MaxBackground int
+	// FsName is shown as the source in /proc/self/mountinfo; "" means "atrest".
+	FsName string
+	// Debug logs every FUSE request to Logger at debug level.
+	Debug bool
+}
+
+// Server is a mounted FUSE directory that serves its files until it is unmounted.
+type Server struct {
+	srv   *fuse.Server
+	dir   string
+	names map[string]bool
+}
+
+// Mount mounts a FUSE file system at dir (created with mode 0700 if missing) that holds
+// one regular file, mode 0600 and owned by root, per element of files, and serves it
+// until Unmount, or until someone else unmounts dir. It returns once the kernel has
+// answered the first request, so the files are usable at once. It needs root
+// (mount(2) directly, no fusermount). The Devices stay open; the caller closes them
+// after Wait returns.
+//
+// Each file maps requests to its Device as follows:
+//   - read: ReadAt; a read at or after the end returns 0 bytes, one that crosses it
+//     returns the bytes before the end;
+//   - write: WriteAt; a write at or after the end fails with ENOSPC, one that crosses
+//     it writes the bytes that fit and returns a short count (as a block device does);
+//   - fsync and fdatasync: Flush;
+//   - fallocate without flags or with KEEP_SIZE: nothing to do inside the file, EFBIG
+//     beyond its end without KEEP_SIZE;
+//   - fallocate ZERO_RANGE: blockdev.WriteZeroes without ZeroMayUnmap;
+//   - fallocate PUNCH_HOLE|KEEP_SIZE: blockdev.WriteZeroes with ZeroMayUnmap|ZeroFast,
+//     EOPNOTSUPP when the Device answers ErrNotFast (never Trim: a punched hole must
+//     read back as zeroes, and a loop device sends WRITE_ZEROES this way too);
+//   - setattr: the size cannot change (EFBIG to grow, EPERM to shrink, also for
+//     open(O_TRUNC)), nor the owner or mode (EPERM); times are accepted and ignored.
+//
+// Any other Device error fails the request with EIO (EROFS for ErrReadOnly) and is
+// logged.
+func Mount(dir string, files []File, opts Options) (*Server, error) {
+	if len(files) == 0 {
+		return nil, errors.New("fusefs: no files to serve")
+	}
+	logger := opts.Logger
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	names := make(map[string]bool, len(files))
+	for _, f := range files {
+		if err := checkName(f.Name); err != nil {
+			return nil, err
+		}
+		if names[f.Name] {
+			return nil, fmt.Errorf("fusefs: file name %q given twice", f.Name)
+		}
+		if f.Device == nil {
+			return nil, fmt.Errorf("fusefs: file %q has no device", f.Name)
+		}
+		names[f.Name] = true
+	}
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, fmt.Errorf("fusefs: %w", err)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		// A dead FUSE mount left by a killed server answers ENOTCONN.
+		if errors.Is(err, syscall.ENOTCONN) {
+			return nil, fmt.Errorf("fusefs: %s is a dead FUSE mount (its server is gone); unmount it first: %w", dir, err)
+		}
+		return nil, fmt.Errorf("fusefs: %w", err)
+	}
+
+	maxWrite := opts.MaxWrite
+	if maxWrite == 0 {
+		maxWrite = DefaultMaxWrite
+	}
+	maxBackground := opts.MaxBackground
+	if maxBackground == 0 {
+		maxBackground = DefaultMaxBackground
+	}
+	fsName := opts.FsName
+	if fsName == "" {
+		fsName = "atrest"
+	}
+	// Attributes never change behind the kernel's back: sizes are fixed.
+	timeout := time.Hour
+	root := &rootNode{start: time.Now(), blockSize: statfsBlockSize(files)}
+	for _, f := range files {
+		root.files = append(root.files, &fileNode{
+			name:   f.Name,
+			dev:    f.Device,
+			size:   f.Device.Size(),
+			logger: logger,
+			start:  root.start,
+		})
+	}
+	goFuseLog := slog.NewLogLogger(logger.Handler(), slog.LevelWarn)
+	fsOpts := &fs.Options{
+		MountOptions: fuse.MountOptions{
+			FsName:        fsName,
+			Name:          "atrest",
+			MaxWrite:      maxWrite,
+			MaxBackground: maxBackground,
+			// Direct I/O from aio, io_uring and loop devices stays asynchronous
+			// (otherwise each submitter waits for its request before the next).
+			ExtraCapabilities: fuse.CAP_ASYNC_DIO,
+			// mount(2) ourselves, as root: no fusermount, no fallback.
+			DirectMountStrict: true,
+			DirectMountFlags:  syscall.MS_NOSUID | syscall.MS_NODEV | syscall.MS_NOEXEC,
+			DisableXAttrs:     true,
+			Debug:             opts.Debug,
+			Logger:            slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
+		},
+		EntryTimeout:    &timeout,
+		AttrTimeout:     &timeout,
+		NegativeTimeout: &timeout,
+		Logger:          goFuseLog,
+	}
+	if !opts.Debug {
+		fsOpts.MountOptions.Logger = goFuseLog
+	}
+	srv, err := fuse.NewServer(fs.NewNodeFS(root, fsOpts), dir, &fsOpts.MountOptions)
+	if err != nil {
+		if os.Geteuid() != 0 {
+			return nil, fmt.Errorf("fusefs: mount %s (it needs root): %w", dir, err)
+		}
+		return nil, fmt.Errorf("fusefs: mount %s: %w", dir, err)
+	}
+	// go-fuse opens /dev/fuse without O_CLOEXEC on the direct-mount path; a child
+	// process (mkfs, mount, ...) would inherit it and keep the FUSE connection alive
+	// after this process dies.
+	if err := closeOnExecFUSE(); err != nil {
+		_ = srv.Unmount()
+		return nil, fmt.Errorf("fusefs: %w", err)
+	}
+	go srv.Serve()
+	if err := srv.WaitMount(); err != nil {
+		_ = srv.Unmount()
+		return nil, fmt.Errorf("fusefs: mount %s: waiting for the kernel: %w", dir, err)
+	}
+	return &Server{srv: srv, dir: dir, names: names}, nil
+}
+
+// Dir returns the absolute path of the mounted directory.
+func (s *Server) Dir() string { return s.dir }
+
+// Path returns the path of the named file, or "" if the Server has no such file.
+func (s *Server) Path(name string) string {
+	if !s.names[name] {
+		return ""
+	}
+	return filepath.Join(s.dir, name)
+}
+
+// Wait returns when the mount has ended (Unmount, or umount(8) from outside) and no
+// request is being served any more.
+func (s *Server) Wait() { s.srv.Wait() }
+
+// Unmount unmounts the directory; Wait returns afterwards. It fails with EBUSY while a
+// file is open or attached to a loop device: detach first. It may be called again
+// after a failure, and after success it does nothing.
+func (s *Server) Unmount() error {
+	if err := s.srv.Unmount(); err != nil {
+		return fmt.Errorf("fusefs: unmount %s: %w", s.dir, err)
+	}
+	return nil
+}
+
+// checkName accepts what can be a single path element.
+func checkName(name string) error {
+	switch {
+	case name == "", name == ".", name == "..":
+		return fmt.Errorf("fusefs: invalid file name %q", name)
+	case len(name) > 255:
+		return fmt.Errorf("fusefs: file name %.20q... is longer than 255 bytes", name)
+	case strings.ContainsAny(name, "/\x00"):
+		return fmt.Errorf("fusefs: file name %q contains '/' or NUL", name)
+	}
+	return nil
+}
+
+// statfsBlockSize is the block size that statfs reports. A loop device over one of the
+// files takes it as its discard granularity, so it is at least 4096 and at least every
+// Device's preferred block size.
+func statfsBlockSize(files []File) uint32 {
+	bs := 4096
+	for _, f := range files {
+		bs = max(bs, blockdev.PreferredBlockSize(f.Device))
+	}
+	return uint32(bs)
+}
+
+// rootNode is the directory that holds the files.
+type rootNode struct {
+	fs.Inode
+	files     []*fileNode
+	start     time.Time
+	blockSize uint32
+}
+
+var (
+	_ fs.NodeOnAdder   = (*rootNode)(nil)
+	_ fs.NodeGetattrer = (*rootNode)(nil)
+	_ fs.NodeSetattrer = (*rootNode)(nil)
+	_ fs.NodeStatfser  = (*rootNode)(nil)
+)
+
+// OnAdd creates the files when the file system is mounted.
+func (r *rootNode) OnAdd(ctx context.Context) {
+	for i, f := range r.files {
+		ch := r.NewPersistentInode(ctx, f, fs.StableAttr{Mode: syscall.S_IFREG, Ino: uint64(i) + 2})
+		if !r.AddChild(f.name, ch, false) {
+			panic("BUG: fusefs: duplicate file name " + f.name)
+		}
+	}
+}
+
+// Getattr describes the directory: root only.
+func (r *rootNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	out.Mode = 0o700
+	out.Nlink = 2
+	out.SetTimes(&r.start, &r.start, &r.start)
+	return 0
+}
+
+// Setattr refuses every change to the directory.
+func (r *rootNode) Setattr(ctx context.Context, fh fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	return syscall.EPERM
+}
+
+// Statfs reports the total size of the files as used space.
+func (r *rootNode) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
+	var total uint64
+	for _, f := range r.files {
+		total += uint64(f.size)
+	}
+	*out = fuse.StatfsOut{
+		Bsize:   r.blockSize,
+		Frsize:  r.blockSize,
+		Blocks:  (total + uint64(r.blockSize) - 1) / uint64(r.blockSize),
+		Files:   uint64(len(r.files)),
+		NameLen: 255,
+	}
+	return 0
+}
