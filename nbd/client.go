@@ -1,0 +1,666 @@
+package nbd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/atrest/atrest/blockdev"
+)
+
+// ClientOptions tune a Client. The zero value is usable.
+type ClientOptions struct {
+	// Export overrides the export named by the address ("" keeps it).
+	Export string
+	// Connections is how many connections to open when the server advertises
+	// NBD_FLAG_CAN_MULTI_CONN (default 4); otherwise one is used.
+	Connections int
+	// MaxInFlight bounds the requests in flight per connection (default 64).
+	MaxInFlight int
+	// DialTimeout bounds one connection attempt, handshake included (default 10 s).
+	DialTimeout time.Duration
+	// ReconnectTimeout is how long requests wait, after the connection dropped, for a
+	// new one before they fail with ErrDisconnected (default 60 s; negative: never
+	// reconnect, fail at once).
+	ReconnectTimeout time.Duration
+	// ReplayBytes bounds the replay log: the writes answered since the last Flush, kept
+	// so that they can be sent again after a reconnect (default 64 MiB; when it is full
+	// the client flushes by itself to empty it). Negative disables the log; a Flush
+	// after a reconnect then reports ErrWritesLost when writes were not yet flushed.
+	ReplayBytes int64
+	// Logf, if set, receives a line per reconnect.
+	Logf func(format string, args ...any)
+}
+
+func (o ClientOptions) withDefaults() ClientOptions {
+	if o.Connections <= 0 {
+		o.Connections = 4
+	}
+	if o.MaxInFlight <= 0 {
+		o.MaxInFlight = 64
+	}
+	if o.DialTimeout <= 0 {
+		o.DialTimeout = 10 * time.Second
+	}
+	if o.ReconnectTimeout == 0 {
+		o.ReconnectTimeout = 60 * time.Second
+	}
+	if o.ReplayBytes == 0 {
+		o.ReplayBytes = 64 << 20
+	}
+	return o
+}
+
+var (
+	// ErrDisconnected is returned (wrapped, with the last dial error) by requests that
+	// found no connection within ClientOptions.ReconnectTimeout.
+	ErrDisconnected = errors.New("connection to the nbd server lost")
+	// ErrWritesLost is returned once by Flush when a connection dropped while writes
+	// answered on it were not yet flushed and the replay log could not keep them: if
+	// the server crashed rather than restarted cleanly, they may be gone.
+	ErrWritesLost = errors.New("the nbd connection dropped before writes were flushed; they may be lost")
+)
+
+// Client is a blockdev.Device backed by an export of an NBD server.
+//
+// It implements every optional capability of blockdev; those the server does not
+// advertise return blockdev.ErrNotSupported (Trim, and Flush without SEND_FLUSH), fall
+// back to plain writes (WriteZeroes without SEND_WRITE_ZEROES) or to a write and a Flush
+// (WriteAtFUA without SEND_FUA). Requests larger than the server's maximum payload are
+// split and sent together.
+//
+// # Reconnection and durability
+//
+// When a connection drops, the client closes all of them, dials again with backoff for
+// up to ReconnectTimeout, and sends the requests that were in flight again (reads, and
+// writes, which are idempotent at a fixed offset). Writes that were answered but not yet
+// flushed are in the replay log: it is sent again, in order, before any other request
+// on the new connections, so a server that crashed and lost its volatile cache gets
+// them back, and the next Flush is honest. Without the log (ReplayBytes < 0), that
+// Flush reports ErrWritesLost once, as fsync reports a lost write-back.
+//
+// A Client is safe for concurrent use; Close must not race with other calls.
+type Client struct {
+	addr Address
+	opts ClientOptions
+	size int64
+
+	mu      sync.Mutex
+	cond    *sync.Cond
+	state   clientState
+	conns   []*clientConn
+	info    exportInfo
+	epoch   uint64
+	attempt uint64 // reconnect attempts started
+	failErr error  // why the last reconnect attempt gave up
+	calls   sync.WaitGroup
+	closeCh chan struct{}
+	bg      sync.WaitGroup
+	rr      atomic.Uint64
+
+	log replayLog
+}
+
+type clientState int
+
+const (
+	stateUp clientState = iota
+	stateDown
+	stateFailed
+	stateClosed
+)
+
+var (
+	_ blockdev.Device     = (*Client)(nil)
+	_ blockdev.Trimmer    = (*Client)(nil)
+	_ blockdev.ZeroWriter = (*Client)(nil)
+	_ blockdev.FUAWriter  = (*Client)(nil)
+	_ blockdev.BlockSizer = (*Client)(nil)
+)
+
+// Dial connects to addr (see ParseAddress) and negotiates the export. With
+// CAN_MULTI_CONN it opens up to opts.Connections connections.
+func Dial(ctx context.Context, addr string, opts ClientOptions) (*Client, error) {
+	a, err := ParseAddress(addr)
+	if err != nil {
+		return nil, err
+	}
+	if opts.Export != "" {
+		a.Export = opts.Export
+	}
+	c := &Client{addr: a, opts: opts.withDefaults(), closeCh: make(chan struct{})}
+	c.cond = sync.NewCond(&c.mu)
+	c.log.limit = c.opts.ReplayBytes
+	conns, info, err := c.dialAll(ctx, 1)
+	if err != nil {
+		return nil, err
+	}
+	c.size = info.size
+	c.install(conns, info, 1)
+	return c, nil
+}
+
+// dialAll opens the connections of one epoch and starts their readers.
+func (c *Client) dialAll(ctx context.Context, epoch uint64) ([]*clientConn, exportInfo, error) {
+	first, err := c.dialConn(ctx)
+	if err != nil {
+		return nil, exportInfo{}, err
+	}
+	conns := []*clientConn{first}
+	if first.info.has(tflagCanMultiConn) && c.opts.Connections > 1 {
+		extra := make([]*clientConn, c.opts.Connections-1)
+		var wg sync.WaitGroup
+		for i := range extra {
+			wg.Go(func() {
+				if cc, err := c.dialConn(ctx); err == nil {
+					if cc.info != first.info {
+						cc.nc.Close()
+						return
+					}
+					extra[i] = cc
+				}
+			})
+		}
+		wg.Wait()
+		for _, cc := range extra {
+			if cc != nil {
+				conns = append(conns, cc)
+			}
+		}
+	}
+	for _, cc := range conns {
+		cc.epoch = epoch
+		cc.start()
+	}
+	return conns, first.info, nil
+}
+
+func (c *Client) install(conns []*clientConn, info exportInfo, epoch uint64) {
+	c.mu.Lock()
+	c.conns, c.info, c.epoch, c.state = conns, info, epoch, stateUp
+	c.cond.Broadcast()
+	c.mu.Unlock()
+}
+
+func (c *Client) logf(format string, args ...any) {
+	if c.opts.Logf != nil {
+		c.opts.Logf(format, args...)
+	}
+}
+
+// begin registers a call; it fails once the client is closed.
+func (c *Client) begin() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.state == stateClosed {
+		return blockdev.ErrClosed
+	}
+	c.calls.Add(1)
+	return nil
+}
+
+// conn returns a connection to send on, waiting for a reconnect if one runs.
+func (c *Client) conn() (*clientConn, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	waited := uint64(0)
+	for {
+		switch c.state {
+		case stateUp:
+			return c.conns[c.rr.Add(1)%uint64(len(c.conns))], nil
+		case stateClosed:
+			return nil, blockdev.ErrClosed
+		case stateFailed:
+			if waited == c.attempt || c.opts.ReconnectTimeout < 0 {
+				return nil, c.failErr
+			}
+			// A later call: try again.
+			c.startReconnectLocked()
+		case stateDown:
+			waited = c.attempt
+			c.cond.Wait()
+		}
+	}
+}
+
+// currentInfo returns what the connections in use negotiated.
+func (c *Client) currentInfo() exportInfo {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.info
+}
+
+// do sends one request, again on a new connection when its connection drops.
+func (c *Client) do(cl *call) error {
+	var first time.Time
+	for {
+		cc, err := c.conn()
+		if err != nil {
+			return err
+		}
+		err = cc.roundTrip(cl)
+		if !errors.Is(err, errConnLost) {
+			return err
+		}
+		c.connLost(cc, err)
+		// A request that the server drops the connection for, again and again, must not
+		// loop for ever.
+		if first.IsZero() {
+			first = time.Now()
+		} else if c.opts.ReconnectTimeout < 0 || time.Since(first) > c.opts.ReconnectTimeout {
+			return fmt.Errorf("%s at %d: %w", cmdName(cl.typ), cl.off, ErrDisconnected)
+		}
+	}
+}
+
+// connLost starts a reconnect when cc is a connection in use.
+func (c *Client) connLost(cc *clientConn, err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.state != stateUp || cc.epoch != c.epoch {
+		return
+	}
+	c.logf("nbd: connection to %s lost: %v", c.addr, err)
+	for _, o := range c.conns {
+		_ = o.nc.Close() // everything in flight is sent again after the replay
+	}
+	if c.log.droppedDirty() {
+		c.log.setLost()
+	}
+	if c.opts.ReconnectTimeout < 0 {
+		c.state = stateFailed
+		c.failErr = fmt.Errorf("%w: %w", ErrDisconnected, err)
+		c.cond.Broadcast()
+		return
+	}
+	c.startReconnectLocked()
+}
+
+func (c *Client) startReconnectLocked() {
+	c.state = stateDown
+	c.attempt++
+	epoch := c.epoch + 1
+	c.cond.Broadcast()
+	c.bg.Add(1)
+	go func() {
+		defer c.bg.Done()
+		c.reconnect(epoch)
+	}()
+}
+
+// reconnect dials until it succeeds or ReconnectTimeout passes, then replays the log.
+func (c *Client) reconnect(epoch uint64) {
+	deadline := time.Now().Add(c.opts.ReconnectTimeout)
+	backoff := 10 * time.Millisecond
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	defer cancel()
+	go func() {
+		select {
+		case <-c.closeCh:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	var err error
+	for {
+		var conns []*clientConn
+		var info exportInfo
+		conns, info, err = c.dialAll(ctx, epoch)
+		if err == nil && info.size != c.size {
+			err = fmt.Errorf("export size changed from %d to %d bytes", c.size, info.size)
+		}
+		if err == nil {
+			err = c.replay(conns[0])
+		}
+		if err == nil {
+			c.mu.Lock()
+			if c.state == stateClosed {
+				c.mu.Unlock()
+				for _, cc := range conns {
+					cc.nc.Close()
+				}
+				return
+			}
+			c.conns, c.info, c.epoch, c.state = conns, info, epoch, stateUp
+			c.cond.Broadcast()
+			c.mu.Unlock()
+			c.logf("nbd: reconnected to %s", c.addr)
+			return
+		}
+		for _, cc := range conns {
+			cc.nc.Close()
+		}
+		if time.Now().Add(backoff).After(deadline) || ctx.Err() != nil {
+			break
+		}
+		select {
+		case <-time.After(backoff):
+		case <-ctx.Done():
+		}
+		backoff = min(2*backoff, time.Second)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.state == stateDown {
+		c.state = stateFailed
+		c.failErr = fmt.Errorf("%w: no connection to %s within %v: %w", ErrDisconnected, c.addr, c.opts.ReconnectTimeout, err)
+		c.cond.Broadcast()
+	}
+}
+
+// replay sends the replay log again, in order, one request at a time (entries may
+// overlap, and only their order makes the result right).
+func (c *Client) replay(cc *clientConn) error {
+	for _, e := range c.log.snapshot() {
+		cl := &call{typ: e.typ, flags: e.flags, off: e.off, length: e.length, buf: e.data}
+		err := cc.roundTrip(cl)
+		var rerr *RemoteError
+		if errors.As(err, &rerr) {
+			// The write failed on the new server: it can no longer be made durable.
+			c.log.setLost()
+			continue
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Size returns the size of the export.
+func (c *Client) Size() int64 { return c.size }
+
+// PreferredBlockSize returns the server's preferred block size (4096 by default).
+func (c *Client) PreferredBlockSize() int { return int(c.currentInfo().prefBlock) }
+
+// ExportInfo describes the export as the server advertised it.
+type ExportInfo struct {
+	Size                                       int64
+	MinBlock, PreferredBlock, MaxPayload       uint32
+	ReadOnly, CanFlush, CanFUA, CanTrim        bool
+	CanWriteZeroes, CanFastZero, CanMultiConn  bool
+	CanCache, StructuredReplies, Rotational    bool
+	Connections                                int
+}
+
+// Info returns what the server advertised on the connections in use.
+func (c *Client) Info() ExportInfo {
+	c.mu.Lock()
+	i, n := c.info, len(c.conns)
+	c.mu.Unlock()
+	return ExportInfo{
+		Size: i.size, MinBlock: i.minBlock, PreferredBlock: i.prefBlock, MaxPayload: i.maxPayload,
+		ReadOnly: i.has(tflagReadOnly), CanFlush: i.has(tflagSendFlush), CanFUA: i.has(tflagSendFUA),
+		CanTrim: i.has(tflagSendTrim), CanWriteZeroes: i.has(tflagSendWriteZeroes),
+		CanFastZero: i.has(tflagSendFastZero), CanMultiConn: i.has(tflagCanMultiConn),
+		CanCache: i.has(tflagSendCache), StructuredReplies: i.structured, Rotational: i.has(tflagRotational),
+		Connections: n,
+	}
+}
+
+// aligned checks the server's minimum block size ("Size constraints": the client "MUST
+// abide by" it after asking for NBD_INFO_BLOCK_SIZE).
+func (c *Client) aligned(info exportInfo, off, n int64) error {
+	m := int64(info.minBlock)
+	if off%m != 0 || n%m != 0 {
+		return fmt.Errorf("offset %d length %d not aligned to the server's %d-byte minimum block: %w", off, n, m, blockdev.ErrNotSupported)
+	}
+	return nil
+}
+
+// pieces splits [off, off+n) into requests of at most max bytes and runs fn on each,
+// concurrently when there are several.
+func pieces(off, n int64, max int64, fn func(off, n int64) error) error {
+	if n <= max {
+		return fn(off, n)
+	}
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		first error
+	)
+	for n > 0 {
+		l := min(n, max)
+		o := off
+		wg.Go(func() {
+			if err := fn(o, l); err != nil {
+				mu.Lock()
+				if first == nil {
+					first = err
+				}
+				mu.Unlock()
+			}
+		})
+		off += l
+		n -= l
+	}
+	wg.Wait()
+	return first
+}
+
+// ReadAt reads len(p) bytes at off; see blockdev.Device for the behaviour at the end.
+func (c *Client) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, blockdev.CheckRange(off, int64(len(p)), c.size)
+	}
+	if off >= c.size {
+		if len(p) == 0 {
+			return 0, nil
+		}
+		return 0, io.EOF
+	}
+	n := min(int64(len(p)), c.size-off)
+	if err := c.begin(); err != nil {
+		return 0, err
+	}
+	defer c.calls.Done()
+	info := c.currentInfo()
+	if err := c.aligned(info, off, n); err != nil {
+		return 0, err
+	}
+	err := pieces(off, n, int64(info.maxPayload), func(o, l int64) error {
+		return c.do(&call{typ: cmdRead, off: uint64(o), length: uint32(l), buf: p[o-off : o-off+l]})
+	})
+	if err != nil {
+		return 0, err
+	}
+	if n < int64(len(p)) {
+		return int(n), io.EOF
+	}
+	return int(n), nil
+}
+
+// WriteAt writes p at off; a write that does not fit writes nothing.
+func (c *Client) WriteAt(p []byte, off int64) (int, error) {
+	return c.write(p, off, 0)
+}
+
+// WriteAtFUA writes p at off and returns once it is durable: with NBD_CMD_FLAG_FUA
+// where advertised, otherwise with a Flush after the write.
+func (c *Client) WriteAtFUA(p []byte, off int64) (int, error) {
+	info := c.currentInfo()
+	if info.has(tflagSendFUA) {
+		return c.write(p, off, cmdFlagFUA)
+	}
+	if !info.has(tflagSendFlush) {
+		return 0, fmt.Errorf("fua write: %w", blockdev.ErrNotSupported)
+	}
+	n, err := c.write(p, off, 0)
+	if err != nil {
+		return n, err
+	}
+	return n, c.Flush()
+}
+
+func (c *Client) write(p []byte, off int64, flags uint16) (int, error) {
+	if err := blockdev.CheckRange(off, int64(len(p)), c.size); err != nil {
+		return 0, err
+	}
+	if err := c.begin(); err != nil {
+		return 0, err
+	}
+	defer c.calls.Done()
+	info := c.currentInfo()
+	if info.has(tflagReadOnly) {
+		return 0, blockdev.ErrReadOnly
+	}
+	if err := c.aligned(info, off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	err := pieces(off, int64(len(p)), int64(info.maxPayload), func(o, l int64) error {
+		return c.logged(&call{typ: cmdWrite, flags: flags, off: uint64(o), length: uint32(l), buf: p[o-off : o-off+l]})
+	})
+	if err != nil {
+		return 0, err
+	}
+	c.maybeAutoFlush()
+	return len(p), nil
+}
+
+// logged sends a changing request with its replay log entry.
+func (c *Client) logged(cl *call) error {
+	e := c.log.add(cl)
+	err := c.do(cl)
+	c.log.finish(e, err)
+	return err
+}
+
+// maybeAutoFlush empties a full replay log with a Flush.
+func (c *Client) maybeAutoFlush() {
+	if !c.log.full() || !c.currentInfo().has(tflagSendFlush) {
+		return
+	}
+	if !c.log.autoFlushing.CompareAndSwap(false, true) {
+		return
+	}
+	defer c.log.autoFlushing.Store(false)
+	if err := c.flush(); err != nil && !errors.Is(err, ErrWritesLost) {
+		// The log cannot be emptied honestly; drop it and tell the next Flush.
+		c.log.dropAll()
+	}
+}
+
+// Flush returns once every write answered before it is durable on the server.
+//
+// With NBD_FLAG_CAN_MULTI_CONN one NBD_CMD_FLUSH covers the writes answered on every
+// connection ("the effects of NBD_CMD_FLUSH ... MUST be visible across all
+// connections"), so it goes out on one of them.
+func (c *Client) Flush() error {
+	if err := c.begin(); err != nil {
+		return err
+	}
+	defer c.calls.Done()
+	return c.flush()
+}
+
+func (c *Client) flush() error {
+	if !c.currentInfo().has(tflagSendFlush) {
+		return fmt.Errorf("flush: %w", blockdev.ErrNotSupported)
+	}
+	mark := c.log.startFlush()
+	if err := c.do(&call{typ: cmdFlush}); err != nil {
+		return err
+	}
+	if c.log.flushed(mark) {
+		return ErrWritesLost
+	}
+	return nil
+}
+
+// Trim discards [off, off+n), if the server advertised NBD_FLAG_SEND_TRIM.
+func (c *Client) Trim(off, n int64) error {
+	if err := blockdev.CheckRange(off, n, c.size); err != nil {
+		return err
+	}
+	if err := c.begin(); err != nil {
+		return err
+	}
+	defer c.calls.Done()
+	info := c.currentInfo()
+	if info.has(tflagReadOnly) {
+		return blockdev.ErrReadOnly
+	}
+	if !info.has(tflagSendTrim) {
+		return fmt.Errorf("trim: %w", blockdev.ErrNotSupported)
+	}
+	if err := c.aligned(info, off, n); err != nil {
+		return err
+	}
+	err := pieces(off, n, int64(info.maxPayload), func(o, l int64) error {
+		return c.logged(&call{typ: cmdTrim, off: uint64(o), length: uint32(l)})
+	})
+	if err == nil {
+		c.maybeAutoFlush()
+	}
+	return err
+}
+
+// WriteZeroes zeroes [off, off+n) with NBD_CMD_WRITE_ZEROES (NO_HOLE unless
+// blockdev.ZeroMayUnmap, FAST_ZERO for blockdev.ZeroFast), or with written zeroes when
+// the server lacks the command.
+func (c *Client) WriteZeroes(off, n int64, flags blockdev.ZeroFlags) error {
+	if err := blockdev.CheckRange(off, n, c.size); err != nil {
+		return err
+	}
+	info := c.currentInfo()
+	if info.has(tflagReadOnly) {
+		return blockdev.ErrReadOnly
+	}
+	if !info.has(tflagSendWriteZeroes) {
+		if flags&blockdev.ZeroFast != 0 {
+			return blockdev.ErrNotFast
+		}
+		return blockdev.WriteZeroBuffers(c, off, n)
+	}
+	var f uint16
+	if flags&blockdev.ZeroMayUnmap == 0 {
+		f |= cmdFlagNoHole
+	}
+	if flags&blockdev.ZeroFast != 0 {
+		if !info.has(tflagSendFastZero) {
+			return blockdev.ErrNotFast
+		}
+		f |= cmdFlagFastZero
+	}
+	if err := c.begin(); err != nil {
+		return err
+	}
+	defer c.calls.Done()
+	if err := c.aligned(info, off, n); err != nil {
+		return err
+	}
+	err := pieces(off, n, int64(info.maxPayload), func(o, l int64) error {
+		return c.logged(&call{typ: cmdWriteZeroes, flags: f, off: uint64(o), length: uint32(l)})
+	})
+	if err == nil {
+		c.maybeAutoFlush()
+	}
+	return err
+}
+
+// Close waits for the calls in progress, disconnects cleanly (NBD_CMD_DISC) and
+// releases the connections. It does not flush.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	if c.state == stateClosed {
+		c.mu.Unlock()
+		return blockdev.ErrClosed
+	}
+	c.state = stateClosed
+	close(c.closeCh)
+	c.cond.Broadcast()
+	c.mu.Unlock()
+	c.calls.Wait()
+	c.mu.Lock()
+	conns := c.conns
+	c.mu.Unlock()
+	for _, cc := range conns {
+		cc.disconnect()
+	}
+	c.bg.Wait()
+	return nil
+}

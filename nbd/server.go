@@ -1,0 +1,423 @@
+package nbd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sort"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/atrest/atrest/blockdev"
+)
+
+// ServerConfig sets the limits of a Server. The zero value is usable: every zero field
+// takes the default named in its comment.
+type ServerConfig struct {
+	// MaxRequestSize is the largest READ or WRITE payload, advertised as the maximum
+	// payload size of NBD_INFO_BLOCK_SIZE (default 32 MiB, the size every client may use
+	// without asking). TRIM, WRITE_ZEROES and CACHE carry no payload and are not bounded.
+	MaxRequestSize int
+	// MaxConnBytes bounds the payload bytes (request and reply buffers) in flight on one
+	// connection (default 128 MiB, at least MaxRequestSize).
+	MaxConnBytes int64
+	// MaxTotalBytes bounds the payload bytes in flight on all connections together
+	// (default 512 MiB, at least MaxConnBytes).
+	MaxTotalBytes int64
+	// MaxConnRequests bounds the requests in flight (one worker goroutine each) on one
+	// connection (default 128, what Linux's nbd client sends at most).
+	MaxConnRequests int
+	// MaxTotalRequests bounds the requests in flight on all connections (default 1024).
+	MaxTotalRequests int
+	// MaxConns bounds the connections, handshakes included (default 256); further
+	// connections are closed at once.
+	MaxConns int
+	// HandshakeTimeout bounds the whole option phase of a connection (default 30 s).
+	HandshakeTimeout time.Duration
+	// MaxOptions bounds the options one connection may send before transmission
+	// (default 64); a client that sends more is disconnected.
+	MaxOptions int
+	// Ready, if set, is called by Serve once it accepts connections on its listener.
+	// `atrest serve` uses it to tell systemd READY=1 once every listener is served.
+	Ready func(addr net.Addr)
+	// Logf, if set, receives one line per notable event (a connection refused, a device
+	// error answered with EIO, a failed flush). The package never prints by itself.
+	Logf func(format string, args ...any)
+}
+
+// maxOptionLen bounds the data of one option. The largest legal option is NBD_OPT_GO
+// with a 4096-byte name and every information request (4 + 4096 + 2 + 2*65535 bytes);
+// anything larger is a denial of service ("Termination of the session during option
+// haggling" allows a hard disconnect then).
+const maxOptionLen = 4 + maxStringLen + 2 + 2*65535
+
+func (c *ServerConfig) withDefaults() ServerConfig {
+	d := *c
+	if d.MaxRequestSize <= 0 {
+		d.MaxRequestSize = 32 << 20
+	}
+	if d.MaxConnBytes <= 0 {
+		d.MaxConnBytes = 128 << 20
+	}
+	d.MaxConnBytes = max(d.MaxConnBytes, int64(d.MaxRequestSize))
+	if d.MaxTotalBytes <= 0 {
+		d.MaxTotalBytes = 512 << 20
+	}
+	d.MaxTotalBytes = max(d.MaxTotalBytes, d.MaxConnBytes)
+	if d.MaxConnRequests <= 0 {
+		d.MaxConnRequests = 128
+	}
+	if d.MaxTotalRequests <= 0 {
+		d.MaxTotalRequests = 1024
+	}
+	d.MaxTotalRequests = max(d.MaxTotalRequests, d.MaxConnRequests)
+	if d.MaxConns <= 0 {
+		d.MaxConns = 256
+	}
+	if d.HandshakeTimeout <= 0 {
+		d.HandshakeTimeout = 30 * time.Second
+	}
+	if d.MaxOptions <= 0 {
+		d.MaxOptions = 64
+	}
+	return d
+}
+
+// Export is one device offered by a Server under a name.
+type Export struct {
+	// Name is what clients ask for; "" is the default export.
+	Name string
+	// Description is shown to people by clients (NBD_OPT_LIST, NBD_INFO_DESCRIPTION).
+	Description string
+	// Device is served; the Server never closes it. Every Device in the project is safe
+	// for concurrent use, which the server relies on (one goroutine per request).
+	Device blockdev.Device
+	// ReadOnly exports refuse every change with EPERM and advertise NBD_FLAG_READ_ONLY.
+	ReadOnly bool
+	// AllowTrim passes discards (NBD_CMD_TRIM) through to the device, when the device is
+	// a blockdev.Trimmer. Off by default: discards reveal which sectors are in use.
+	AllowTrim bool
+	// Rotational sets NBD_FLAG_ROTATIONAL, a scheduling hint for clients.
+	Rotational bool
+}
+
+// export is an Export being served, with the connections that use it.
+type export struct {
+	Export
+	preferred uint32
+	conns     map[*serverConn]struct{}
+	removed   bool
+}
+
+// ErrServerClosed is returned by Serve after Shutdown or Close.
+var ErrServerClosed = errors.New("nbd: server closed")
+
+// Server serves blockdev.Devices over NBD. All its methods are safe for concurrent use.
+type Server struct {
+	cfg ServerConfig
+
+	bytes *semaphore // payload bytes in flight, all connections
+	reqs  *semaphore // requests in flight, all connections
+
+	mu        sync.Mutex
+	exports   map[string]*export
+	listeners map[net.Listener]struct{}
+	conns     map[*serverConn]struct{}
+	nconns    int
+	closing   bool
+	connsWG   sync.WaitGroup
+}
+
+// NewServer returns a Server with no exports.
+func NewServer(cfg ServerConfig) *Server {
+	cfg = cfg.withDefaults()
+	return &Server{
+		cfg:       cfg,
+		bytes:     newSemaphore(cfg.MaxTotalBytes),
+		reqs:      newSemaphore(int64(cfg.MaxTotalRequests)),
+		exports:   make(map[string]*export),
+		listeners: make(map[net.Listener]struct{}),
+		conns:     make(map[*serverConn]struct{}),
+	}
+}
+
+func (s *Server) logf(format string, args ...any) {
+	if s.cfg.Logf != nil {
+		s.cfg.Logf(format, args...)
+	}
+}
+
+// AddExport offers e to new connections. The name must be unique and at most 4096 bytes.
+func (s *Server) AddExport(e Export) error {
+	if e.Device == nil {
+		return fmt.Errorf("export %q: no device", e.Name)
+	}
+	if len(e.Name) > maxStringLen || len(e.Description) > maxStringLen {
+		return fmt.Errorf("export %q: name or description longer than %d bytes", e.Name, maxStringLen)
+	}
+	if e.Device.Size() < 0 {
+		return fmt.Errorf("export %q: negative device size", e.Name)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing {
+		return ErrServerClosed
+	}
+	if _, ok := s.exports[e.Name]; ok {
+		return fmt.Errorf("export %q already exists", e.Name)
+	}
+	s.exports[e.Name] = &export{Export: e, preferred: preferredBlockSize(e.Device), conns: make(map[*serverConn]struct{})}
+	return nil
+}
+
+// preferredBlockSize is the device's preferred size made legal for NBD_INFO_BLOCK_SIZE:
+// a power of two, at least 512 ("Size constraints"), at most 32 MiB.
+func preferredBlockSize(d blockdev.Device) uint32 {
+	p := blockdev.PreferredBlockSize(d)
+	v := uint32(512)
+	for v < uint32(p) && v < 32<<20 {
+		v <<= 1
+	}
+	return v
+}
+
+// RemoveExport stops offering the named export, then ends its connections gracefully:
+// each stops reading requests, answers those in flight, flushes the device and closes.
+// When ctx ends first, the remaining connections are closed at once. The device is
+// not closed.
+func (s *Server) RemoveExport(ctx context.Context, name string) error {
+	s.mu.Lock()
+	e, ok := s.exports[name]
+	if !ok {
+		s.mu.Unlock()
+		return fmt.Errorf("export %q does not exist", name)
+	}
+	delete(s.exports, name)
+	e.removed = true
+	conns := make([]*serverConn, 0, len(e.conns))
+	for c := range e.conns {
+		conns = append(conns, c)
+	}
+	s.mu.Unlock()
+	return s.stopConns(ctx, conns)
+}
+
+// Exports returns the names of the exports, sorted.
+func (s *Server) Exports() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	names := make([]string, 0, len(s.exports))
+	for n := range s.exports {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// lookup returns the export for a handshake, or nil.
+func (s *Server) lookup(name string) *export {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.exports[name]
+}
+
+// listExports returns a snapshot for NBD_OPT_LIST.
+func (s *Server) listExports() []Export {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]Export, 0, len(s.exports))
+	for _, e := range s.exports {
+		out = append(out, e.Export)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+func (s *Server) isClosing() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closing
+}
+
+// Serve accepts connections on l and serves each in its own goroutines until Shutdown
+// or Close, when it returns ErrServerClosed, or until ctx ends, when it closes l and
+// the connections it accepted at once (requests in flight still finish on the device)
+// and returns ctx.Err(). Serve closes l when it returns. Call it once per listener.
+func (s *Server) Serve(ctx context.Context, l net.Listener) error {
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		l.Close()
+		return ErrServerClosed
+	}
+	s.listeners[l] = struct{}{}
+	s.mu.Unlock()
+
+	lctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stop := context.AfterFunc(lctx, func() { l.Close() })
+	defer stop()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, l)
+		s.mu.Unlock()
+		l.Close()
+	}()
+
+	if s.cfg.Ready != nil {
+		s.cfg.Ready(l.Addr())
+	}
+	var delay time.Duration
+	for {
+		nc, err := l.Accept()
+		if err != nil {
+			if s.isClosing() {
+				return ErrServerClosed
+			}
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
+				// Temporary (out of file descriptors): back off like net/http.
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				s.logf("nbd: accept on %s: %v; retrying in %v", l.Addr(), err, delay)
+				select {
+				case <-time.After(delay):
+				case <-lctx.Done():
+				}
+				continue
+			}
+			return fmt.Errorf("accept on %s: %w", l.Addr(), err)
+		}
+		delay = 0
+		s.startConn(lctx, nc)
+	}
+}
+
+// ServeConn serves one already-connected client (an inetd-style socket, or one end of
+// net.Pipe in tests) and returns when the connection ends.
+func (s *Server) ServeConn(ctx context.Context, nc net.Conn) {
+	c := s.startConn(ctx, nc)
+	if c != nil {
+		<-c.done
+	}
+}
+
+func (s *Server) startConn(ctx context.Context, nc net.Conn) *serverConn {
+	s.mu.Lock()
+	if s.closing || s.nconns >= s.cfg.MaxConns {
+		closing := s.closing
+		s.mu.Unlock()
+		if !closing {
+			s.logf("nbd: refusing connection from %s: %d connections already", nc.RemoteAddr(), s.cfg.MaxConns)
+		}
+		nc.Close()
+		return nil
+	}
+	c := newServerConn(s, nc)
+	s.conns[c] = struct{}{}
+	s.nconns++
+	s.connsWG.Add(1)
+	s.mu.Unlock()
+	go func() {
+		defer s.connsWG.Done()
+		defer close(c.done)
+		stop := context.AfterFunc(ctx, c.forceClose)
+		defer stop()
+		c.serve()
+		s.mu.Lock()
+		delete(s.conns, c)
+		s.nconns--
+		if c.exp != nil {
+			delete(c.exp.conns, c)
+		}
+		s.mu.Unlock()
+	}()
+	return c
+}
+
+// attach binds a connection that finished its handshake to its export; it fails if the
+// export was removed meanwhile or the server is closing.
+func (s *Server) attach(c *serverConn, e *export) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing || e.removed {
+		return false
+	}
+	e.conns[c] = struct{}{}
+	c.exp = e
+	return true
+}
+
+// stopConns ends the connections gracefully and waits, closing them at once if ctx
+// ends first.
+func (s *Server) stopConns(ctx context.Context, conns []*serverConn) error {
+	for _, c := range conns {
+		c.gracefulStop()
+	}
+	var err error
+	for _, c := range conns {
+		select {
+		case <-c.done:
+		case <-ctx.Done():
+			err = ctx.Err()
+			for _, c := range conns {
+				c.forceClose()
+			}
+			for _, c := range conns {
+				<-c.done
+			}
+			return err
+		}
+	}
+	return nil
+}
+
+// Shutdown stops the server gracefully: it closes the listeners, lets every connection
+// answer the requests it has read (connections still in their handshake are closed),
+// flushes every export's device and returns. When ctx ends before the connections are
+// done, they are closed at once; the devices are flushed all the same. The devices are
+// not closed. Shutdown returns the flush errors and ctx's error, if any.
+func (s *Server) Shutdown(ctx context.Context) error {
+	return s.shutdown(ctx, true)
+}
+
+func (s *Server) shutdown(ctx context.Context, reportCtx bool) error {
+	s.mu.Lock()
+	s.closing = true
+	for l := range s.listeners {
+		l.Close()
+	}
+	conns := make([]*serverConn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	exports := make([]*export, 0, len(s.exports))
+	for _, e := range s.exports {
+		exports = append(exports, e)
+	}
+	s.mu.Unlock()
+
+	var errs []error
+	if err := s.stopConns(ctx, conns); err != nil && reportCtx {
+		errs = append(errs, err)
+	}
+	s.connsWG.Wait()
+	for _, e := range exports {
+		if err := e.Device.Flush(); err != nil {
+			errs = append(errs, fmt.Errorf("flush export %q: %w", e.Name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Close closes the listeners and every connection at once, without draining, then
+// flushes the exports like Shutdown.
+func (s *Server) Close() error {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return s.shutdown(ctx, false)
+}

@@ -1,0 +1,550 @@
+package nbd
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"math"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/atrest/atrest/blockdev"
+)
+
+// serverConn is one client connection. Its transmission phase has three parts:
+//   - the reader (the goroutine of serve) parses requests, reads WRITE payloads into
+//     pooled buffers and starts one worker goroutine per request, after taking a
+//     request slot and the payload bytes from the connection's and the server's
+//     semaphores, so both the workers and the buffered bytes are bounded;
+//   - the workers run the request on the Device and queue the reply;
+//   - the writer sends queued replies, several per writev, header and payload without
+//     a copy, and then gives the buffers and semaphore units back.
+//
+// Replies therefore go out in completion order, not request order ("Transmission").
+type serverConn struct {
+	s    *Server
+	nc   net.Conn
+	br   *bufio.Reader
+	done chan struct{}
+
+	ctx    context.Context // ends on stop; only the reader's semaphore waits use it
+	cancel context.CancelFunc
+
+	stopping atomic.Bool
+	exp      *export // set by attach, under s.mu
+	dev      blockdev.Device
+
+	structured bool
+	flags      uint16
+
+	connBytes *semaphore
+	connReqs  *semaphore
+	replies   chan *reply
+	workers   sync.WaitGroup
+	dirty     atomic.Bool // a write was answered since the last flush
+}
+
+func newServerConn(s *Server, nc net.Conn) *serverConn {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &serverConn{
+		s: s, nc: nc, br: bufio.NewReaderSize(nc, 64<<10),
+		done: make(chan struct{}), ctx: ctx, cancel: cancel,
+	}
+}
+
+// gracefulStop makes the reader stop at the next request; requests already read are
+// answered before the connection closes.
+func (c *serverConn) gracefulStop() {
+	c.stopping.Store(true)
+	c.cancel()
+	_ = c.nc.SetReadDeadline(time.Unix(1, 0))
+}
+
+// forceClose closes the connection at once.
+func (c *serverConn) forceClose() {
+	c.stopping.Store(true)
+	c.cancel()
+	_ = c.nc.Close()
+}
+
+func (c *serverConn) serve() {
+	defer c.cancel()
+	defer c.nc.Close()
+	e, err := c.handshake()
+	if err != nil {
+		if !errors.Is(err, errHandshakeDone) && !isClosedConn(err) {
+			c.s.logf("nbd: handshake with %s: %v", c.nc.RemoteAddr(), err)
+		}
+		return
+	}
+	if err := c.nc.SetDeadline(time.Time{}); err != nil {
+		return
+	}
+	if c.stopping.Load() {
+		return
+	}
+	c.dev = e.Device
+	c.connBytes = newSemaphore(c.s.cfg.MaxConnBytes)
+	c.connReqs = newSemaphore(int64(c.s.cfg.MaxConnRequests))
+	c.replies = make(chan *reply, c.s.cfg.MaxConnRequests+16)
+	writerDone := make(chan struct{})
+	go c.writer(writerDone)
+
+	c.readRequests()
+
+	c.workers.Wait()
+	close(c.replies)
+	<-writerDone
+	if c.dirty.Load() {
+		// Not required by the protocol (a client flushes what it needs durable), but a
+		// disconnecting client's writes cost one flush to make safe.
+		if err := c.dev.Flush(); err != nil {
+			c.s.logf("nbd: flush of export %q after disconnect: %v", e.Name, err)
+		}
+	}
+}
+
+func isClosedConn(err error) bool {
+	var ne net.Error
+	return errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || errors.As(err, &ne) && ne.Timeout() ||
+		errors.Is(err, io.ErrClosedPipe)
+}
+
+// reply is one answer queued for the writer.
+type reply struct {
+	cookie uint64
+	cmd    uint16
+	errno  uint32
+	msg    string
+	off    uint64 // READ: offset of data
+	data   []byte // READ: pooled payload
+	bytes  int64  // semaphore bytes to give back once sent
+	slot   bool   // a request slot to give back once sent
+}
+
+// readRequests is the reader loop; it returns at NBD_CMD_DISC, at a stop, or when the
+// connection fails or the client breaks the framing.
+func (c *serverConn) readRequests() {
+	var hdr [requestHeaderLen]byte
+	for !c.stopping.Load() {
+		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
+			if !isClosedConn(err) {
+				c.s.logf("nbd: reading request from %s: %v", c.nc.RemoteAddr(), err)
+			}
+			return
+		}
+		var r request
+		if !decodeRequest(hdr[:], &r) {
+			// The framing is lost: nothing after this can be parsed ("Either side MAY
+			// initiate a hard disconnect if it detects a violation").
+			c.s.logf("nbd: bad request magic from %s; disconnecting", c.nc.RemoteAddr())
+			_ = c.nc.Close()
+			return
+		}
+		if r.typ == cmdDisc {
+			return
+		}
+		if !c.handle(&r) {
+			return
+		}
+	}
+}
+
+func (c *serverConn) allowedFlags(typ uint16) uint16 {
+	var f uint16
+	if c.flags&tflagSendFUA != 0 {
+		f |= cmdFlagFUA
+	}
+	switch typ {
+	case cmdRead:
+		if c.flags&tflagSendDF != 0 {
+			f |= cmdFlagDF
+		}
+	case cmdWriteZeroes:
+		f |= cmdFlagNoHole
+		if c.flags&tflagSendFastZero != 0 {
+			f |= cmdFlagFastZero
+		}
+	}
+	return f
+}
+
+// rangeOK reports whether [off, off+n) lies within the device.
+func (c *serverConn) rangeOK(off uint64, n uint64) bool {
+	size := uint64(c.dev.Size())
+	return off <= math.MaxInt64 && off <= size && n <= size-off
+}
+
+// handle validates one request, answering invalid ones at once ("Error values"), and
+// starts a worker for the others. It returns false when the connection must end.
+func (c *serverConn) handle(r *request) bool {
+	badFlags := r.flags&^c.allowedFlags(r.typ) != 0
+	readOnly := c.flags&tflagReadOnly != 0
+	maxReq := uint32(c.s.cfg.MaxRequestSize)
+	switch r.typ {
+	case cmdWrite:
+		var errno uint32
+		var msg string
+		switch {
+		case r.length > maxReq:
+			// The payload must be read to stay in sync; past twice the limit (and past
+			// 2^25, which "SHOULD NOT be considered a denial of service attack") reading it
+			// would be one, so the server disconnects ("Size constraints").
+			if uint64(r.length) > 2*uint64(max(maxReq, 1<<25)) {
+				c.s.logf("nbd: %d-byte write from %s; disconnecting", r.length, c.nc.RemoteAddr())
+				return false
+			}
+			errno, msg = errInval, "write larger than the maximum payload size"
+		case readOnly:
+			errno, msg = errPerm, "read-only export"
+		case badFlags:
+			errno, msg = errInval, "invalid flags for a write"
+		case !c.rangeOK(r.offset, uint64(r.length)):
+			errno, msg = errNoSpc, "write beyond the end of the export"
+		}
+		if errno != 0 {
+			if _, err := io.CopyN(io.Discard, c.br, int64(r.length)); err != nil {
+				return false
+			}
+			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errno, msg: msg})
+		}
+		if !c.acquire(int64(r.length)) {
+			return false
+		}
+		buf := getBuf(int(r.length))
+		if _, err := io.ReadFull(c.br, buf); err != nil {
+			putBuf(buf)
+			c.release(int64(r.length))
+			return false
+		}
+		c.start(r, buf, int64(r.length))
+		return true
+
+	case cmdRead:
+		switch {
+		case badFlags:
+			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errInval, msg: "invalid flags for a read"})
+		case r.length > maxReq:
+			// With structured replies a large read "MAY be rejected up front with
+			// NBD_EOVERFLOW"; with simple replies it "will fail" (EINVAL).
+			errno := uint32(errInval)
+			if c.structured {
+				errno = errOverflow
+			}
+			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errno, msg: "read larger than the maximum payload size"})
+		case !c.rangeOK(r.offset, uint64(r.length)):
+			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errInval, msg: "read beyond the end of the export"})
+		}
+		if !c.acquire(int64(r.length)) {
+			return false
+		}
+		c.start(r, nil, int64(r.length))
+		return true
+
+	case cmdFlush:
+		if badFlags || r.offset != 0 || r.length != 0 {
+			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errInval, msg: "flush with flags, offset or length"})
+		}
+	case cmdTrim:
+		switch {
+		case readOnly:
+			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errPerm, msg: "read-only export"})
+		case c.flags&tflagSendTrim == 0:
+			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errInval, msg: "trim is not enabled on this export"})
+		case badFlags:
+			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errInval, msg: "invalid flags for a trim"})
+		case !c.rangeOK(r.offset, uint64(r.length)):
+			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errInval, msg: "trim beyond the end of the export"})
+		}
+	case cmdWriteZeroes:
+		switch {
+		case readOnly:
+			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errPerm, msg: "read-only export"})
+		case badFlags:
+			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errInval, msg: "invalid flags for write-zeroes"})
+		case !c.rangeOK(r.offset, uint64(r.length)):
+			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errNoSpc, msg: "write-zeroes beyond the end of the export"})
+		}
+	case cmdCache:
+		switch {
+		case badFlags:
+			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errInval, msg: "invalid flags for cache"})
+		case !c.rangeOK(r.offset, uint64(r.length)):
+			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errInval, msg: "cache beyond the end of the export"})
+		}
+		// Advertised, and allowed to have no effect: the device has no cache to fill.
+		return c.queue(&reply{cookie: r.cookie, cmd: r.typ})
+	default:
+		// NBD_CMD_BLOCK_STATUS (no metadata context can be negotiated) and unknown commands.
+		return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errInval, msg: "unsupported command"})
+	}
+	if !c.acquire(0) {
+		return false
+	}
+	c.start(r, nil, 0)
+	return true
+}
+
+// acquire takes a request slot and n payload bytes, connection limits first.
+func (c *serverConn) acquire(n int64) bool {
+	if c.connReqs.acquire(c.ctx, 1) != nil {
+		return false
+	}
+	if c.s.reqs.acquire(c.ctx, 1) != nil {
+		c.connReqs.release(1)
+		return false
+	}
+	if n == 0 {
+		return true
+	}
+	if c.connBytes.acquire(c.ctx, n) != nil {
+		c.releaseSlot()
+		return false
+	}
+	if c.s.bytes.acquire(c.ctx, n) != nil {
+		c.connBytes.release(n)
+		c.releaseSlot()
+		return false
+	}
+	return true
+}
+
+func (c *serverConn) releaseSlot() {
+	c.s.reqs.release(1)
+	c.connReqs.release(1)
+}
+
+func (c *serverConn) release(n int64) {
+	if n > 0 {
+		c.s.bytes.release(n)
+		c.connBytes.release(n)
+	}
+	c.releaseSlot()
+}
+
+// queue hands a reply to the writer; it returns false if the connection is gone.
+func (c *serverConn) queue(r *reply) bool {
+	c.replies <- r
+	return true
+}
+
+// start runs r in a worker; the worker owns buf (the WRITE payload) and the slot and
+// bytes taken for it, which go back once its reply is sent.
+func (c *serverConn) start(r *request, buf []byte, n int64) {
+	req := *r
+	c.workers.Add(1)
+	go func() {
+		defer c.workers.Done()
+		rep := &reply{cookie: req.cookie, cmd: req.typ, slot: true, bytes: n}
+		c.execute(&req, buf, rep)
+		c.replies <- rep
+	}()
+}
+
+// execute runs a validated request on the device and fills in its reply.
+func (c *serverConn) execute(r *request, buf []byte, rep *reply) {
+	off := int64(r.offset)
+	fua := r.flags&cmdFlagFUA != 0
+	var err error
+	switch r.typ {
+	case cmdRead:
+		data := getBuf(int(r.length))
+		var n int
+		n, err = c.dev.ReadAt(data, off)
+		if n == len(data) {
+			err = nil // io.ReaderAt may return io.EOF with a read that ends at Size
+		} else if err == nil || err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		if err != nil {
+			putBuf(data)
+		} else {
+			rep.data, rep.off = data, r.offset
+		}
+	case cmdWrite:
+		if fua {
+			_, err = blockdev.WriteFUA(c.dev, buf, off)
+		} else {
+			_, err = c.dev.WriteAt(buf, off)
+		}
+		putBuf(buf)
+	case cmdFlush:
+		c.dirty.Store(false)
+		err = c.dev.Flush()
+	case cmdTrim:
+		err = blockdev.Trim(c.dev, off, int64(r.length))
+		if err == nil && fua {
+			err = c.dev.Flush()
+		}
+	case cmdWriteZeroes:
+		flags := blockdev.ZeroMayUnmap
+		if r.flags&cmdFlagNoHole != 0 {
+			flags = 0
+		}
+		if r.flags&cmdFlagFastZero != 0 {
+			flags |= blockdev.ZeroFast
+		}
+		err = blockdev.WriteZeroes(c.dev, off, int64(r.length), flags)
+		if err == nil && fua {
+			err = c.dev.Flush()
+		}
+	default:
+		panic("BUG: execute called for unvalidated command " + cmdName(r.typ))
+	}
+	switch r.typ {
+	case cmdWrite, cmdTrim, cmdWriteZeroes:
+		if !fua {
+			c.dirty.Store(true)
+		}
+	}
+	if err != nil {
+		rep.errno = errnoFor(err, r.typ)
+		rep.msg = err.Error()
+		if rep.errno == errIO {
+			c.s.logf("nbd: %s at %d (%d bytes) on export %q: %v", cmdName(r.typ), off, r.length, c.exp.Name, err)
+		}
+	}
+}
+
+// errnoFor maps a device error to an NBD error value ("Error values").
+func errnoFor(err error, cmd uint16) uint32 {
+	write := cmd == cmdWrite || cmd == cmdWriteZeroes
+	switch {
+	case errors.Is(err, blockdev.ErrOutOfRange):
+		if write {
+			return errNoSpc
+		}
+		return errInval
+	case errors.Is(err, blockdev.ErrReadOnly), errors.Is(err, syscall.EROFS), errors.Is(err, syscall.EPERM),
+		errors.Is(err, syscall.EACCES):
+		return errPerm
+	case errors.Is(err, blockdev.ErrNotFast):
+		return errNotSup
+	case errors.Is(err, blockdev.ErrNotSupported):
+		return errInval
+	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT), errors.Is(err, syscall.EFBIG):
+		return errNoSpc
+	case errors.Is(err, blockdev.ErrClosed):
+		return errShutdown
+	default:
+		return errIO
+	}
+}
+
+// writer sends replies until c.replies is closed, batching what is queued into one
+// writev. After a write error it keeps draining, so that workers never block.
+func (c *serverConn) writer(done chan<- struct{}) {
+	defer close(done)
+	var (
+		batch   []*reply
+		bufs    net.Buffers
+		scratch []byte
+		broken  bool
+	)
+	for r := range c.replies {
+		batch = append(batch[:0], r)
+	more:
+		for len(batch) < 64 {
+			select {
+			case r, ok := <-c.replies:
+				if !ok {
+					break more
+				}
+				batch = append(batch, r)
+			default:
+				break more
+			}
+		}
+		if !broken {
+			total := 0
+			for _, r := range batch {
+				total += c.replyHeaderLen(r)
+			}
+			if cap(scratch) < total {
+				scratch = make([]byte, total)
+			}
+			scratch = scratch[:total]
+			bufs = bufs[:0]
+			pos := 0
+			for _, r := range batch {
+				l := c.replyHeaderLen(r)
+				c.encodeReply(scratch[pos:pos+l], r)
+				bufs = append(bufs, scratch[pos:pos+l])
+				if r.data != nil {
+					bufs = append(bufs, r.data)
+				}
+				pos += l
+			}
+			w := bufs
+			if _, err := w.WriteTo(c.nc); err != nil {
+				broken = true
+				if !isClosedConn(err) {
+					c.s.logf("nbd: writing replies to %s: %v", c.nc.RemoteAddr(), err)
+				}
+				_ = c.nc.Close() // wakes the reader
+			}
+		}
+		for i, r := range batch {
+			if r.data != nil {
+				putBuf(r.data)
+			}
+			if r.slot {
+				c.release(r.bytes)
+			}
+			batch[i] = nil
+		}
+	}
+}
+
+// replyHeaderLen is the length of what encodeReply appends for r.
+func (c *serverConn) replyHeaderLen(r *reply) int {
+	if !c.structured {
+		return simpleReplyLen
+	}
+	switch {
+	case r.errno != 0:
+		return structuredHeaderLen + 6 + min(len(r.msg), maxStringLen)
+	case r.cmd == cmdRead && r.data != nil:
+		return structuredHeaderLen + 8
+	case r.cmd == cmdRead:
+		return structuredHeaderLen
+	default:
+		return simpleReplyLen
+	}
+}
+
+// encodeReply writes the header of r (and an error chunk's message) to h, which is
+// replyHeaderLen(r) bytes long.
+func (c *serverConn) encodeReply(h []byte, r *reply) {
+	if !c.structured || (r.cmd != cmdRead && r.errno == 0) {
+		// A simple reply: always without structured replies; with them, allowed for
+		// anything but READ when there is no payload ("Simple reply message").
+		putSimpleReply(h, r.errno, r.cookie)
+		return
+	}
+	switch {
+	case r.errno != 0:
+		msg := r.msg
+		if len(msg) > maxStringLen {
+			msg = msg[:maxStringLen]
+		}
+		putStructuredHeader(h, replyFlagDone, replyTypeError, r.cookie, uint32(6+len(msg)))
+		binary.BigEndian.PutUint32(h[20:], r.errno)
+		binary.BigEndian.PutUint16(h[24:], uint16(len(msg)))
+		copy(h[26:], msg)
+	case r.data != nil:
+		// The whole payload was read before this header is sent, so no error can follow
+		// and the data chunk can be the final one.
+		putStructuredHeader(h, replyFlagDone, replyTypeOffsetData, r.cookie, uint32(8+len(r.data)))
+		binary.BigEndian.PutUint64(h[20:], r.off)
+	default:
+		// A zero-length read: no content chunk can describe zero bytes.
+		putStructuredHeader(h, replyFlagDone, replyTypeNone, r.cookie, 0)
+	}
+}
