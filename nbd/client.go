@@ -379,12 +379,12 @@ func (c *Client) PreferredBlockSize() int { return int(c.currentInfo().prefBlock
 
 // ExportInfo describes the export as the server advertised it.
 type ExportInfo struct {
-	Size                                       int64
-	MinBlock, PreferredBlock, MaxPayload       uint32
-	ReadOnly, CanFlush, CanFUA, CanTrim        bool
-	CanWriteZeroes, CanFastZero, CanMultiConn  bool
-	CanCache, StructuredReplies, Rotational    bool
-	Connections                                int
+	Size                                      int64
+	MinBlock, PreferredBlock, MaxPayload      uint32
+	ReadOnly, CanFlush, CanFUA, CanTrim       bool
+	CanWriteZeroes, CanFastZero, CanMultiConn bool
+	CanCache, StructuredReplies, Rotational   bool
+	Connections                               int
 }
 
 // Info returns what the server advertised on the connections in use.
