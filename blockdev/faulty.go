@@ -1,0 +1,450 @@
+package blockdev
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"sync"
+	"syscall"
+)
+
+// FaultOp selects the calls that an injected error applies to.
+type FaultOp uint8
+
+const (
+	// FaultRead applies to ReadAt.
+	FaultRead FaultOp = 1 << iota
+	// FaultWrite applies to every change: WriteAt, WriteAtFUA, Trim and WriteZeroes.
+	FaultWrite
+	// FaultReadWrite applies to reads and changes.
+	FaultReadWrite = FaultRead | FaultWrite
+)
+
+// ErrVanished is wrapped by every error of a Faulty device that has vanished (see
+// Faulty.Vanish), together with syscall.EIO, what a pulled drive answers.
+var ErrVanished = errors.New("device vanished")
+
+// PowerCutSector is the unit in which Faulty.PowerCutRandom keeps or loses unflushed
+// writes: the smallest write any drive does atomically.
+const PowerCutSector = 512
+
+// Faulty is a Device for tests that wraps another one (the lower device, which it owns)
+// and injects faults on command, like nbdkit's error filter, while it models a drive with
+// a volatile write cache:
+//
+//   - WriteAt, Trim and WriteZeroes go to the cache, which reads see at once; the lower
+//     device does not change.
+//   - Flush writes the cache to the lower device in order, flushes the lower device and
+//     empties the cache: everything written before Flush is then durable.
+//   - WriteAtFUA writes through to the lower device durably (blockdev.WriteFUA) before it
+//     returns, and stays in the cache in order with the rest.
+//   - PowerCut drops the cache: reads then return what was durable. PowerCutRandom
+//     keeps a seeded random subset of the cached changes, 512-byte sector by sector, as
+//     a real drive may have written back part of its cache.
+//   - Vanish makes every call fail as on a pulled drive, until Reinsert. It does not
+//     touch the cache (a pull that also cuts power is PowerCut then Vanish).
+//   - Close writes the cache to the lower device (a drive left running writes its cache
+//     back eventually) and closes it; PowerCut first to lose it instead.
+//
+// In the cache, a trimmed range reads as zeroes; Flush passes it on as a Trim, after
+// which the lower device decides what it reads. Trim fails with ErrNotSupported when the
+// lower device cannot trim, and WriteZeroes with ZeroFast fails with ErrNotFast when the
+// lower device has no ZeroWriter.
+//
+// Injected errors fail the whole call: a failed read fills nothing, a failed change
+// changes nothing. A Faulty is safe for concurrent use, also while faults are switched
+// on and off; it serializes its calls (the lower device included) under one mutex, which
+// keeps it obviously correct at the cost of speed.
+type Faulty struct {
+	mu       sync.Mutex
+	lower    Device
+	closed   bool
+	vanished bool
+	faults   map[int]fault
+	nextID   int
+	flushErr error
+	cache    []cacheOp
+	stats    FaultyStats
+}
+
+// FaultyStats count the calls a Faulty device received, failed ones included.
+type FaultyStats struct {
+	Reads, Writes, FUAWrites, Flushes, Trims, WriteZeroes int64
+	// Failed counts the calls that returned an error (io.EOF at the end aside).
+	Failed int64
+	// Cached is the number of changes in the volatile cache, not yet durable.
+	Cached int
+}
+
+type fault struct {
+	off, n int64
+	ops    FaultOp
+	err    error
+}
+
+type cacheKind uint8
+
+const (
+	cacheWrite cacheKind = iota
+	cacheZero
+	cacheTrim
+)
+
+// cacheOp is one change held in the volatile cache.
+type cacheOp struct {
+	kind    cacheKind
+	off, n  int64
+	data    []byte    // cacheWrite: a copy of the bytes written
+	flags   ZeroFlags // cacheZero
+	durable bool      // written through to the lower device already (FUA)
+}
+
+var (
+	_ Device     = (*Faulty)(nil)
+	_ Trimmer    = (*Faulty)(nil)
+	_ ZeroWriter = (*Faulty)(nil)
+	_ FUAWriter  = (*Faulty)(nil)
+	_ BlockSizer = (*Faulty)(nil)
+)
+
+// NewFaulty returns a Faulty device over lower, with an empty cache and no faults.
+func NewFaulty(lower Device) *Faulty {
+	return &Faulty{lower: lower, faults: make(map[int]fault)}
+}
+
+// Lower returns the lower device. Reading it shows what is durable; changing it behind
+// the Faulty's back is allowed only while the cache is empty.
+func (f *Faulty) Lower() Device { return f.lower }
+
+// InjectError makes every call of the kinds in ops that touches [off, off+n) fail with
+// an error wrapping err, or syscall.EIO when err is nil, until the returned function
+// removes the fault. Several faults may be active at once.
+func (f *Faulty) InjectError(off, n int64, ops FaultOp, err error) (remove func()) {
+	if off < 0 || n < 0 || ops&^FaultReadWrite != 0 || ops == 0 {
+		panic(fmt.Sprintf("blockdev: Faulty.InjectError(%d, %d, %#x): bad range or operations", off, n, ops))
+	}
+	if err == nil {
+		err = syscall.EIO
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	id := f.nextID
+	f.nextID++
+	f.faults[id] = fault{off: off, n: n, ops: ops, err: err}
+	return func() {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		delete(f.faults, id)
+	}
+}
+
+// FailFlush makes Flush fail with an error wrapping err, or syscall.EIO when err is nil,
+// without writing anything back, until the returned function removes the fault.
+func (f *Faulty) FailFlush(err error) (remove func()) {
+	if err == nil {
+		err = syscall.EIO
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.flushErr = err
+	return func() {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		f.flushErr = nil
+	}
+}
+
+// ClearFaults removes every injected error, FailFlush included. It does not Reinsert.
+func (f *Faulty) ClearFaults() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	clear(f.faults)
+	f.flushErr = nil
+}
+
+// Vanish makes every call but Size and Close fail with an error wrapping ErrVanished
+// and syscall.EIO, as on a pulled drive, until Reinsert.
+func (f *Faulty) Vanish() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.vanished = true
+}
+
+// Reinsert brings a vanished device back, with the contents it had when it vanished.
+func (f *Faulty) Reinsert() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.vanished = false
+}
+
+// Stats returns the counters.
+func (f *Faulty) Stats() FaultyStats {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	s := f.stats
+	for _, op := range f.cache {
+		if !op.durable {
+			s.Cached++
+		}
+	}
+	return s
+}
+
+// PowerCut loses every change not made durable by a completed Flush or by WriteAtFUA.
+// It works on a vanished device too.
+func (f *Faulty) PowerCut() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		return fmt.Errorf("faulty power cut: %w", ErrClosed)
+	}
+	// FUA writes are on the lower device already, and nothing kept is older than them.
+	f.cache = nil
+	return nil
+}
+
+// PowerCutRandom is PowerCut on a drive that had written back part of its cache: each
+// 512-byte sector of each cached change survives with probability 1/2, chosen by a
+// generator seeded with seed, and the survivors reach the lower device in the order they
+// were made. It returns an error only if the lower device fails.
+func (f *Faulty) PowerCutRandom(seed uint64) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		return fmt.Errorf("faulty power cut: %w", ErrClosed)
+	}
+	rng := rand.New(rand.NewPCG(seed, 0x9e3779b97f4a7c15))
+	cache := f.cache
+	f.cache = nil
+	for _, op := range cache {
+		if op.durable {
+			// Durable already, but written again in order so that no older change kept
+			// from the cache overrides it.
+			if err := f.apply(op); err != nil {
+				return fmt.Errorf("faulty power cut: %w", err)
+			}
+			continue
+		}
+		for pos := op.off; pos < op.off+op.n; {
+			end := min(alignDown(pos, PowerCutSector)+PowerCutSector, op.off+op.n)
+			if rng.IntN(2) == 0 {
+				if err := f.apply(op.slice(pos, end)); err != nil {
+					return fmt.Errorf("faulty power cut: %w", err)
+				}
+			}
+			pos = end
+		}
+	}
+	if err := f.lower.Flush(); err != nil {
+		return fmt.Errorf("faulty power cut: %w", err)
+	}
+	return nil
+}
+
+// slice returns the part [from, to) of op.
+func (op cacheOp) slice(from, to int64) cacheOp {
+	s := op
+	s.off, s.n = from, to-from
+	if op.kind == cacheWrite {
+		s.data = op.data[from-op.off : to-op.off]
+	}
+	return s
+}
+
+// apply makes op on the lower device. The caller holds mu.
+func (f *Faulty) apply(op cacheOp) error {
+	switch op.kind {
+	case cacheWrite:
+		_, err := f.lower.WriteAt(op.data, op.off)
+		return err
+	case cacheZero:
+		return WriteZeroes(f.lower, op.off, op.n, op.flags&^ZeroFast)
+	case cacheTrim:
+		return Trim(f.lower, op.off, op.n)
+	}
+	panic("BUG: unknown cache operation")
+}
+
+// writeBack applies the cache to the lower device in order and empties it; after an
+// error the changes not yet applied stay cached. The caller holds mu.
+func (f *Faulty) writeBack() error {
+	for i, op := range f.cache {
+		if err := f.apply(op); err != nil {
+			f.cache = f.cache[i:]
+			return err
+		}
+	}
+	f.cache = nil
+	return nil
+}
+
+// check returns the error of a call of kind op on [off, off+n), if it must fail before
+// it reaches the cache or the lower device. The caller holds mu.
+func (f *Faulty) check(name string, op FaultOp, off, n int64) error {
+	if f.closed {
+		return fmt.Errorf("faulty %s: %w", name, ErrClosed)
+	}
+	if f.vanished {
+		return fmt.Errorf("faulty %s at offset %d: %w: %w", name, off, ErrVanished, syscall.EIO)
+	}
+	for _, ft := range f.faults {
+		if ft.ops&op != 0 && off < ft.off+ft.n && ft.off < off+n {
+			return fmt.Errorf("faulty %s at offset %d length %d: injected error: %w", name, off, n, ft.err)
+		}
+	}
+	return nil
+}
+
+// fail counts a failed call and returns err.
+func (f *Faulty) fail(err error) error {
+	f.stats.Failed++
+	return err
+}
+
+// Size returns the size of the lower device.
+func (f *Faulty) Size() int64 { return f.lower.Size() }
+
+// PreferredBlockSize returns the lower device's.
+func (f *Faulty) PreferredBlockSize() int { return PreferredBlockSize(f.lower) }
+
+// ReadAt reads the lower device with the cache laid over it.
+func (f *Faulty) ReadAt(p []byte, off int64) (int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.stats.Reads++
+	if err := f.check("read", FaultRead, off, int64(len(p))); err != nil {
+		return 0, f.fail(err)
+	}
+	n, err := f.lower.ReadAt(p, off)
+	for _, op := range f.cache {
+		from, to := max(op.off, off), min(op.off+op.n, off+int64(n))
+		if from >= to {
+			continue
+		}
+		dst := p[from-off : to-off]
+		if op.kind == cacheWrite {
+			copy(dst, op.data[from-op.off:])
+		} else {
+			clear(dst)
+		}
+	}
+	if err != nil && err != io.EOF {
+		f.stats.Failed++
+	}
+	return n, err
+}
+
+// WriteAt puts the write in the cache.
+func (f *Faulty) WriteAt(p []byte, off int64) (int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.stats.Writes++
+	if err := f.checkChange("write", off, int64(len(p))); err != nil {
+		return 0, f.fail(err)
+	}
+	if len(p) > 0 {
+		f.cache = append(f.cache, cacheOp{kind: cacheWrite, off: off, n: int64(len(p)), data: bytes.Clone(p)})
+	}
+	return len(p), nil
+}
+
+// checkChange is check for a change, with the range checked against the device.
+func (f *Faulty) checkChange(name string, off, n int64) error {
+	if err := f.check(name, FaultWrite, off, n); err != nil {
+		return err
+	}
+	if err := CheckRange(off, n, f.lower.Size()); err != nil {
+		return fmt.Errorf("faulty %s: %w", name, err)
+	}
+	return nil
+}
+
+// WriteAtFUA writes p through to the lower device durably, and into the cache.
+func (f *Faulty) WriteAtFUA(p []byte, off int64) (int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.stats.FUAWrites++
+	if err := f.checkChange("FUA write", off, int64(len(p))); err != nil {
+		return 0, f.fail(err)
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	if n, err := WriteFUA(f.lower, p, off); err != nil {
+		return n, f.fail(fmt.Errorf("faulty FUA write: %w", err))
+	}
+	f.cache = append(f.cache, cacheOp{kind: cacheWrite, off: off, n: int64(len(p)), data: bytes.Clone(p), durable: true})
+	return len(p), nil
+}
+
+// Trim puts a trim in the cache; the range reads as zeroes until Flush passes it on.
+func (f *Faulty) Trim(off, n int64) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.stats.Trims++
+	if err := f.checkChange("trim", off, n); err != nil {
+		return f.fail(err)
+	}
+	if _, ok := f.lower.(Trimmer); !ok {
+		return f.fail(fmt.Errorf("faulty trim: %w", ErrNotSupported))
+	}
+	if n > 0 {
+		f.cache = append(f.cache, cacheOp{kind: cacheTrim, off: off, n: n})
+	}
+	return nil
+}
+
+// WriteZeroes puts a zeroing in the cache.
+func (f *Faulty) WriteZeroes(off, n int64, flags ZeroFlags) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.stats.WriteZeroes++
+	if err := f.checkChange("write zeroes", off, n); err != nil {
+		return f.fail(err)
+	}
+	if _, ok := f.lower.(ZeroWriter); !ok && flags&ZeroFast != 0 {
+		return f.fail(fmt.Errorf("faulty write zeroes: %w", ErrNotFast))
+	}
+	if n > 0 {
+		f.cache = append(f.cache, cacheOp{kind: cacheZero, off: off, n: n, flags: flags})
+	}
+	return nil
+}
+
+// Flush writes the cache back to the lower device and flushes it.
+func (f *Faulty) Flush() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.stats.Flushes++
+	if err := f.check("flush", 0, 0, 0); err != nil {
+		return f.fail(err)
+	}
+	if f.flushErr != nil {
+		return f.fail(fmt.Errorf("faulty flush: injected error: %w", f.flushErr))
+	}
+	if err := f.writeBack(); err != nil {
+		return f.fail(fmt.Errorf("faulty flush: %w", err))
+	}
+	if err := f.lower.Flush(); err != nil {
+		return f.fail(fmt.Errorf("faulty flush: %w", err))
+	}
+	return nil
+}
+
+// Close writes the cache back to the lower device, without flushing it, and closes it.
+// It works on a vanished device too.
+func (f *Faulty) Close() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		return fmt.Errorf("faulty close: %w", ErrClosed)
+	}
+	f.closed = true
+	errBack := f.writeBack()
+	if errBack != nil {
+		errBack = fmt.Errorf("faulty close: writing the cache back: %w", errBack)
+	}
+	return errors.Join(errBack, f.lower.Close())
+}
