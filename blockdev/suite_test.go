@@ -1,0 +1,249 @@
+package blockdev_test
+
+import (
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/atrest/atrest/blockdev"
+	"github.com/atrest/atrest/blockdev/blockdevtest"
+	"github.com/atrest/atrest/internal/testutil"
+)
+
+// closeQuietly is the cleanup of a device the suite may have closed already.
+func closeQuietly(t *testing.T, dev blockdev.Device) {
+	t.Cleanup(func() {
+		if err := dev.Close(); err != nil && !errors.Is(err, blockdev.ErrClosed) {
+			t.Errorf("close: %v", err)
+		}
+	})
+}
+
+func TestMemConformance(t *testing.T) {
+	blockdevtest.Run(t, blockdevtest.Config{
+		New: func(t *testing.T, size int64) blockdev.Device {
+			m := blockdev.NewMem(size)
+			closeQuietly(t, m)
+			return m
+		},
+		TrimZeroes: true,
+	})
+}
+
+// newFaultyMem returns a Faulty over a fresh Mem.
+func newFaultyMem(t *testing.T, size int64) blockdev.Device {
+	f := blockdev.NewFaulty(blockdev.NewMem(size))
+	closeQuietly(t, f)
+	return f
+}
+
+func TestFaultyMemConformance(t *testing.T) {
+	blockdevtest.Run(t, blockdevtest.Config{
+		New:        newFaultyMem,
+		TrimZeroes: true,
+		// A restart after a power cut: only what was durable is left.
+		Reopen: func(t *testing.T, dev blockdev.Device) blockdev.Device {
+			f := dev.(*blockdev.Faulty)
+			if err := f.PowerCut(); err != nil {
+				t.Fatal(err)
+			}
+			g := blockdev.NewFaulty(f.Lower())
+			closeQuietly(t, g)
+			return g
+		},
+	})
+}
+
+func TestFaultyMemConformanceRandomPowerCut(t *testing.T) {
+	seed := uint64(0)
+	blockdevtest.Run(t, blockdevtest.Config{
+		New:        newFaultyMem,
+		TrimZeroes: true,
+		// A power cut that keeps part of the cache must still keep everything durable.
+		Reopen: func(t *testing.T, dev blockdev.Device) blockdev.Device {
+			f := dev.(*blockdev.Faulty)
+			seed++
+			if err := f.PowerCutRandom(seed); err != nil {
+				t.Fatal(err)
+			}
+			g := blockdev.NewFaulty(f.Lower())
+			closeQuietly(t, g)
+			return g
+		},
+	})
+}
+
+// fileConfig returns a suite configuration for Files in dir opened with opts.
+func fileConfig(dir string, opts blockdev.FileOptions) blockdevtest.Config {
+	return pathConfig(opts, func(t *testing.T, size int64) string { return newSparseFile(t, dir, size) })
+}
+
+// pathConfig returns a suite configuration for Files opened with opts on the paths that
+// newPath creates, which Reopen closes and opens again.
+func pathConfig(opts blockdev.FileOptions, newPath func(t *testing.T, size int64) string) blockdevtest.Config {
+	var mu sync.Mutex
+	paths := map[blockdev.Device]string{}
+	open := func(t *testing.T, path string) blockdev.Device {
+		f, err := blockdev.OpenFile(path, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		closeQuietly(t, f)
+		mu.Lock()
+		paths[f] = path
+		mu.Unlock()
+		return f
+	}
+	return blockdevtest.Config{
+		New:        func(t *testing.T, size int64) blockdev.Device { return open(t, newPath(t, size)) },
+		TrimZeroes: true,
+		Reopen: func(t *testing.T, dev blockdev.Device) blockdev.Device {
+			mu.Lock()
+			path := paths[dev]
+			mu.Unlock()
+			if err := dev.Close(); err != nil {
+				t.Fatal(err)
+			}
+			return open(t, path)
+		},
+	}
+}
+
+// newSparseFile creates a file of size bytes in dir (a fresh temporary directory when
+// dir is empty) and returns its path.
+func newSparseFile(t *testing.T, dir string, size int64) string {
+	t.Helper()
+	if dir == "" {
+		dir = t.TempDir()
+	}
+	f, err := os.CreateTemp(dir, "drive-*.img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Remove(f.Name()) })
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return f.Name()
+}
+
+func TestFileConformance(t *testing.T) {
+	blockdevtest.Run(t, fileConfig("", blockdev.FileOptions{}))
+}
+
+func TestFileReadOnlyConformance(t *testing.T) {
+	blockdevtest.Run(t, blockdevtest.Config{
+		New: func(t *testing.T, size int64) blockdev.Device {
+			p := make([]byte, size)
+			blockdevtest.Fill(p, 0)
+			path := filepath.Join(t.TempDir(), "ro.img")
+			if err := os.WriteFile(path, p, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			f, err := blockdev.OpenFile(path, blockdev.FileOptions{ReadOnly: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			closeQuietly(t, f)
+			return f
+		},
+		ReadOnly: true,
+	})
+}
+
+// directIODir returns a fresh directory on a file system that does O_DIRECT for real
+// (statx reports its alignment): under /var/tmp, which is on the disk, where TMPDIR
+// may be a tmpfs.
+func directIODir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("/var/tmp", "atrest-blockdev-")
+	if err != nil {
+		testutil.Unavailable(t, "no directory for O_DIRECT under /var/tmp: %v", err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	var stx unix.Statx_t
+	if err := unix.Statx(unix.AT_FDCWD, dir, 0, unix.STATX_DIOALIGN, &stx); err != nil {
+		t.Fatal(err)
+	}
+	probe := newSparseFile(t, dir, 4096)
+	if err := unix.Statx(unix.AT_FDCWD, probe, 0, unix.STATX_DIOALIGN, &stx); err != nil {
+		t.Fatal(err)
+	}
+	if stx.Mask&unix.STATX_DIOALIGN == 0 || stx.Dio_offset_align == 0 {
+		testutil.Unavailable(t, "/var/tmp is on a file system without direct I/O")
+	}
+	return dir
+}
+
+func TestFileDirectConformance(t *testing.T) {
+	blockdevtest.Run(t, fileConfig(directIODir(t), blockdev.FileOptions{Direct: true}))
+}
+
+// newLoopDevice attaches a loop device over a fresh file of size bytes and returns its
+// path; it is detached when the test ends.
+func newLoopDevice(t *testing.T, size int64) (dev, backing string) {
+	t.Helper()
+	testutil.Root(t)
+	losetup := testutil.Tool(t, "losetup")
+	backing = newSparseFile(t, "", size)
+	out, err := exec.Command(losetup, "--find", "--show", backing).CombinedOutput()
+	if err != nil {
+		t.Fatalf("losetup --find --show %s: %v: %s", backing, err, out)
+	}
+	dev = strings.TrimSpace(string(out))
+	t.Cleanup(func() {
+		if out, err := exec.Command(losetup, "--detach", dev).CombinedOutput(); err != nil {
+			t.Errorf("losetup --detach %s: %v: %s", dev, err, out)
+		}
+	})
+	return dev, backing
+}
+
+// loopConfig returns a suite configuration for Files over fresh loop devices.
+func loopConfig(opts blockdev.FileOptions) blockdevtest.Config {
+	cfg := pathConfig(opts, func(t *testing.T, size int64) string {
+		dev, _ := newLoopDevice(t, size)
+		return dev
+	})
+	// A discard on a real drive need not zero, so the suite does not count on it,
+	// although a loop device over a file does.
+	cfg.TrimZeroes = false
+	return cfg
+}
+
+func TestFileLoopConformance(t *testing.T) {
+	blockdevtest.Run(t, loopConfig(blockdev.FileOptions{}))
+}
+
+func TestFileLoopDirectConformance(t *testing.T) {
+	blockdevtest.Run(t, loopConfig(blockdev.FileOptions{Direct: true}))
+}
+
+func TestFaultyFileConformance(t *testing.T) {
+	cfg := fileConfig("", blockdev.FileOptions{})
+	newFile, reopenFile := cfg.New, cfg.Reopen
+	cfg.New = func(t *testing.T, size int64) blockdev.Device {
+		f := blockdev.NewFaulty(newFile(t, size))
+		closeQuietly(t, f)
+		return f
+	}
+	cfg.Reopen = func(t *testing.T, dev blockdev.Device) blockdev.Device {
+		f := dev.(*blockdev.Faulty)
+		if err := f.PowerCut(); err != nil {
+			t.Fatal(err)
+		}
+		g := blockdev.NewFaulty(reopenFile(t, f.Lower()))
+		closeQuietly(t, g)
+		return g
+	}
+	blockdevtest.Run(t, cfg)
+}
