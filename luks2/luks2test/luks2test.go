@@ -114,3 +114,16 @@ func SparseImage(t testing.TB, size int64) string {
 	}
 	return p
 }
+
+// InCryptsetup reports whether cryptsetup is installed, for checks that add to a
+// test rather than make it (it still fails in CI when missing).
+func InCryptsetup(t testing.TB) bool {
+	t.Helper()
+	if _, err := exec.LookPath("cryptsetup"); err == nil {
+		return true
+	}
+	if testutil.InCI() {
+		t.Fatal("CI=true and cryptsetup is missing")
+	}
+	return false
+}
