@@ -27,7 +27,7 @@ const (
 var ErrVanished = errors.New("device vanished")
 
 // PowerCutSector is the unit in which Faulty.PowerCutRandom keeps or loses unflushed
-// writes: the smallest write any drive does atomically.
+// changes: the smallest write any drive makes atomically.
 const PowerCutSector = 512
 
 // Faulty is a Device for tests that wraps another one (the lower device, which it owns)
@@ -41,8 +41,9 @@ const PowerCutSector = 512
 //   - WriteAtFUA writes through to the lower device durably (blockdev.WriteFUA) before it
 //     returns, and stays in the cache in order with the rest.
 //   - PowerCut drops the cache: reads then return what was durable. PowerCutRandom
-//     keeps a seeded random subset of the cached changes, 512-byte sector by sector, as
-//     a real drive may have written back part of its cache.
+//     leaves each 512-byte sector changed since the last Flush with one of the contents
+//     it had since then, chosen at random (seeded), as a real drive may have written
+//     back part of its cache in any order.
 //   - Vanish makes every call fail as on a pulled drive, until Reinsert. It does not
 //     touch the cache (a pull that also cuts power is PowerCut then Vanish).
 //   - Close writes the cache to the lower device (a drive left running writes its cache
@@ -205,52 +206,68 @@ func (f *Faulty) PowerCut() error {
 	return nil
 }
 
-// PowerCutRandom is PowerCut on a drive that had written back part of its cache: each
-// 512-byte sector of each cached change survives with probability 1/2, chosen by a
-// generator seeded with seed, and the survivors reach the lower device in the order they
-// were made. It returns an error only if the lower device fails.
+// PowerCutRandom is PowerCut on a drive that had written back part of its cache, in no
+// particular order: each 512-byte sector changed since the last Flush ends up holding
+// one of the contents it had since then (the durable one, or the one after any of the
+// changes to it, but none older than a FUA write to it), chosen by a generator seeded
+// with seed. It returns an error only if the lower device fails.
 func (f *Faulty) PowerCutRandom(seed uint64) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.closed {
 		return fmt.Errorf("faulty power cut: %w", ErrClosed)
 	}
-	rng := rand.New(rand.NewPCG(seed, 0x9e3779b97f4a7c15))
 	cache := f.cache
 	f.cache = nil
+
+	// The contents each sector had, oldest first. The first is read from the lower
+	// device, which holds the FUA writes already; it can only be chosen for a sector
+	// that no FUA write touched, where it is the durable contents.
+	type history struct {
+		versions [][]byte
+		floor    int // index of the first version that may be chosen
+	}
+	sectors := map[int64]*history{}
+	var order []int64 // sectors in the order first touched, for a reproducible choice
+	size := f.lower.Size()
 	for _, op := range cache {
-		if op.durable {
-			// Durable already, but written again in order so that no older change kept
-			// from the cache overrides it.
-			if err := f.apply(op); err != nil {
-				return fmt.Errorf("faulty power cut: %w", err)
-			}
-			continue
-		}
-		for pos := op.off; pos < op.off+op.n; {
-			end := min(alignDown(pos, PowerCutSector)+PowerCutSector, op.off+op.n)
-			if rng.IntN(2) == 0 {
-				if err := f.apply(op.slice(pos, end)); err != nil {
+		for s := op.off / PowerCutSector; s*PowerCutSector < op.off+op.n; s++ {
+			start := s * PowerCutSector
+			h := sectors[s]
+			if h == nil {
+				img := make([]byte, min(PowerCutSector, size-start))
+				if _, err := f.lower.ReadAt(img, start); err != nil && err != io.EOF {
 					return fmt.Errorf("faulty power cut: %w", err)
 				}
+				h = &history{versions: [][]byte{img}}
+				sectors[s] = h
+				order = append(order, s)
 			}
-			pos = end
+			img := bytes.Clone(h.versions[len(h.versions)-1])
+			from, to := max(op.off, start), min(op.off+op.n, start+int64(len(img)))
+			if op.kind == cacheWrite {
+				copy(img[from-start:to-start], op.data[from-op.off:])
+			} else {
+				clear(img[from-start : to-start])
+			}
+			h.versions = append(h.versions, img)
+			if op.durable {
+				h.floor = len(h.versions) - 1
+			}
+		}
+	}
+	rng := rand.New(rand.NewPCG(seed, 0x9e3779b97f4a7c15))
+	for _, s := range order {
+		h := sectors[s]
+		v := h.versions[h.floor+rng.IntN(len(h.versions)-h.floor)]
+		if _, err := f.lower.WriteAt(v, s*PowerCutSector); err != nil {
+			return fmt.Errorf("faulty power cut: %w", err)
 		}
 	}
 	if err := f.lower.Flush(); err != nil {
 		return fmt.Errorf("faulty power cut: %w", err)
 	}
 	return nil
-}
-
-// slice returns the part [from, to) of op.
-func (op cacheOp) slice(from, to int64) cacheOp {
-	s := op
-	s.off, s.n = from, to-from
-	if op.kind == cacheWrite {
-		s.data = op.data[from-op.off : to-op.off]
-	}
-	return s
 }
 
 // apply makes op on the lower device. The caller holds mu.
