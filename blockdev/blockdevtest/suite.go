@@ -114,7 +114,7 @@ func mix64(z uint64) uint64 {
 }
 
 // rng returns the test's random generator, seeded from BLOCKDEVTEST_SEED (default 1)
-// and the test name, and logs the seed so that a failure can be replayed.
+// and the test name; a failed test logs the seed.
 func rng(t *testing.T) *rand.Rand {
 	seed := uint64(1)
 	if v := os.Getenv("BLOCKDEVTEST_SEED"); v != "" {
@@ -127,7 +127,11 @@ func rng(t *testing.T) *rand.Rand {
 	for _, c := range []byte(t.Name()) {
 		h = (h ^ uint64(c)) * 1099511628211
 	}
-	t.Logf("seed %d (BLOCKDEVTEST_SEED replays it)", seed)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("random seed %d (BLOCKDEVTEST_SEED=%d replays it)", seed, seed)
+		}
+	})
 	return rand.New(rand.NewPCG(seed, h))
 }
 
