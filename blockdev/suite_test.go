@@ -5,9 +5,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -195,17 +197,59 @@ func newLoopDevice(t *testing.T, size int64) (dev, backing string) {
 	testutil.Root(t)
 	losetup := testutil.Tool(t, "losetup")
 	backing = newSparseFile(t, "", size)
-	out, err := exec.Command(losetup, "--find", "--show", backing).CombinedOutput()
-	if err != nil {
-		t.Fatalf("losetup --find --show %s: %v: %s", backing, err, out)
-	}
-	dev = strings.TrimSpace(string(out))
-	t.Cleanup(func() {
-		if out, err := exec.Command(losetup, "--detach", dev).CombinedOutput(); err != nil {
-			t.Errorf("losetup --detach %s: %v: %s", dev, err, out)
+	for attempt := 1; ; attempt++ {
+		out, err := exec.Command(losetup, "--find", "--show", backing).CombinedOutput()
+		if err != nil {
+			t.Fatalf("losetup --find --show %s: %v: %s", backing, err, out)
 		}
-	})
-	return dev, backing
+		dev = strings.TrimSpace(string(out))
+		detach := func() {
+			if out, err := exec.Command(losetup, "--detach", dev).CombinedOutput(); err != nil {
+				t.Errorf("losetup --detach %s: %v: %s", dev, err, out)
+			}
+		}
+		// A 0 written to queue/discard_max_bytes turns discards off on a loop device
+		// for good: it outlives the detach, and this kernel refuses to raise it again
+		// (EINVAL). Such a device, left by an earlier user, is removed, and another
+		// one taken.
+		if sysfsInt(t, dev, "discard_max_bytes") > 0 || sysfsInt(t, dev, "discard_max_hw_bytes") == 0 {
+			t.Cleanup(detach)
+			return dev, backing
+		}
+		detach()
+		if attempt == 3 {
+			t.Fatalf("losetup keeps giving %s, whose discards an earlier user turned off", dev)
+		}
+		t.Logf("%s has discards turned off by an earlier user: removing it", dev)
+		removeLoopDevice(t, dev)
+	}
+}
+
+// removeLoopDevice deletes the detached loop device dev (LOOP_CTL_REMOVE), waiting while
+// the kernel still finishes the detach (EBUSY).
+func removeLoopDevice(t *testing.T, dev string) {
+	t.Helper()
+	n, err := strconv.Atoi(strings.TrimPrefix(dev, "/dev/loop"))
+	if err != nil {
+		t.Fatalf("loop device %s: %v", dev, err)
+	}
+	ctl, err := os.Open("/dev/loop-control")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ctl.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, _, e := unix.Syscall(unix.SYS_IOCTL, ctl.Fd(), unix.LOOP_CTL_REMOVE, uintptr(n))
+		switch {
+		case e == 0, e == unix.ENODEV, e == unix.ENXIO:
+			return
+		case e == unix.EBUSY && time.Now().Before(deadline):
+			time.Sleep(10 * time.Millisecond)
+		default:
+			t.Fatalf("LOOP_CTL_REMOVE %s: %v", dev, e)
+		}
+	}
 }
 
 // loopConfig returns a suite configuration for Files over fresh loop devices.
