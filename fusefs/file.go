@@ -19,11 +19,12 @@ import (
 // every method may run concurrently with every other.
 type fileNode struct {
 	fs.Inode
-	name   string
-	dev    blockdev.Device
-	size   int64
-	logger *slog.Logger
-	start  time.Time
+	name    string
+	dev     blockdev.Device
+	size    int64
+	logger  *slog.Logger
+	start   time.Time
+	discard bool
 }
 
 var (
@@ -108,7 +109,7 @@ func (n *fileNode) Allocate(ctx context.Context, fh fs.FileHandle, off, length u
 	return 0
 }
 
-// punchHole implements PUNCH_HOLE|KEEP_SIZE. fallocate(2) promises that the range
+// punchHole implements PUNCH_HOLE|KEEP_SIZE, when discards are on. fallocate(2) promises that the range
 // reads back as zeroes, and the kernel relies on it: a loop device turns both a
 // discard and a WRITE_ZEROES that allows unmapping (ext4's zeroout of inode tables and
 // extents) into this call. So it maps to WriteZeroes with ZeroMayUnmap, never to Trim,
@@ -117,6 +118,9 @@ func (n *fileNode) Allocate(ctx context.Context, fh fs.FileHandle, off, length u
 // with EOPNOTSUPP, a discard through the loop device fails (fstrim says "not
 // supported"), and the kernel falls back to writing zero pages for a WRITE_ZEROES.
 func (n *fileNode) punchHole(off, c int64) error {
+	if !n.discard {
+		return fmt.Errorf("punch hole: discards are off: %w", blockdev.ErrNotSupported)
+	}
 	err := blockdev.WriteZeroes(n.dev, off, c, blockdev.ZeroMayUnmap|blockdev.ZeroFast)
 	if errors.Is(err, blockdev.ErrNotFast) {
 		return fmt.Errorf("punch hole: %w", blockdev.ErrNotSupported)

@@ -64,6 +64,11 @@ type Options struct {
 	MaxBackground int
 	// FsName is shown as the source in /proc/self/mountinfo; "" means "atrest".
 	FsName string
+	// Discard lets punched holes through to the Devices (see Mount). Without it,
+	// fallocate PUNCH_HOLE fails with EOPNOTSUPP: a loop device over the file then
+	// stops sending discards (fstrim says "not supported") and zeroes by writing
+	// zero pages, so the drives never learn which blocks are free.
+	Discard bool
 	// Debug logs every FUSE request to Logger at debug level.
 	Debug bool
 }
@@ -91,9 +96,10 @@ type Server struct {
 //   - fallocate without flags or with KEEP_SIZE: nothing to do inside the file, EFBIG
 //     beyond its end without KEEP_SIZE;
 //   - fallocate ZERO_RANGE: blockdev.WriteZeroes without ZeroMayUnmap;
-//   - fallocate PUNCH_HOLE|KEEP_SIZE: blockdev.WriteZeroes with ZeroMayUnmap|ZeroFast,
-//     EOPNOTSUPP when the Device answers ErrNotFast (never Trim: a punched hole must
-//     read back as zeroes, and a loop device sends WRITE_ZEROES this way too);
+//   - fallocate PUNCH_HOLE|KEEP_SIZE: with Options.Discard, blockdev.WriteZeroes with
+//     ZeroMayUnmap|ZeroFast, EOPNOTSUPP when the Device answers ErrNotFast; never
+//     Trim, since a punched hole must read back as zeroes and a loop device sends
+//     its WRITE_ZEROES this way too. Without Options.Discard, EOPNOTSUPP;
 //   - setattr: the size cannot change (EFBIG to grow, EPERM to shrink, also for
 //     open(O_TRUNC)), nor the owner or mode (EPERM); times are accepted and ignored.
 //
@@ -124,11 +130,11 @@ func Mount(dir string, files []File, opts Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("fusefs: %w", err)
 	}
+	// A dead FUSE mount left by a killed server answers ENOTCONN.
+	if _, err := os.Stat(dir); errors.Is(err, syscall.ENOTCONN) {
+		return nil, fmt.Errorf("fusefs: %s is a dead FUSE mount (its server is gone); unmount it first: %w", dir, err)
+	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		// A dead FUSE mount left by a killed server answers ENOTCONN.
-		if errors.Is(err, syscall.ENOTCONN) {
-			return nil, fmt.Errorf("fusefs: %s is a dead FUSE mount (its server is gone); unmount it first: %w", dir, err)
-		}
 		return nil, fmt.Errorf("fusefs: %w", err)
 	}
 
@@ -149,11 +155,12 @@ func Mount(dir string, files []File, opts Options) (*Server, error) {
 	root := &rootNode{start: time.Now(), blockSize: statfsBlockSize(files)}
 	for _, f := range files {
 		root.files = append(root.files, &fileNode{
-			name:   f.Name,
-			dev:    f.Device,
-			size:   f.Device.Size(),
-			logger: logger,
-			start:  root.start,
+			name:    f.Name,
+			dev:     f.Device,
+			size:    f.Device.Size(),
+			logger:  logger,
+			start:   root.start,
+			discard: opts.Discard,
 		})
 	}
 	goFuseLog := slog.NewLogLogger(logger.Handler(), slog.LevelWarn)

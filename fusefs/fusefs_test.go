@@ -379,7 +379,7 @@ func TestFallocate(t *testing.T) {
 	const size = 1 << 20
 	fast, slow := newProbe(size), newProbe(size)
 	slow.slowZero = true
-	s := mount(t, Options{}, File{"fast", fast}, File{"slow", slow})
+	s := mount(t, Options{Discard: true}, File{"fast", fast}, File{"slow", slow})
 	ff := openT(t, s.Path("fast"), os.O_RDWR)
 	fs := openT(t, s.Path("slow"), os.O_RDWR)
 	fill := bytes.Repeat([]byte{0xA5}, size)
@@ -446,6 +446,22 @@ func TestFallocate(t *testing.T) {
 	check("zeroed range on the slow device", slow, 65536, true)
 	if fi, _ := ff.Stat(); fi.Size() != size {
 		t.Errorf("size after fallocate = %d, want %d", fi.Size(), size)
+	}
+}
+
+func TestPunchHoleWithoutDiscard(t *testing.T) {
+	vol := newProbe(1 << 20)
+	s := mount(t, Options{}, File{"vol", vol})
+	f := openT(t, s.Path("vol"), os.O_RDWR)
+	err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, 0, 4096)
+	if !errors.Is(err, syscall.EOPNOTSUPP) {
+		t.Errorf("punch hole with discards off: %v, want EOPNOTSUPP", err)
+	}
+	if z := vol.takeZeroes(); len(z) != 0 {
+		t.Errorf("punch hole with discards off reached the device: %v", z)
+	}
+	if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_ZERO_RANGE, 0, 4096); err != nil {
+		t.Errorf("zero range with discards off: %v", err)
 	}
 }
 

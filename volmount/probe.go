@@ -1,0 +1,153 @@
+package volmount
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+)
+
+// Signature is what blkid found on a device.
+type Signature struct {
+	// Type is the file system, partition table or other format ("ext4", "swap",
+	// "crypto_LUKS", "dos", "gpt", ...); "" when blkid found nothing.
+	Type string
+	// Usage is blkid's class: "filesystem", "crypto", "raid", "other", or
+	// "partition table".
+	Usage string
+	// Label and UUID, when the format has them.
+	Label, UUID string
+}
+
+// Empty reports whether nothing was found.
+func (s Signature) Empty() bool { return s.Type == "" }
+
+// String names what was found, for messages.
+func (s Signature) String() string {
+	if s.Empty() {
+		return "nothing"
+	}
+	out := s.Type
+	if s.Usage != "" {
+		out += " " + s.Usage
+	}
+	if s.Label != "" {
+		out += fmt.Sprintf(" labelled %q", s.Label)
+	}
+	if s.UUID != "" {
+		out += " UUID " + s.UUID
+	}
+	return out
+}
+
+// ErrNotEmpty is returned when a device that was to be formatted holds a signature.
+var ErrNotEmpty = errors.New("the device is not empty")
+
+// Probe looks for any signature on dev with blkid's low-level probing (superblocks
+// and partition tables, no cache): file systems, LUKS headers, RAID members, swap,
+// partition tables. An ambivalent result (several signatures) is an error that names
+// them. A device without a signature may still hold data: blkid cannot tell noise
+// from ciphertext, and a fresh encrypted volume reads as noise.
+func Probe(dev string) (Signature, error) {
+	// blkid says "nothing found" for a path that does not exist.
+	if _, err := os.Stat(dev); err != nil {
+		return Signature{}, fmt.Errorf("probe: %w", err)
+	}
+	blkid, err := exec.LookPath("blkid")
+	if err != nil {
+		return Signature{}, fmt.Errorf("probe %s: blkid (util-linux) is not installed: %w", dev, err)
+	}
+	cmd := exec.Command(blkid, "-p", "-o", "export", dev)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	cmd.Env = []string{"LC_ALL=C"}
+	err = cmd.Run()
+	var exit *exec.ExitError
+	switch {
+	case err == nil:
+	case errors.As(err, &exit) && exit.ExitCode() == 2:
+		return Signature{}, nil // nothing found
+	case errors.As(err, &exit) && exit.ExitCode() == 8:
+		return Signature{}, fmt.Errorf("probe %s: several signatures found (ambivalent): %s: %w",
+			dev, strings.TrimSpace(stderr.String()+" "+stdout.String()), ErrNotEmpty)
+	default:
+		return Signature{}, fmt.Errorf("probe %s: blkid: %w: %s", dev, err, strings.TrimSpace(stderr.String()))
+	}
+	var s Signature
+	sc := bufio.NewScanner(&stdout)
+	for sc.Scan() {
+		k, v, _ := strings.Cut(sc.Text(), "=")
+		switch k {
+		case "TYPE":
+			s.Type = v
+		case "USAGE":
+			s.Usage = v
+		case "LABEL":
+			s.Label = v
+		case "UUID":
+			s.UUID = v
+		case "PTTYPE":
+			if s.Type == "" {
+				s.Type, s.Usage = v, "partition table"
+			}
+		}
+	}
+	if s.Empty() {
+		return s, fmt.Errorf("probe %s: blkid reported a signature without a type: %q", dev, stdout.String())
+	}
+	return s, nil
+}
+
+// MkfsOptions tune MakeFS.
+type MkfsOptions struct {
+	// Label is the file system label ("" for none).
+	Label string
+	// Discard lets mkfs discard the whole device first (off: it writes no discard).
+	Discard bool
+}
+
+// MakeFS creates a file system of type fsType on dev, but only if Probe finds nothing
+// there: a device that holds any signature fails with an error that names it and
+// wraps ErrNotEmpty. Only ext4 is supported. ext4 is created with 4 KiB blocks and
+// lazy_itable_init=1 (the kernel zeroes the inode tables in the background after the
+// first mount, so mkfs of a large volume takes seconds), lazy_journal_init=0 (the
+// journal is written now: on an encrypted volume it would otherwise start as noise)
+// and, unless opts.Discard, nodiscard. mke2fs runs without -F and with no terminal,
+// so it refuses on its own any device it finds in use or already formatted.
+func MakeFS(dev, fsType string, opts MkfsOptions) error {
+	if fsType != "ext4" {
+		return fmt.Errorf("make a file system on %s: creating %q is not supported (only ext4); create it yourself, then mount it", dev, fsType)
+	}
+	sig, err := Probe(dev)
+	if err != nil {
+		return fmt.Errorf("make a file system on %s: %w", dev, err)
+	}
+	if !sig.Empty() {
+		return fmt.Errorf("make a file system on %s: it holds %s: %w", dev, sig, ErrNotEmpty)
+	}
+	mkfs, err := exec.LookPath("mkfs.ext4")
+	if err != nil {
+		return fmt.Errorf("make a file system on %s: mkfs.ext4 (e2fsprogs) is not installed: %w", dev, err)
+	}
+	ext := "lazy_itable_init=1,lazy_journal_init=0"
+	if !opts.Discard {
+		ext += ",nodiscard"
+	}
+	args := []string{"-q", "-b", "4096", "-E", ext}
+	if opts.Label != "" {
+		if len(opts.Label) > 16 {
+			return fmt.Errorf("make a file system on %s: label %q is longer than 16 bytes", dev, opts.Label)
+		}
+		args = append(args, "-L", opts.Label)
+	}
+	args = append(args, dev)
+	cmd := exec.Command(mkfs, args...)
+	cmd.Env = []string{"LC_ALL=C", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("make a file system on %s: mkfs.ext4: %w: %s", dev, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
