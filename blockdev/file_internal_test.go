@@ -5,8 +5,9 @@ package blockdev
 // middle of a file, EINTR (reads and writes of disk files are not interruptible),
 // pwritev2 without RWF_DSYNC, and EOPNOTSUPP from fallocate or BLKZEROOUT on file systems
 // that support them. What the kernel does for real is tested for real elsewhere: short
-// reads at a shrunken end (TestFileShrunkBehindItsBack), EOPNOTSUPP from tmpfs
-// (TestFileZeroesOnTmpfs), punch hole and discard (file_test.go).
+// transfers and EINTR from a FUSE file (file_fuse_test.go), short reads at a shrunken
+// end (TestFileShrunkBehindItsBack), EOPNOTSUPP from tmpfs (TestFileZeroesOnTmpfs),
+// punch hole and discard (file_test.go).
 
 import (
 	"bytes"
