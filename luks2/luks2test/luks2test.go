@@ -12,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/atrest/atrest/blockdev"
 	"github.com/atrest/atrest/internal/testutil"
 )
 
@@ -126,4 +127,9 @@ func InCryptsetup(t testing.TB) bool {
 		t.Fatal("CI=true and cryptsetup is missing")
 	}
 	return false
+}
+
+// OpenReadOnly opens an image as a read-only blockdev.File.
+func OpenReadOnly(path string) (*blockdev.File, error) {
+	return blockdev.OpenFile(path, blockdev.FileOptions{ReadOnly: true})
 }

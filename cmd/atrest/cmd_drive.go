@@ -1,0 +1,370 @@
+package main
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/atrest/atrest/blockcrypt"
+	"github.com/atrest/atrest/blockdev"
+	"github.com/atrest/atrest/internal/exitcodes"
+	"github.com/atrest/atrest/keystore"
+	"github.com/atrest/atrest/luks2"
+)
+
+func init() {
+	register(&cli.Command{
+		Name:  "drive",
+		Usage: "format, adopt and list the drives of the cluster",
+		Subcommands: []*cli.Command{
+			{
+				Name:      "format",
+				Usage:     "write a LUKS2 header with a new data key wrapped by the master key, and register the drive",
+				ArgsUsage: "PATH",
+				Flags: []cli.Flag{
+					keystoreFlag(),
+					&cli.StringFlag{Name: "volume", Usage: "volume name (default: the first free volN)"},
+					&cli.IntFlag{Name: "sector-size", Value: 4096, Usage: "data sector size, 4096 or 512"},
+					&cli.StringFlag{Name: "create", Usage: "create PATH as a sparse image file of this size (e.g. 1G)"},
+					&cli.BoolFlag{Name: "force", Usage: "format even if PATH holds a LUKS header, a file system or a partition table"},
+					&cli.BoolFlag{Name: "allow-discards", Usage: "pass discards (TRIM) to the drive: reveals which sectors are unused"},
+					&cli.BoolFlag{Name: "wipe", Usage: "fill the data area with encrypted zeroes (slow; hides the old contents)"},
+				},
+				Action: func(c *cli.Context) error {
+					if c.NArg() != 1 {
+						return usagef("drive format takes one PATH")
+					}
+					o := formatOptions{
+						keystore: c.String("keystore"), path: c.Args().First(), volume: c.String("volume"),
+						sectorSize: c.Int("sector-size"), force: c.Bool("force"),
+						allowDiscards: c.Bool("allow-discards"), wipe: c.Bool("wipe"), out: c.App.Writer, errOut: c.App.ErrWriter,
+					}
+					if s := c.String("create"); s != "" {
+						n, err := parseSize(s)
+						if err != nil {
+							return usageError(err)
+						}
+						o.create = n
+					}
+					return runFormat(c.Context, o)
+				},
+			},
+			{
+				Name:      "adopt",
+				Usage:     "bring an existing LUKS2 drive into the cluster, keeping its data",
+				ArgsUsage: "PATH",
+				Description: "Opens PATH with --key-file, adds a keyslot wrapped by the master key, writes the atrest\n" +
+					"token, then wipes the keyslot the old key file opened (unless --keep-old-keyslot).\n" +
+					"The drive must use aes-xts-plain64 with a 512-bit key (cryptsetup's default).",
+				Flags: []cli.Flag{
+					keystoreFlag(),
+					&cli.StringFlag{Name: "key-file", Required: true, Usage: "key file that opens the drive now"},
+					&cli.StringFlag{Name: "volume", Usage: "volume name (default: the first free volN)"},
+					&cli.BoolFlag{Name: "keep-old-keyslot", Usage: "keep the keyslot the old key file opens"},
+				},
+				Action: func(c *cli.Context) error {
+					if c.NArg() != 1 {
+						return usagef("drive adopt takes one PATH")
+					}
+					return runAdopt(c.Context, adoptOptions{
+						keystore: c.String("keystore"), path: c.Args().First(), keyFile: c.String("key-file"),
+						volume: c.String("volume"), keepOld: c.Bool("keep-old-keyslot"), out: c.App.Writer,
+					})
+				},
+			},
+			{
+				Name:  "list",
+				Usage: "list the drives of the cluster",
+				Flags: []cli.Flag{keystoreFlag(), &cli.BoolFlag{Name: "json", Usage: "print JSON"}},
+				Action: func(c *cli.Context) error {
+					if c.NArg() != 0 {
+						return usagef("drive list takes no arguments")
+					}
+					return runDriveList(c.Context, driveListOptions{keystore: c.String("keystore"), json: c.Bool("json"), out: c.App.Writer})
+				},
+			},
+		},
+	})
+}
+
+type formatOptions struct {
+	keystore, path, volume string
+	sectorSize             int
+	create                 int64
+	force, allowDiscards   bool
+	wipe                   bool
+	out, errOut            io.Writer
+}
+
+func runFormat(ctx context.Context, o formatOptions) error {
+	var err error
+	// The registry keeps absolute paths: the daemon runs elsewhere.
+	if o.path, err = filepath.Abs(o.path); err != nil {
+		return fail(exitcodes.Failure, err, "")
+	}
+	if o.sectorSize != 512 && o.sectorSize != 4096 {
+		return usagef("--sector-size %d: use 4096 or 512", o.sectorSize)
+	}
+	if o.volume != "" && !keystore.ValidVolumeName(o.volume) {
+		return usagef("--volume %q: use 1 to 64 letters, digits, '.', '_' or '-'", o.volume)
+	}
+	// The lock first: nothing is created or checked while another command runs.
+	k, err := keystore.OpenLocked(o.keystore)
+	if err != nil {
+		return keystoreError(err)
+	}
+	defer k.Close()
+	if o.create > 0 {
+		if err := createImage(o.path, o.create, o.force); err != nil {
+			return err
+		}
+	}
+	if !o.force {
+		found, err := signatures(o.path)
+		if err != nil {
+			return fail(exitcodes.IO, err, "")
+		}
+		if len(found) > 0 {
+			return fail(exitcodes.Exists, fmt.Errorf("%s holds %s", o.path, strings.Join(found, ", ")),
+				"formatting destroys it; rerun with --force if that is what you want")
+		}
+	}
+	fo := keystore.FormatOptions{Volume: o.volume, SectorSize: o.sectorSize, AllowDiscards: o.allowDiscards}
+	if o.wipe {
+		fo.Wipe = func(dev *blockcrypt.Device) error { return wipeDevice(ctx, dev, o.errOut) }
+	}
+	d, err := k.FormatDrive(o.path, fo)
+	if err != nil {
+		return keystoreError(err)
+	}
+	fmt.Fprintf(o.out, "Formatted %s: drive %s, volume %s, sector size %d\n", d.Path, d.UUID, d.Volume, d.SectorSize)
+	return nil
+}
+
+// createImage makes a sparse image file; an existing file is refused unless force.
+func createImage(path string, size int64, force bool) error {
+	flags := os.O_RDWR | os.O_CREATE | os.O_EXCL
+	if force {
+		flags = os.O_RDWR | os.O_CREATE | os.O_TRUNC
+	}
+	f, err := os.OpenFile(path, flags, 0o600)
+	if err != nil {
+		if errors.Is(err, os.ErrExist) {
+			return fail(exitcodes.Exists, err, "--create makes a new file; rerun with --force to replace it, or drop --create")
+		}
+		return fail(exitcodes.Failure, err, "")
+	}
+	defer f.Close()
+	if err := f.Truncate(size); err != nil {
+		return fail(exitcodes.IO, err, "")
+	}
+	return nil
+}
+
+// wipeDevice writes encrypted zeroes over the whole data area, with progress on a
+// terminal.
+func wipeDevice(ctx context.Context, dev *blockcrypt.Device, w io.Writer) error {
+	buf := make([]byte, 4<<20)
+	size := dev.Size()
+	last := time.Now()
+	for off := int64(0); off < size; off += int64(len(buf)) {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		n := min(int64(len(buf)), size-off)
+		if _, err := dev.WriteAt(buf[:n], off); err != nil {
+			return err
+		}
+		if time.Since(last) > 500*time.Millisecond && onTerminal(w) {
+			fmt.Fprintf(w, "\rwiping: %3d%%", off*100/size)
+			last = time.Now()
+		}
+	}
+	if onTerminal(w) {
+		fmt.Fprintf(w, "\rwiping: 100%%\n")
+	}
+	return nil
+}
+
+// signatures lists what PATH holds that formatting would destroy: atrest reads the
+// signatures it knows itself, and asks `blkid -p` (low-level probing, no cache) for
+// the others when it is installed.
+func signatures(path string) ([]string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	head := make([]byte, 128<<10)
+	n, err := f.ReadAt(head, 0)
+	if err != nil && err != io.EOF {
+		return nil, err
+	}
+	head = head[:n]
+	at := func(off int, sig string) bool {
+		return len(head) >= off+len(sig) && string(head[off:off+len(sig)]) == sig
+	}
+	var found []string
+	add := func(s string) {
+		for _, x := range found {
+			if x == s {
+				return
+			}
+		}
+		found = append(found, s)
+	}
+	if at(0, "LUKS\xba\xbe") {
+		add("a LUKS header")
+	}
+	for _, off := range []int{16384, 32768, 65536} {
+		if at(off, "SKUL\xba\xbe") {
+			add("a LUKS2 secondary header")
+		}
+	}
+	if len(head) > 1081 && binary.LittleEndian.Uint16(head[1080:]) == 0xEF53 {
+		add("an ext2/3/4 file system")
+	}
+	if at(0, "XFSB") {
+		add("an XFS file system")
+	}
+	if at(65600, "_BHRfS_M") {
+		add("a btrfs file system")
+	}
+	if at(512, "EFI PART") || at(4096, "EFI PART") {
+		add("a GPT partition table")
+	}
+	if len(head) >= 512 && head[510] == 0x55 && head[511] == 0xAA {
+		add("an MBR partition table or boot sector")
+	}
+	if at(4086, "SWAPSPACE2") || at(4086, "SWAP-SPACE") {
+		add("swap space")
+	}
+	if at(512, "LABELONE") {
+		add("an LVM physical volume")
+	}
+	if blkid, err := exec.LookPath("blkid"); err == nil {
+		out, err := exec.Command(blkid, "-p", "-o", "export", path).Output()
+		var ee *exec.ExitError
+		switch {
+		case err == nil:
+			for _, line := range strings.Split(string(out), "\n") {
+				if v, ok := strings.CutPrefix(line, "TYPE="); ok {
+					add("a " + v + " signature (blkid)")
+				}
+				if v, ok := strings.CutPrefix(line, "PTTYPE="); ok {
+					add("a " + v + " partition table (blkid)")
+				}
+			}
+		case errors.As(err, &ee) && ee.ExitCode() == 2:
+			// Nothing found.
+		default:
+			// blkid -p exits 8 on ambivalent results; that is something too.
+			if errors.As(err, &ee) && ee.ExitCode() == 8 {
+				add("several signatures (blkid)")
+			}
+		}
+	}
+	return found, nil
+}
+
+type adoptOptions struct {
+	keystore, path, keyFile, volume string
+	keepOld                         bool
+	out                             io.Writer
+}
+
+func runAdopt(_ context.Context, o adoptOptions) error {
+	if o.volume != "" && !keystore.ValidVolumeName(o.volume) {
+		return usagef("--volume %q: use 1 to 64 letters, digits, '.', '_' or '-'", o.volume)
+	}
+	var err error
+	if o.path, err = filepath.Abs(o.path); err != nil {
+		return fail(exitcodes.Failure, err, "")
+	}
+	key, err := os.ReadFile(o.keyFile)
+	if err != nil {
+		return fail(exitcodes.Key, err, "")
+	}
+	defer clear(key)
+	k, err := keystore.OpenLocked(o.keystore)
+	if err != nil {
+		return keystoreError(err)
+	}
+	defer k.Close()
+	r, err := k.AdoptDrive(o.path, key, keystore.AdoptOptions{Volume: o.volume, KeepOldKeyslot: o.keepOld})
+	if err != nil {
+		if errors.Is(err, luks2.ErrWrongKey) {
+			return fail(exitcodes.Key, err, "the key file does not open this drive; nothing was changed")
+		}
+		return keystoreError(err)
+	}
+	d := r.Drive
+	fmt.Fprintf(o.out, "Adopted %s: drive %s, volume %s, sector size %d\n", d.Path, d.UUID, d.Volume, d.SectorSize)
+	if !o.keepOld {
+		fmt.Fprintf(o.out, "Wiped keyslot %d (the old key file no longer opens the drive)\n", r.OldSlot)
+	}
+	for _, s := range r.OtherSlots {
+		fmt.Fprintf(o.out, "Warning: keyslot %d is not managed by atrest and still opens the drive; remove it with 'cryptsetup luksKillSlot %s %d'\n", s, d.Path, s)
+	}
+	return nil
+}
+
+type driveListOptions struct {
+	keystore string
+	json     bool
+	out      io.Writer
+}
+
+// driveListEntry is one line of `atrest drive list --json`.
+type driveListEntry struct {
+	keystore.Drive
+	Present bool `json:"present"`
+}
+
+func runDriveList(_ context.Context, o driveListOptions) error {
+	k, err := keystore.Open(o.keystore)
+	if err != nil {
+		return keystoreError(err)
+	}
+	list := []driveListEntry{}
+	for _, d := range k.Drives() {
+		list = append(list, driveListEntry{Drive: d, Present: present(d)})
+	}
+	if o.json {
+		b, _ := json.MarshalIndent(list, "", "  ")
+		_, err := fmt.Fprintf(o.out, "%s\n", b)
+		return err
+	}
+	tw := tabwriter.NewWriter(o.out, 0, 8, 2, ' ', 0)
+	fmt.Fprintln(tw, "UUID\tVOLUME\tMEMBER\tSECTOR\tKEY ID\tSTATE\tPRESENT\tPATH")
+	for _, e := range list {
+		p := "no"
+		if e.Present {
+			p = "yes"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d/%d\t%d\t%s\t%s\t%s\t%s\n", e.UUID, e.Volume, e.MemberIndex+1, e.MemberCount, e.SectorSize, e.KeyID, e.State, p, e.Path)
+	}
+	return tw.Flush()
+}
+
+// present reports whether the drive's header is at its last known path.
+func present(d keystore.Drive) bool {
+	f, err := blockdev.OpenFile(d.Path, blockdev.FileOptions{ReadOnly: true})
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	h, err := luks2.Load(f)
+	return err == nil && h.UUID() == d.UUID
+}

@@ -1,0 +1,97 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/atrest/atrest/keystore"
+)
+
+type rotateOptions struct {
+	keystore string
+	force    bool
+	out      io.Writer
+}
+
+func init() {
+	register(&cli.Command{
+		Name:    "rotate-encryption-keys",
+		Aliases: []string{"rotate_encryption_keys"},
+		Usage:   "replace the master key, rewrapping every drive's data key online",
+		Description: "Generates a new master key and, drive by drive, adds a keyslot wrapped by it, verifies it\n" +
+			"and wipes the old one; then replaces master.key. The data keys do not change, so served\n" +
+			"volumes stay online. Crash-safe: a rerun resumes an interrupted rotation. A registered\n" +
+			"drive that is absent makes it refuse, unless --force, which leaves that drive locked to\n" +
+			"the old master key for good.",
+		Flags: []cli.Flag{
+			keystoreFlag(),
+			&cli.BoolFlag{Name: "force", Usage: "rotate even if drives are absent; they stay locked to the old key for good"},
+		},
+		Action: func(c *cli.Context) error {
+			if c.NArg() != 0 {
+				return usagef("rotate-encryption-keys takes no arguments")
+			}
+			return runRotate(c.Context, rotateOptions{keystore: c.String("keystore"), force: c.Bool("force"), out: c.App.Writer})
+		},
+	})
+}
+
+func runRotate(ctx context.Context, o rotateOptions) error {
+	k, err := keystore.OpenLocked(o.keystore)
+	if err != nil {
+		return keystoreError(err)
+	}
+	defer k.Close()
+	err = k.Rotate(ctx, keystore.RotateOptions{Force: o.force, Step: func(s keystore.Step) {
+		rotateProgress(o.out, s)
+		crashPoint(s.Name)
+	}})
+	if err != nil {
+		return keystoreError(err)
+	}
+	s := k.State()
+	fmt.Fprintf(o.out, "Master key: %s\n", s.MasterKey.ID)
+	for _, d := range s.Drives {
+		if d.State == keystore.DriveRetired && d.KeyID != s.MasterKey.ID {
+			fmt.Fprintf(o.out, "Drive %s (volume %s) stays locked to old key %s\n", d.UUID, d.Volume, d.KeyID)
+		}
+	}
+	fmt.Fprintln(o.out, "Key rotation complete")
+	return nil
+}
+
+// rotateProgress prints a rotation step on a terminal.
+func rotateProgress(w io.Writer, s keystore.Step) {
+	drive := func() string {
+		return fmt.Sprintf("drive %d/%d (%s, volume %s, %s)", s.Index, s.Total, s.Drive.UUID, s.Drive.Volume, s.Drive.Path)
+	}
+	switch s.Name {
+	case keystore.StepResume:
+		progressf(w, "Resuming the key rotation recorded in the journal")
+	case keystore.StepNextKeyWritten:
+		progressf(w, "New master key written to master.key.next")
+	case keystore.StepJournal:
+		progressf(w, "Rotation journal recorded")
+	case keystore.StepDriveStart:
+		progressf(w, "%s: rewrapping", drive())
+	case keystore.StepDriveAdded:
+		progressf(w, "%s: new keyslot written", drive())
+	case keystore.StepDriveVerified:
+		progressf(w, "%s: new keyslot verified", drive())
+	case keystore.StepDriveWiped:
+		progressf(w, "%s: old keyslot wiped", drive())
+	case keystore.StepDriveDone:
+		progressf(w, "%s: done", drive())
+	case keystore.StepDriveAbsent:
+		progressf(w, "Drive %s (volume %s) is absent: left locked to the old master key (--force)", s.Drive.UUID, s.Drive.Volume)
+	case keystore.StepCommit:
+		progressf(w, "Every drive rewrapped")
+	case keystore.StepOldKeyDestroy:
+		progressf(w, "Old master key overwritten")
+	case keystore.StepKeyReplaced:
+		progressf(w, "master.key replaced")
+	}
+}

@@ -1,0 +1,338 @@
+package main
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/big"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/atrest/atrest/internal/exitcodes"
+	"github.com/atrest/atrest/keystore"
+	"github.com/atrest/atrest/luks2"
+	"github.com/atrest/atrest/luks2/luks2test"
+)
+
+// ksBuild builds the atrest binary into the test's temporary directory.
+func ksBuild(t testing.TB) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "atrest")
+	out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+type ksResult struct {
+	stdout, stderr string
+	code           int
+	signal         syscall.Signal
+}
+
+// ksRun runs the binary with the keystore in ATREST_KEYSTORE and extra env.
+func ksRun(t testing.TB, bin, ks string, env []string, args ...string) ksResult {
+	t.Helper()
+	cmd := exec.Command(bin, args...)
+	cmd.Env = append(append(os.Environ(), keystore.EnvDir+"="+ks), env...)
+	var so, se bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &so, &se
+	err := cmd.Run()
+	r := ksResult{stdout: so.String(), stderr: se.String()}
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		r.code = ee.ExitCode()
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			r.signal = ws.Signal()
+		}
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func ksMust(t testing.TB, bin, ks string, args ...string) string {
+	t.Helper()
+	r := ksRun(t, bin, ks, nil, args...)
+	if r.code != 0 {
+		t.Fatalf("atrest %s: exit %d\n%s%s", strings.Join(args, " "), r.code, r.stdout, r.stderr)
+	}
+	return r.stdout
+}
+
+func ksWant(t testing.TB, r ksResult, code int, inStderr string) {
+	t.Helper()
+	if r.code != code || !strings.Contains(r.stderr, inStderr) {
+		t.Fatalf("exit %d (want %d), stderr %q (want %q)", r.code, code, r.stderr, inStderr)
+	}
+}
+
+func ksStatus(t testing.TB, bin, ks string) keystore.Status {
+	t.Helper()
+	var st keystore.Status
+	if err := json.Unmarshal([]byte(ksMust(t, bin, ks, "encryption-status", "--json")), &st); err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+// TestKeystoreCommands runs the commands end to end as an administrator would.
+func TestKeystoreCommands(t *testing.T) {
+	luks2test.Cryptsetup(t)
+	bin := ksBuild(t)
+	dir := t.TempDir()
+	ks := filepath.Join(dir, "keystore")
+
+	out := ksMust(t, bin, ks, "init")
+	if !strings.Contains(out, "Cluster UUID: ") || !strings.Contains(out, "master.key") {
+		t.Fatalf("init: %s", out)
+	}
+	ksWant(t, ksRun(t, bin, ks, nil, "init"), exitcodes.Exists, "keystore already exists")
+
+	d1, d2 := filepath.Join(dir, "d1.img"), filepath.Join(dir, "d2.img")
+	out = ksMust(t, bin, ks, "drive", "format", "--create", "64M", d1)
+	if !strings.Contains(out, "volume vol0, sector size 4096") {
+		t.Fatalf("format: %s", out)
+	}
+	if fi, _ := os.Stat(d1); fi.Size() != 64<<20 {
+		t.Fatalf("--create made %d bytes", fi.Size())
+	}
+	ksMust(t, bin, ks, "drive", "format", "--create", "40MiB", "--volume", "db", "--sector-size", "512", "--allow-discards", d2)
+	ksWant(t, ksRun(t, bin, ks, nil, "drive", "format", d1), exitcodes.Exists, "holds a LUKS header")
+	ksWant(t, ksRun(t, bin, ks, nil, "drive", "format", "--create", "1G", d1), exitcodes.Exists, "file exists")
+	ksWant(t, ksRun(t, bin, ks, nil, "drive", "format", "--sector-size", "1024", d1), exitcodes.Usage, "--sector-size 1024")
+	ksWant(t, ksRun(t, bin, ks, nil, "drive", "format", "--create", "12Q", d1), exitcodes.Usage, "size")
+	ext := filepath.Join(dir, "ext4.img")
+	if out, err := exec.Command("mkfs.ext4", "-q", ext, "20M").CombinedOutput(); err == nil {
+		ksWant(t, ksRun(t, bin, ks, nil, "drive", "format", ext), exitcodes.Exists, "ext2/3/4 file system")
+	} else if luks2test.InCryptsetup(t) {
+		t.Logf("mkfs.ext4 unavailable (%v: %s); ext4 detection not checked", err, out)
+	}
+
+	var list []struct {
+		keystore.Drive
+		Present bool `json:"present"`
+	}
+	if err := json.Unmarshal([]byte(ksMust(t, bin, ks, "drive", "list", "--json")), &list); err != nil {
+		t.Fatal(err)
+	}
+	if len(list) != 2 || list[1].Volume != "db" || list[1].SectorSize != 512 || !list[0].Present || list[0].Path != d1 {
+		t.Fatalf("list: %+v", list)
+	}
+	if out := ksMust(t, bin, ks, "drive", "list"); !strings.Contains(out, "vol0") || !strings.Contains(out, "PRESENT") {
+		t.Fatalf("list: %s", out)
+	}
+
+	st := ksStatus(t, bin, ks)
+	if !st.DataEncrypted || st.Type != "software" || st.Cipher != "AES-256-XTS" || st.LastRotation != nil || st.RotationUnderWay || len(st.Drives) != 2 {
+		t.Fatalf("status: %+v", st)
+	}
+	for _, d := range st.Drives {
+		if d.State != keystore.StatePresent || d.KeyID != st.MasterKeyID {
+			t.Fatalf("status drive %+v", d)
+		}
+	}
+	text := ksMust(t, bin, ks, "encryption_status")
+	for _, want := range []string{"Data Encrypted:           yes", "software, AES-256-XTS", "Last Key Rotation:        never", "Key Rotation In Progress: no", st.MasterKeyID} {
+		if !strings.Contains(text, want) {
+			t.Errorf("status lacks %q:\n%s", want, text)
+		}
+	}
+
+	// Adopt a drive cryptsetup formatted; a wrong key file is refused first.
+	d3 := luks2test.SparseImage(t, 32<<20)
+	oldKey := luks2test.KeyFile(t, []byte("an old passphrase of an admin"))
+	luks2test.Format(t, d3, oldKey, luks2test.FastPBKDF2...)
+	wrong := luks2test.KeyFile(t, []byte("not it"))
+	ksWant(t, ksRun(t, bin, ks, nil, "drive", "adopt", "--key-file", wrong, d3), exitcodes.Key, "no keyslot opens")
+	out = ksMust(t, bin, ks, "drive", "adopt", "--key-file", oldKey, "--volume", "legacy", d3)
+	if !strings.Contains(out, "Adopted "+d3) || !strings.Contains(out, "Wiped keyslot 0") {
+		t.Fatalf("adopt: %s", out)
+	}
+	ksWant(t, ksRun(t, bin, ks, nil, "drive", "adopt", "--key-file", oldKey, d3), exitcodes.Exists, "already registered")
+
+	// Rotate; cryptsetup follows.
+	before := st.MasterKeyID
+	oldMaster, _ := os.ReadFile(filepath.Join(ks, keystore.MasterKeyFile))
+	out = ksMust(t, bin, ks, "rotate-encryption-keys")
+	if !strings.HasSuffix(out, "Key rotation complete\n") {
+		t.Fatalf("rotate: %q", out)
+	}
+	st = ksStatus(t, bin, ks)
+	if st.MasterKeyID == before || st.LastRotation == nil || time.Since(*st.LastRotation) > time.Minute || st.LastRotation.Location() != time.UTC {
+		t.Fatalf("after rotation: %+v", st)
+	}
+	if text := ksMust(t, bin, ks, "encryption-status"); !strings.Contains(text, "Last Key Rotation:        "+st.LastRotation.Format(time.RFC3339)) {
+		t.Fatalf("status text: %s", text)
+	}
+	oldFile := luks2test.KeyFile(t, oldMaster)
+	for _, p := range []string{d1, d2, d3} {
+		if ok, out := luks2test.Opens(t, p, filepath.Join(ks, keystore.MasterKeyFile)); !ok {
+			t.Fatalf("%s: cryptsetup refuses the new master key: %s", p, out)
+		}
+		if ok, _ := luks2test.Opens(t, p, oldFile); ok {
+			t.Fatalf("%s: cryptsetup opens with the old master key", p)
+		}
+	}
+	ksMust(t, bin, ks, "rotate_encryption_keys")
+
+	// A pulled drive: refused, then --force.
+	os.Rename(d2, d2+".pulled")
+	ksWant(t, ksRun(t, bin, ks, nil, "rotate-encryption-keys"), exitcodes.DriveMissing, "absent")
+	out = ksMust(t, bin, ks, "rotate-encryption-keys", "--force")
+	if !strings.Contains(out, "stays locked to old key") || !strings.HasSuffix(out, "Key rotation complete\n") {
+		t.Fatalf("forced rotation: %s", out)
+	}
+	st = ksStatus(t, bin, ks)
+	if st.Drives[1].State != keystore.StateOldKey {
+		t.Fatalf("pulled drive: %+v", st.Drives[1])
+	}
+
+	// Unsafe keystores exit 3.
+	os.Chmod(filepath.Join(ks, keystore.MasterKeyFile), 0o644)
+	ksWant(t, ksRun(t, bin, ks, nil, "encryption-status"), exitcodes.Keystore, "chmod 0600")
+	ksWant(t, ksRun(t, bin, ks, nil, "rotate-encryption-keys"), exitcodes.Keystore, "grants access to group or others")
+	ksWant(t, ksRun(t, bin, filepath.Join(dir, "none"), nil, "drive", "list"), exitcodes.Keystore, "no keystore")
+}
+
+// TestRotateSurvivesSIGKILL kills the real binary with SIGKILL at every step boundary
+// of a rotation, then at random moments; after each kill every drive opens with a
+// key the journal names, a rerun completes the rotation, every drive opens with the
+// new master key, its data is unchanged, and the old master key opens nothing.
+func TestRotateSurvivesSIGKILL(t *testing.T) {
+	bin := ksBuild(t)
+	dir := t.TempDir()
+	ks := filepath.Join(dir, "keystore")
+	ksMust(t, bin, ks, "init")
+	var paths []string
+	for i := range 3 {
+		p := filepath.Join(dir, fmt.Sprintf("d%d.img", i))
+		ksMust(t, bin, ks, "drive", "format", "--create", "24M", "--sector-size", []string{"4096", "512", "4096"}[i], p)
+		paths = append(paths, p)
+	}
+	data := make([][]byte, len(paths))
+	k, err := keystore.Open(ks)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, p := range paths {
+		data[i] = make([]byte, 20000)
+		rand.Read(data[i])
+		u, err := k.Unlock(p, keystore.UnlockOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		u.Device.WriteAt(data[i], 777)
+		u.Device.Close()
+	}
+	cs := luks2test.InCryptsetup(t)
+
+	check := func(when string, oldMaster []byte) {
+		t.Helper()
+		k, err := keystore.Open(ks)
+		if err != nil {
+			t.Fatalf("%s: keystore: %v", when, err)
+		}
+		for i, p := range paths {
+			u, err := k.Unlock(p, keystore.UnlockOptions{ReadOnly: true})
+			if err != nil {
+				t.Fatalf("%s: drive %d: %v", when, i, err)
+			}
+			got := make([]byte, len(data[i]))
+			u.Device.ReadAt(got, 777)
+			u.Device.Close()
+			if !bytes.Equal(got, data[i]) {
+				t.Fatalf("%s: drive %d: data changed", when, i)
+			}
+			if oldMaster == nil {
+				continue
+			}
+			dev, err := luks2test.OpenReadOnly(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			h, err := luks2.Load(dev)
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, _, err = h.Unlock(dev, oldMaster)
+			dev.Close()
+			if !errors.Is(err, luks2.ErrWrongKey) {
+				t.Fatalf("%s: drive %d: the old master key: %v", when, i, err)
+			}
+			if cs {
+				if ok, out := luks2test.Opens(t, p, filepath.Join(ks, keystore.MasterKeyFile)); !ok {
+					t.Fatalf("%s: drive %d: cryptsetup refuses master.key: %s", when, i, out)
+				}
+			}
+		}
+	}
+	master := func() []byte {
+		b, err := os.ReadFile(filepath.Join(ks, keystore.MasterKeyFile))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	rerun := func(when string, old []byte) {
+		t.Helper()
+		r := ksRun(t, bin, ks, nil, "rotate-encryption-keys")
+		if r.code != 0 || !strings.HasSuffix(r.stdout, "Key rotation complete\n") {
+			t.Fatalf("%s: rerun: exit %d\n%s%s", when, r.code, r.stdout, r.stderr)
+		}
+		check(when+", after the rerun", old)
+	}
+
+	// Every step boundary: the N-th step, until a run passes them all.
+	steps := 0
+	for n := 1; ; n++ {
+		old := master()
+		r := ksRun(t, bin, ks, []string{crashEnv + "=" + fmt.Sprint(n)}, "rotate-encryption-keys")
+		if r.signal != syscall.SIGKILL {
+			if r.code != 0 || !strings.Contains(r.stdout, "Key rotation complete") {
+				t.Fatalf("step %d: exit %d\n%s", n, r.code, r.stderr)
+			}
+			check("uninterrupted", old)
+			steps = n - 1
+			break
+		}
+		check(fmt.Sprintf("killed at step %d", n), nil)
+		rerun(fmt.Sprintf("killed at step %d", n), old)
+	}
+	if steps < 2+5*len(paths)+3 {
+		t.Fatalf("only %d steps", steps)
+	}
+	// Random moments: measure a whole rotation, then kill within that time.
+	start := time.Now()
+	ksMust(t, bin, ks, "rotate-encryption-keys")
+	whole := time.Since(start)
+	kills := 0
+	for i := range 25 {
+		old := master()
+		cmd := exec.Command(bin, "rotate-encryption-keys")
+		cmd.Env = append(os.Environ(), keystore.EnvDir+"="+ks)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		d, _ := rand.Int(rand.Reader, big.NewInt(int64(whole)))
+		time.Sleep(time.Duration(d.Int64()))
+		cmd.Process.Signal(syscall.SIGKILL)
+		err := cmd.Wait()
+		if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			kills++
+		} else if err != nil {
+			t.Fatalf("random %d: %v", i, err)
+		}
+		check(fmt.Sprintf("random kill %d after %v", i, time.Duration(d.Int64())), nil)
+		rerun(fmt.Sprintf("random kill %d", i), old)
+	}
+	t.Logf("%d step boundaries; a rotation takes %v; %d of 25 random kills landed before the end", steps, whole, kills)
+}

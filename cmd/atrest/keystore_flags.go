@@ -1,0 +1,132 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/urfave/cli/v2"
+	"golang.org/x/term"
+
+	"github.com/atrest/atrest/internal/exitcodes"
+	"github.com/atrest/atrest/keystore"
+	"github.com/atrest/atrest/luks2"
+)
+
+// keystoreFlag is the --keystore flag of every command that uses the keystore.
+func keystoreFlag() *cli.StringFlag {
+	return &cli.StringFlag{
+		Name:    "keystore",
+		Usage:   "keystore directory on the boot drive",
+		EnvVars: []string{keystore.EnvDir},
+		Value:   keystore.DefaultDir,
+	}
+}
+
+// keystoreError maps the errors of keystore and luks2 to exit codes and hints.
+func keystoreError(err error) error {
+	if err == nil {
+		return nil
+	}
+	var ce *cmdError
+	if errors.As(err, &ce) {
+		return err
+	}
+	switch {
+	case errors.Is(err, keystore.ErrBusy):
+		return fail(exitcodes.Busy, err, "wait for the other atrest command to finish")
+	case errors.Is(err, keystore.ErrNoKeystore):
+		return fail(exitcodes.Keystore, err, "create one with 'atrest init', or point --keystore (ATREST_KEYSTORE) at it")
+	case errors.Is(err, keystore.ErrUnsafe):
+		return fail(exitcodes.Keystore, err, "the keystore must be root's alone: directory 0700, files 0600, no symlinks; see the fix in the message")
+	case errors.Is(err, keystore.ErrCorrupt):
+		return fail(exitcodes.Keystore, err, "restore the keystore from a backup; atrest never rewrites a keystore it cannot read")
+	case errors.Is(err, keystore.ErrExists), errors.Is(err, keystore.ErrVolumeExists), errors.Is(err, keystore.ErrRegistered):
+		return fail(exitcodes.Exists, err, "")
+	case errors.Is(err, keystore.ErrDriveMissing):
+		return fail(exitcodes.DriveMissing, err, "reattach the drive and rerun, or rerun with --force to leave it locked to the old master key for good")
+	case errors.Is(err, luks2.ErrWrongKey):
+		return fail(exitcodes.Key, err, "check the key file: it must be the one the drive was formatted or last opened with")
+	case errors.Is(err, luks2.ErrDamaged):
+		return fail(exitcodes.Header, err, "restore the header from a backup (cryptsetup luksHeaderRestore); nothing was written")
+	case errors.Is(err, luks2.ErrUnsupported), errors.Is(err, luks2.ErrNotLUKS):
+		return fail(exitcodes.Header, err, "")
+	case errors.Is(err, os.ErrNotExist), errors.Is(err, os.ErrPermission):
+		return fail(exitcodes.Failure, err, "")
+	}
+	var errno syscall.Errno
+	if errors.As(err, &errno) {
+		return fail(exitcodes.IO, err, "")
+	}
+	return err
+}
+
+// onTerminal reports whether w is a terminal: progress is shown only there.
+func onTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	return ok && term.IsTerminal(int(f.Fd()))
+}
+
+// progressf prints a progress line on a terminal and nothing elsewhere.
+func progressf(w io.Writer, format string, args ...any) {
+	if onTerminal(w) {
+		fmt.Fprintf(w, format+"\n", args...)
+	}
+}
+
+// crashEnv names the test hook that kills the process at a named point: "NAME" (the
+// first time the point is reached), "NAME:K" (the K-th time) or "N" (the N-th point of
+// any name). It exists for the crash-safety tests; with it unset nothing happens.
+const crashEnv = "ATREST_TEST_CRASH_AT"
+
+// crashPoints counts the points reached, by name and in all.
+var crashPoints = map[string]int{}
+
+// crashPoint kills the process with SIGKILL if ATREST_TEST_CRASH_AT names this point.
+func crashPoint(name string) {
+	want := os.Getenv(crashEnv)
+	if want == "" {
+		return
+	}
+	crashPoints[name]++
+	crashPoints[""]++
+	hit := false
+	if n, err := strconv.Atoi(want); err == nil {
+		hit = crashPoints[""] == n
+	} else {
+		wname, k, _ := strings.Cut(want, ":")
+		kk := 1
+		if k != "" {
+			kk, _ = strconv.Atoi(k)
+		}
+		hit = wname == name && crashPoints[name] == kk
+	}
+	if hit {
+		syscall.Kill(os.Getpid(), syscall.SIGKILL)
+		select {} // SIGKILL is not delivered synchronously
+	}
+}
+
+// parseSize parses a size with an optional binary (K, M, G, T, KiB, ...) or decimal
+// (KB, MB, GB, TB) suffix.
+func parseSize(s string) (int64, error) {
+	num := strings.TrimRightFunc(s, func(r rune) bool { return r < '0' || r > '9' })
+	unit := strings.ToUpper(s[len(num):])
+	n, err := strconv.ParseInt(num, 10, 64)
+	if err != nil || n <= 0 {
+		return 0, fmt.Errorf("size %q: want a positive number with an optional unit (K, M, G, T, KiB, MB, ...)", s)
+	}
+	mult := map[string]int64{
+		"": 1, "B": 1,
+		"K": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TIB": 1 << 40,
+		"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+	}[unit]
+	if mult == 0 || n > (1<<62)/mult {
+		return 0, fmt.Errorf("size %q: unknown unit or too large", s)
+	}
+	return n * mult, nil
+}

@@ -1,0 +1,214 @@
+package keystore
+
+import (
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// File names inside the keystore directory.
+const (
+	MasterKeyFile = "master.key"
+	NextKeyFile   = "master.key.next"
+	StateFile     = "keystore.json"
+	LockFile      = "lock"
+)
+
+// MasterKeySize is the size of the master key: 32 random bytes, used as the
+// passphrase (cryptsetup --key-file) of each drive's atrest keyslot.
+const MasterKeySize = 32
+
+var (
+	// ErrUnsafe: a keystore file or the directory is a symlink, not a regular file
+	// (or directory), owned by someone else, or readable by group or others.
+	ErrUnsafe = errors.New("unsafe keystore")
+	// ErrCorrupt: a keystore file does not parse or contradicts itself.
+	ErrCorrupt = errors.New("corrupt keystore")
+	// ErrNoKeystore: the directory has no keystore.
+	ErrNoKeystore = errors.New("no keystore")
+	// ErrExists: Init found a keystore (or part of one) already there.
+	ErrExists = errors.New("keystore already exists")
+	// ErrBusy: another process holds the keystore lock.
+	ErrBusy = errors.New("another atrest process holds the keystore lock")
+)
+
+// checkOwnerMode applies the ownership and permission rules (OpenSSH StrictModes):
+// owned by root or by the user running atrest (root in production), and nothing for
+// group or others.
+func checkOwnerMode(path string, st *unix.Stat_t, dir bool) error {
+	kind := uint32(unix.S_IFREG)
+	want := "a regular file"
+	if dir {
+		kind, want = unix.S_IFDIR, "a directory"
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFLNK {
+		return fmt.Errorf("%s is a symlink: %w (hint: replace it with the %s it points to)", path, ErrUnsafe, want)
+	}
+	if st.Mode&unix.S_IFMT != kind {
+		return fmt.Errorf("%s is not %s: %w", path, want, ErrUnsafe)
+	}
+	if st.Uid != 0 && int(st.Uid) != os.Geteuid() {
+		return fmt.Errorf("%s is owned by uid %d: %w (hint: chown root:root %s)", path, st.Uid, ErrUnsafe, path)
+	}
+	if perm := st.Mode & 0o777; perm&0o077 != 0 {
+		fix := "0600"
+		if dir {
+			fix = "0700"
+		}
+		return fmt.Errorf("%s has mode %04o, which grants access to group or others: %w (hint: chmod %s %s)", path, perm, ErrUnsafe, fix, path)
+	}
+	return nil
+}
+
+// checkPath lstat()s path and applies the rules; a missing path wraps fs.ErrNotExist.
+func checkPath(path string, dir bool) error {
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		return &os.PathError{Op: "lstat", Path: path, Err: err}
+	}
+	return checkOwnerMode(path, &st, dir)
+}
+
+// readSecure reads a keystore file through a descriptor opened without following
+// symlinks and checked with fstat, so that the file checked is the file read.
+func readSecure(path string, max int64) ([]byte, error) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
+	if err != nil {
+		if errors.Is(err, unix.ELOOP) {
+			return nil, fmt.Errorf("%s is a symlink: %w (hint: replace it with the regular file it points to)", path, ErrUnsafe)
+		}
+		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	f := os.NewFile(uintptr(fd), path)
+	defer f.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, &os.PathError{Op: "fstat", Path: path, Err: err}
+	}
+	if err := checkOwnerMode(path, &st, false); err != nil {
+		return nil, err
+	}
+	if st.Size > max {
+		return nil, fmt.Errorf("%s is %d bytes, more than the %d expected: %w", path, st.Size, max, ErrCorrupt)
+	}
+	b := make([]byte, st.Size)
+	if _, err := io.ReadFull(f, b); err != nil {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	return b, nil
+}
+
+// readKey reads a master key file: exactly MasterKeySize bytes.
+func readKey(path string) ([]byte, error) {
+	b, err := readSecure(path, MasterKeySize)
+	if err != nil {
+		return nil, err
+	}
+	if len(b) != MasterKeySize {
+		clear(b)
+		return nil, fmt.Errorf("%s is %d bytes, not a %d-byte master key: %w", path, len(b), MasterKeySize, ErrCorrupt)
+	}
+	return b, nil
+}
+
+// KeyID is the public name of a master key: a truncated SHA-256 of the key under a
+// domain prefix. It identifies the key in keystore.json, headers and status output
+// without revealing anything usable about it.
+func KeyID(key []byte) string {
+	h := sha256.New()
+	h.Write([]byte("atrest master key id v1\x00"))
+	h.Write(key)
+	return "mk-" + hex.EncodeToString(h.Sum(nil)[:8])
+}
+
+func newMasterKey() []byte {
+	k := make([]byte, MasterKeySize)
+	rand.Read(k)
+	return k
+}
+
+// writeAtomic replaces dir/name with data, mode 0600: a temporary file in the same
+// directory, written and fsynced, renamed over the name, then the directory fsynced.
+// A crash leaves the old file or the new one, never a mix; at worst a stray
+// temporary file, which nothing reads.
+func writeAtomic(dir, name string, data []byte) error {
+	f, err := os.CreateTemp(dir, "."+name+".tmp-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	ok := false
+	defer func() {
+		if !ok {
+			f.Close()
+			os.Remove(tmp)
+		}
+	}()
+	if err := f.Chmod(0o600); err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		return fmt.Errorf("write %s: %w", tmp, err)
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("fsync %s: %w", tmp, err)
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
+		return err
+	}
+	ok = true
+	return syncDir(dir)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("fsync %s: %w", dir, err)
+	}
+	return nil
+}
+
+// lock takes the keystore lock: an exclusive flock on dir/lock, not waiting.
+func lock(dir string) (*os.File, error) {
+	p := filepath.Join(dir, LockFile)
+	fd, err := unix.Open(p, unix.O_RDWR|unix.O_CREAT|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		if errors.Is(err, unix.ELOOP) {
+			return nil, fmt.Errorf("%s is a symlink: %w", p, ErrUnsafe)
+		}
+		return nil, &os.PathError{Op: "open", Path: p, Err: err}
+	}
+	f := os.NewFile(uintptr(fd), p)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		f.Close()
+		return nil, err
+	}
+	if err := checkOwnerMode(p, &st, false); err != nil {
+		f.Close()
+		return nil, err
+	}
+	if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("%s: %w", p, ErrBusy)
+		}
+		return nil, fmt.Errorf("flock %s: %w", p, err)
+	}
+	return f, nil
+}

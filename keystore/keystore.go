@@ -1,0 +1,220 @@
+package keystore
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+// DefaultDir is the keystore's place on the boot drive; EnvDir overrides it, and the
+// command's --keystore flag overrides both.
+const (
+	DefaultDir = "/var/lib/atrest"
+	EnvDir     = "ATREST_KEYSTORE"
+)
+
+// Keystore is an open keystore directory.
+type Keystore struct {
+	dir   string
+	state *State
+	lockF *os.File // nil for a read-only snapshot
+	now   func() time.Time
+}
+
+// Dir is the keystore directory.
+func (k *Keystore) Dir() string { return k.dir }
+
+// State returns a copy of keystore.json as loaded (or last written by this Keystore).
+func (k *Keystore) State() State {
+	s := *k.state
+	s.Drives = slices.Clone(s.Drives)
+	if s.Rotation != nil {
+		r := *s.Rotation
+		r.Drives = slices.Clone(r.Drives)
+		s.Rotation = &r
+	}
+	return s
+}
+
+// Drives returns the registry.
+func (k *Keystore) Drives() []Drive { return slices.Clone(k.state.Drives) }
+
+// Init creates a keystore in dir: the directory (mode 0700) if it does not exist,
+// a new master key, keystore.json with a new cluster UUID, and the lock file. It
+// refuses a directory that already holds any keystore file. The returned Keystore
+// holds the lock.
+func Init(dir string) (*Keystore, error) {
+	if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
+		return nil, err
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+		return nil, err
+	}
+	if err := checkPath(dir, true); err != nil {
+		return nil, err
+	}
+	for _, name := range []string{StateFile, MasterKeyFile, NextKeyFile} {
+		p := filepath.Join(dir, name)
+		if _, err := os.Lstat(p); err == nil {
+			return nil, fmt.Errorf("%s: %w", p, ErrExists)
+		}
+	}
+	lf, err := lock(dir)
+	if err != nil {
+		return nil, err
+	}
+	k := &Keystore{dir: dir, lockF: lf, now: nowUTC}
+	key := newMasterKey()
+	defer clear(key)
+	now := k.now()
+	k.state = &State{
+		Format: FormatName, Version: FormatVersion,
+		ClusterUUID: uuid.NewString(), Created: now,
+		MasterKey: KeyInfo{ID: KeyID(key), Created: now},
+		Drives:    []Drive{},
+	}
+	// The key first: a keystore.json always names a key that exists.
+	if err := writeAtomic(dir, MasterKeyFile, key); err != nil {
+		k.Close()
+		return nil, err
+	}
+	if err := k.save(); err != nil {
+		k.Close()
+		return nil, err
+	}
+	return k, nil
+}
+
+func nowUTC() time.Time { return time.Now().UTC().Truncate(time.Second) }
+
+// Open loads the keystore in dir as a read-only snapshot, without the lock, after
+// checking the directory and its files (owner, mode, no symlinks).
+func Open(dir string) (*Keystore, error) {
+	if err := checkPath(dir, true); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("%s: %w", dir, ErrNoKeystore)
+		}
+		return nil, err
+	}
+	k := &Keystore{dir: dir, now: nowUTC}
+	if err := k.load(); err != nil {
+		return nil, err
+	}
+	return k, nil
+}
+
+// OpenLocked is Open holding the keystore lock, for the commands that change the
+// keystore or a header. It fails with ErrBusy if another process holds it.
+func OpenLocked(dir string) (*Keystore, error) {
+	if err := checkPath(dir, true); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("%s: %w", dir, ErrNoKeystore)
+		}
+		return nil, err
+	}
+	if _, err := os.Lstat(filepath.Join(dir, StateFile)); errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%s: %w", dir, ErrNoKeystore)
+	}
+	lf, err := lock(dir)
+	if err != nil {
+		return nil, err
+	}
+	k := &Keystore{dir: dir, lockF: lf, now: nowUTC}
+	if err := k.load(); err != nil {
+		k.Close()
+		return nil, err
+	}
+	return k, nil
+}
+
+// load reads and checks keystore.json and master.key (which must be the key the
+// state names, or, once a rotation has reached its commit phase, its new key).
+func (k *Keystore) load() error {
+	p := filepath.Join(k.dir, StateFile)
+	b, err := readSecure(p, maxStateSize)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("%s: %w", k.dir, ErrNoKeystore)
+		}
+		return err
+	}
+	s, err := ParseState(b)
+	if err != nil {
+		return fmt.Errorf("%s: %w (hint: restore it from a backup; atrest never rewrites a keystore it cannot read)", p, err)
+	}
+	k.state = s
+	key, err := readKey(filepath.Join(k.dir, MasterKeyFile))
+	if err != nil {
+		return err
+	}
+	defer clear(key)
+	// In the commit phase of a rotation master.key is the old key, the old key
+	// overwritten, or already the new key; otherwise it is the key the state names.
+	if id := KeyID(key); id != s.MasterKey.ID && (s.Rotation == nil || s.Rotation.Phase != PhaseCommit) {
+		return fmt.Errorf("%s holds key %s but %s names %s: %w", MasterKeyFile, id, StateFile, s.MasterKey.ID, ErrCorrupt)
+	}
+	// The other files must be safe too.
+	for _, name := range []string{LockFile, NextKeyFile} {
+		if err := checkPath(filepath.Join(k.dir, name), false); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+	}
+	return nil
+}
+
+// save writes keystore.json atomically. Only a locked Keystore writes.
+func (k *Keystore) save() error {
+	if k.lockF == nil {
+		panic("BUG: keystore: save without the lock")
+	}
+	return writeAtomic(k.dir, StateFile, k.state.Marshal())
+}
+
+// Close releases the lock, if held.
+func (k *Keystore) Close() error {
+	if k.lockF == nil {
+		return nil
+	}
+	err := k.lockF.Close()
+	k.lockF = nil
+	return err
+}
+
+// masterKeys returns the keys that may open a drive now, with their ids: the
+// master key, and during a rotation the next key too (if its file exists). The
+// caller zeroes them.
+func (k *Keystore) masterKeys() ([]namedKey, error) {
+	var keys []namedKey
+	for _, name := range []string{MasterKeyFile, NextKeyFile} {
+		key, err := readKey(filepath.Join(k.dir, name))
+		if err != nil {
+			if name == NextKeyFile && errors.Is(err, fs.ErrNotExist) {
+				continue
+			}
+			zeroKeys(keys)
+			return nil, err
+		}
+		keys = append(keys, namedKey{id: KeyID(key), key: key})
+	}
+	return keys, nil
+}
+
+type namedKey struct {
+	id  string
+	key []byte
+}
+
+func zeroKeys(keys []namedKey) {
+	for _, k := range keys {
+		clear(k.key)
+	}
+}
+
+// lockHeld reports whether this Keystore holds the lock (for assertions).
+func (k *Keystore) lockHeld() bool { return k.lockF != nil }
