@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"syscall"
 )
@@ -50,9 +51,11 @@ const PowerCutSector = 512
 //     back eventually) and closes it; PowerCut first to lose it instead.
 //
 // In the cache, a trimmed range reads as zeroes; Flush passes it on as a Trim, after
-// which the lower device decides what it reads. Trim fails with ErrNotSupported when the
-// lower device cannot trim, and WriteZeroes with ZeroFast fails with ErrNotFast when the
-// lower device has no ZeroWriter.
+// which the lower device decides what it reads (one that refuses the Trim with
+// ErrNotSupported then keeps its old contents, which Trim allows). Trim fails with
+// ErrNotSupported when the lower device has no Trimmer, and WriteZeroes with ZeroFast
+// fails with ErrNotFast when it has no ZeroWriter; Flush passes zeroings on without
+// ZeroFast.
 //
 // Injected errors fail the whole call: a failed read fills nothing, a failed change
 // changes nothing. A Faulty is safe for concurrent use, also while faults are switched
@@ -63,7 +66,7 @@ type Faulty struct {
 	lower    Device
 	closed   bool
 	vanished bool
-	faults   map[int]fault
+	faults   []fault // in the order injected; the first that matches a call fails it
 	nextID   int
 	flushErr error
 	cache    []cacheOp
@@ -80,6 +83,7 @@ type FaultyStats struct {
 }
 
 type fault struct {
+	id     int
 	off, n int64
 	ops    FaultOp
 	err    error
@@ -112,7 +116,7 @@ var (
 
 // NewFaulty returns a Faulty device over lower, with an empty cache and no faults.
 func NewFaulty(lower Device) *Faulty {
-	return &Faulty{lower: lower, faults: make(map[int]fault)}
+	return &Faulty{lower: lower}
 }
 
 // Lower returns the lower device. Reading it shows what is durable; changing it behind
@@ -121,7 +125,9 @@ func (f *Faulty) Lower() Device { return f.lower }
 
 // InjectError makes every call of the kinds in ops that touches [off, off+n) fail with
 // an error wrapping err, or syscall.EIO when err is nil, until the returned function
-// removes the fault. Several faults may be active at once.
+// removes the fault (removing it twice is harmless). Several faults may be active at
+// once; where they overlap, the one injected first decides the error. It panics on a
+// negative range or an empty ops.
 func (f *Faulty) InjectError(off, n int64, ops FaultOp, err error) (remove func()) {
 	if off < 0 || n < 0 || ops&^FaultReadWrite != 0 || ops == 0 {
 		panic(fmt.Sprintf("blockdev: Faulty.InjectError(%d, %d, %#x): bad range or operations", off, n, ops))
@@ -133,11 +139,11 @@ func (f *Faulty) InjectError(off, n int64, ops FaultOp, err error) (remove func(
 	defer f.mu.Unlock()
 	id := f.nextID
 	f.nextID++
-	f.faults[id] = fault{off: off, n: n, ops: ops, err: err}
+	f.faults = append(f.faults, fault{id: id, off: off, n: n, ops: ops, err: err})
 	return func() {
 		f.mu.Lock()
 		defer f.mu.Unlock()
-		delete(f.faults, id)
+		f.faults = slices.DeleteFunc(f.faults, func(ft fault) bool { return ft.id == id })
 	}
 }
 
@@ -161,7 +167,7 @@ func (f *Faulty) FailFlush(err error) (remove func()) {
 func (f *Faulty) ClearFaults() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	clear(f.faults)
+	f.faults = nil
 	f.flushErr = nil
 }
 
@@ -279,7 +285,12 @@ func (f *Faulty) apply(op cacheOp) error {
 	case cacheZero:
 		return WriteZeroes(f.lower, op.off, op.n, op.flags&^ZeroFast)
 	case cacheTrim:
-		return Trim(f.lower, op.off, op.n)
+		// A lower device that turns out unable to trim keeps its contents, which Trim
+		// allows; failing every later Flush over it would not.
+		if err := Trim(f.lower, op.off, op.n); err != nil && !errors.Is(err, ErrNotSupported) {
+			return err
+		}
+		return nil
 	}
 	panic("BUG: unknown cache operation")
 }
