@@ -3,7 +3,7 @@
 // boundaries and the end of the device, a random write/read model, concurrent callers,
 // flush and reopen, the optional capabilities and the behaviour after Close.
 //
-// Run calls the Config's functions from the test goroutine only; the devices are used
+// Run calls the Config's functions from its subtests, one at a time; it uses the devices
 // from several goroutines at once, as the Device contract allows.
 package blockdevtest
 
