@@ -22,6 +22,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/atrest/atrest/internal/testutil"
 )
 
 // newTestFile returns a File over a fresh file of size bytes filled with random bytes in
@@ -49,15 +51,22 @@ func newTestFile(t *testing.T, dir string, size int64, opts FileOptions) (*File,
 	return f, data
 }
 
-// directDir returns a directory on the disk for O_DIRECT (see directIODir in
-// suite_test.go, which this package's internal tests cannot reach).
+// directDir returns a fresh directory under /var/tmp, on the disk, where O_DIRECT is
+// real (like directIODir in suite_test.go, which this package's tests cannot reach).
 func directDir(t *testing.T) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("/var/tmp", "atrest-blockdev-")
 	if err != nil {
-		t.Skipf("no directory under /var/tmp: %v", err)
+		testutil.Unavailable(t, "no directory for O_DIRECT under /var/tmp: %v", err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
+	var stx unix.Statx_t
+	if err := unix.Statx(unix.AT_FDCWD, dir, 0, unix.STATX_DIOALIGN, &stx); err != nil {
+		t.Fatal(err)
+	}
+	if stx.Mask&unix.STATX_DIOALIGN == 0 || stx.Dio_offset_align == 0 {
+		testutil.Unavailable(t, "/var/tmp is on a file system without direct I/O")
+	}
 	return dir
 }
 
@@ -318,11 +327,11 @@ func checkContents(t *testing.T, dev Device, want []byte) {
 func TestFileZeroesOnTmpfs(t *testing.T) {
 	var st unix.Statfs_t
 	if err := unix.Statfs("/dev/shm", &st); err != nil || st.Type != unix.TMPFS_MAGIC {
-		t.Skip("/dev/shm is not a tmpfs")
+		testutil.Unavailable(t, "/dev/shm is not a tmpfs")
 	}
 	dir, err := os.MkdirTemp("/dev/shm", "atrest-blockdev-")
 	if err != nil {
-		t.Skip(err)
+		testutil.Unavailable(t, "no directory in /dev/shm: %v", err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	f, data := newTestFile(t, dir, 1<<20, FileOptions{})
