@@ -39,7 +39,7 @@ func TestOpenFileRefuses(t *testing.T) {
 	}
 
 	// With Direct, a file whose size is not a multiple of the alignment.
-	path := newSparseFile(t, directIODir(t), 1<<20+100)
+	path := newSparseFile(t, blockdev.DirectDir(t), 1<<20+100)
 	_, err := blockdev.OpenFile(path, blockdev.FileOptions{Direct: true})
 	if err == nil || !strings.Contains(err.Error(), "not a multiple of the direct I/O alignment") {
 		t.Errorf("OpenFile(unaligned size, Direct): %v", err)
@@ -51,7 +51,7 @@ func TestFileNeverGrows(t *testing.T) {
 		t.Run(fmt.Sprintf("direct=%v", direct), func(t *testing.T) {
 			dir := ""
 			if direct {
-				dir = directIODir(t)
+				dir = blockdev.DirectDir(t)
 			}
 			path := newSparseFile(t, dir, 64<<10)
 			f, err := blockdev.OpenFile(path, blockdev.FileOptions{Direct: direct})

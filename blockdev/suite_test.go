@@ -162,32 +162,8 @@ func TestFileReadOnlyConformance(t *testing.T) {
 	})
 }
 
-// directIODir returns a fresh directory on a file system that does O_DIRECT for real
-// (statx reports its alignment): under /var/tmp, which is on the disk, where TMPDIR
-// may be a tmpfs.
-func directIODir(t *testing.T) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("/var/tmp", "atrest-blockdev-")
-	if err != nil {
-		testutil.Unavailable(t, "no directory for O_DIRECT under /var/tmp: %v", err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	var stx unix.Statx_t
-	if err := unix.Statx(unix.AT_FDCWD, dir, 0, unix.STATX_DIOALIGN, &stx); err != nil {
-		t.Fatal(err)
-	}
-	probe := newSparseFile(t, dir, 4096)
-	if err := unix.Statx(unix.AT_FDCWD, probe, 0, unix.STATX_DIOALIGN, &stx); err != nil {
-		t.Fatal(err)
-	}
-	if stx.Mask&unix.STATX_DIOALIGN == 0 || stx.Dio_offset_align == 0 {
-		testutil.Unavailable(t, "/var/tmp is on a file system without direct I/O")
-	}
-	return dir
-}
-
 func TestFileDirectConformance(t *testing.T) {
-	blockdevtest.Run(t, fileConfig(directIODir(t), blockdev.FileOptions{Direct: true}))
+	blockdevtest.Run(t, fileConfig(blockdev.DirectDir(t), blockdev.FileOptions{Direct: true}))
 }
 
 // newLoopDevice attaches a loop device over a fresh file of size bytes and returns its
