@@ -60,8 +60,14 @@ func directDir(t *testing.T) string {
 		testutil.Unavailable(t, "no directory for O_DIRECT under /var/tmp: %v", err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
+	// The kernel reports the alignment of regular files only.
+	probe := filepath.Join(dir, "probe")
+	if err := os.WriteFile(probe, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(probe)
 	var stx unix.Statx_t
-	if err := unix.Statx(unix.AT_FDCWD, dir, 0, unix.STATX_DIOALIGN, &stx); err != nil {
+	if err := unix.Statx(unix.AT_FDCWD, probe, 0, unix.STATX_DIOALIGN, &stx); err != nil {
 		t.Fatal(err)
 	}
 	if stx.Mask&unix.STATX_DIOALIGN == 0 || stx.Dio_offset_align == 0 {
