@@ -1,5 +1,0 @@
-package blockcrypt
-
-import "crypto/aes"
-
-var aesNew = aes.NewCipher
