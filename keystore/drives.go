@@ -80,10 +80,6 @@ func (k *Keystore) FormatDrive(path string, o FormatOptions) (*Drive, error) {
 	if k.state.Rotation != nil {
 		return nil, errors.New("a key rotation is under way (hint: atrest rotate-encryption-keys finishes it)")
 	}
-	vol, err := k.newVolumeName(o.Volume)
-	if err != nil {
-		return nil, err
-	}
 	if o.SectorSize == 0 {
 		o.SectorSize = 4096
 	}
@@ -105,6 +101,21 @@ func (k *Keystore) FormatDrive(path string, o FormatOptions) (*Drive, error) {
 			break
 		}
 	}
+	// Reformatting a registered drive (the caller forced it) replaces its entry.
+	replaced := -1
+	if h, err := luks2.Load(dev); err == nil {
+		replaced = slices.IndexFunc(k.state.Drives, func(d Drive) bool { return d.UUID == h.UUID() })
+	}
+	except := ""
+	if replaced >= 0 {
+		except = k.state.Drives[replaced].UUID
+	}
+	vol := o.Volume
+	if replaced >= 0 && vol == "" {
+		vol = k.state.Drives[replaced].Volume
+	} else if vol, err = k.newVolumeName(vol, except); err != nil {
+		return nil, err
+	}
 	d := Drive{
 		UUID: uuid.NewString(), Volume: vol, VolumeUUID: uuid.NewString(),
 		MemberIndex: 0, MemberCount: 1, KeyID: k.state.MasterKey.ID,
@@ -121,6 +132,9 @@ func (k *Keystore) FormatDrive(path string, o FormatOptions) (*Drive, error) {
 		if err := wipeData(dev, h, vk, o.Wipe); err != nil {
 			return nil, fmt.Errorf("%s: %w", path, err)
 		}
+	}
+	if replaced >= 0 {
+		k.state.Drives = slices.Delete(k.state.Drives, replaced, replaced+1)
 	}
 	k.state.Drives = append(k.state.Drives, d)
 	if err := k.save(); err != nil {
@@ -158,9 +172,10 @@ func (d *Drive) token(cluster string) *luks2.AtrestToken {
 func (k *Keystore) path(name string) string { return k.dir + "/" + name }
 
 // newVolumeName checks a requested volume name, or picks the first free volN.
-func (k *Keystore) newVolumeName(name string) (string, error) {
+// The drive named by except (being replaced) does not count.
+func (k *Keystore) newVolumeName(name, except string) (string, error) {
 	taken := func(n string) bool {
-		return slices.ContainsFunc(k.state.Drives, func(d Drive) bool { return d.Volume == n })
+		return slices.ContainsFunc(k.state.Drives, func(d Drive) bool { return d.Volume == n && d.UUID != except })
 	}
 	if name == "" {
 		for i := 0; ; i++ {
@@ -223,7 +238,7 @@ func (k *Keystore) AdoptDrive(path string, oldKey []byte, o AdoptOptions) (*Adop
 	if !validUUID(h.UUID()) {
 		return nil, fmt.Errorf("%s: LUKS UUID %q is not a UUID", path, h.UUID())
 	}
-	vol, err := k.newVolumeName(o.Volume)
+	vol, err := k.newVolumeName(o.Volume, "")
 	if err != nil {
 		return nil, err
 	}

@@ -668,3 +668,24 @@ func openTestDrive(t testing.TB, p string) *blockdevFile {
 }
 
 type blockdevFile = blockdev.File
+
+// TestReformatReplacesEntry: formatting (forced by the caller) over a registered
+// drive replaces its registry entry instead of leaving a stale one.
+func TestReformatReplacesEntry(t *testing.T) {
+	k, _ := newKeystore(t)
+	img := luks2test.SparseImage(t, testDriveSize)
+	d1, err := k.FormatDrive(img, FormatOptions{Volume: "db"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d2, err := k.FormatDrive(img, FormatOptions{SectorSize: 512})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ds := k.Drives(); len(ds) != 1 || ds[0].UUID != d2.UUID || ds[0].UUID == d1.UUID || ds[0].Volume != "db" || ds[0].SectorSize != 512 {
+		t.Fatalf("registry %+v", ds)
+	}
+	if _, err := k.FormatDrive(img, FormatOptions{Volume: "db"}); err != nil {
+		t.Fatalf("same name on the replaced drive: %v", err)
+	}
+}

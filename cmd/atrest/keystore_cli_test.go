@@ -107,6 +107,29 @@ func TestKeystoreCommands(t *testing.T) {
 	}
 	ksMust(t, bin, ks, "drive", "format", "--create", "40MiB", "--volume", "db", "--sector-size", "512", "--allow-discards", d2)
 	ksWant(t, ksRun(t, bin, ks, nil, "drive", "format", d1), exitcodes.Exists, "holds a LUKS header")
+	// --wipe: the data area reads zeroes through atrest and is noise on the drive.
+	dw := filepath.Join(dir, "wiped.img")
+	ksMust(t, bin, ks, "drive", "format", "--create", "20M", "--wipe", "--volume", "wiped", dw)
+	{
+		k, err := keystore.Open(ks)
+		if err != nil {
+			t.Fatal(err)
+		}
+		u, err := k.Unlock(dw, keystore.UnlockOptions{ReadOnly: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		plain := make([]byte, u.Device.Size())
+		u.Device.ReadAt(plain, 0)
+		u.Device.Close()
+		raw, _ := os.ReadFile(dw)
+		if !bytes.Equal(plain, make([]byte, len(plain))) || bytes.Count(raw[luks2.DataOffset:], []byte{0}) > len(plain)/100 {
+			t.Fatal("--wipe did not fill the data area with encrypted zeroes")
+		}
+		// Reformatting it (forced) replaces its registry entry.
+		ksWant(t, ksRun(t, bin, ks, nil, "drive", "format", "--volume", "wiped", dw), exitcodes.Exists, "holds a LUKS header")
+		ksMust(t, bin, ks, "drive", "format", "--force", "--volume", "wiped", dw)
+	}
 	ksWant(t, ksRun(t, bin, ks, nil, "drive", "format", "--create", "1G", d1), exitcodes.Exists, "file exists")
 	ksWant(t, ksRun(t, bin, ks, nil, "drive", "format", "--sector-size", "1024", d1), exitcodes.Usage, "--sector-size 1024")
 	ksWant(t, ksRun(t, bin, ks, nil, "drive", "format", "--create", "12Q", d1), exitcodes.Usage, "size")
@@ -124,7 +147,7 @@ func TestKeystoreCommands(t *testing.T) {
 	if err := json.Unmarshal([]byte(ksMust(t, bin, ks, "drive", "list", "--json")), &list); err != nil {
 		t.Fatal(err)
 	}
-	if len(list) != 2 || list[1].Volume != "db" || list[1].SectorSize != 512 || !list[0].Present || list[0].Path != d1 {
+	if len(list) != 3 || list[1].Volume != "db" || list[1].SectorSize != 512 || !list[0].Present || list[0].Path != d1 {
 		t.Fatalf("list: %+v", list)
 	}
 	if out := ksMust(t, bin, ks, "drive", "list"); !strings.Contains(out, "vol0") || !strings.Contains(out, "PRESENT") {
@@ -132,7 +155,7 @@ func TestKeystoreCommands(t *testing.T) {
 	}
 
 	st := ksStatus(t, bin, ks)
-	if !st.DataEncrypted || st.Type != "software" || st.Cipher != "AES-256-XTS" || st.LastRotation != nil || st.RotationUnderWay || len(st.Drives) != 2 {
+	if !st.DataEncrypted || st.Type != "software" || st.Cipher != "AES-256-XTS" || st.LastRotation != nil || st.RotationUnderWay || len(st.Drives) != 3 {
 		t.Fatalf("status: %+v", st)
 	}
 	for _, d := range st.Drives {
@@ -192,7 +215,7 @@ func TestKeystoreCommands(t *testing.T) {
 		t.Fatalf("forced rotation: %s", out)
 	}
 	st = ksStatus(t, bin, ks)
-	if st.Drives[1].State != keystore.StateOldKey {
+	if st.Drives[1].State != keystore.StateOldKey || st.Drives[1].KeyID == st.MasterKeyID {
 		t.Fatalf("pulled drive: %+v", st.Drives[1])
 	}
 
@@ -310,6 +333,20 @@ func TestRotateSurvivesSIGKILL(t *testing.T) {
 	if steps < 2+5*len(paths)+3 {
 		t.Fatalf("only %d steps", steps)
 	}
+	// A named point: the second drive's verification.
+	old := master()
+	r := ksRun(t, bin, ks, []string{crashEnv + "=drive-verified:2"}, "rotate-encryption-keys")
+	if r.signal != syscall.SIGKILL {
+		t.Fatalf("named crash point not reached: %+v", r)
+	}
+	k, _ = keystore.Open(ks)
+	if j := k.State().Rotation; j == nil || j.Drives[0].State != keystore.RotDone || j.Drives[1].State != keystore.RotWiping || j.Drives[2].State != keystore.RotPending {
+		t.Fatalf("journal after a kill at drive-verified:2: %+v", j)
+	}
+	if st := ksStatus(t, bin, ks); !st.RotationUnderWay || st.Rotation.DrivesDone != 1 || st.Drives[1].State != keystore.StateRotating {
+		t.Fatalf("status after the kill: %+v", st)
+	}
+	rerun("killed at drive-verified:2", old)
 	// Random moments: measure a whole rotation, then kill within that time.
 	start := time.Now()
 	ksMust(t, bin, ks, "rotate-encryption-keys")
@@ -335,4 +372,56 @@ func TestRotateSurvivesSIGKILL(t *testing.T) {
 		rerun(fmt.Sprintf("random kill %d", i), old)
 	}
 	t.Logf("%d step boundaries; a rotation takes %v; %d of 25 random kills landed before the end", steps, whole, kills)
+}
+
+// TestUnlockDuringRotation: the daemon's Unlock, in this process, keeps opening every
+// drive while the real binary rotates the master key again and again beside it.
+func TestUnlockDuringRotation(t *testing.T) {
+	bin := ksBuild(t)
+	dir := t.TempDir()
+	ks := filepath.Join(dir, "keystore")
+	ksMust(t, bin, ks, "init")
+	var paths []string
+	for i := range 2 {
+		p := filepath.Join(dir, fmt.Sprintf("d%d.img", i))
+		ksMust(t, bin, ks, "drive", "format", "--create", "20M", p)
+		paths = append(paths, p)
+	}
+	done := make(chan error)
+	go func() {
+		for range 8 {
+			if r := ksRun(t, bin, ks, nil, "rotate-encryption-keys"); r.code != 0 {
+				done <- fmt.Errorf("rotation: exit %d: %s", r.code, r.stderr)
+				return
+			}
+		}
+		done <- nil
+	}()
+	unlocks := 0
+	for {
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("%d unlocks during 8 rotations", unlocks)
+			if unlocks < 8 {
+				t.Fatalf("only %d unlocks ran beside the rotations", unlocks)
+			}
+			return
+		default:
+		}
+		k, err := keystore.Open(ks)
+		if err != nil {
+			t.Fatalf("open during a rotation: %v", err)
+		}
+		for _, p := range paths {
+			u, err := k.Unlock(p, keystore.UnlockOptions{ReadOnly: true})
+			if err != nil {
+				t.Fatalf("unlock during a rotation: %v", err)
+			}
+			u.Device.Close()
+			unlocks++
+		}
+	}
 }
