@@ -320,7 +320,7 @@ TEXT ·cpuid(SB), NOSPLIT, $0-24
 
 // func xtsEncAESNI(ks *byte, dst []byte, src []byte, unitBytes int, tweak *[16]byte, step uint64)
 // Requires: AES, AVX, PCLMULQDQ
-TEXT ·xtsEncAESNI(SB), NOSPLIT, $0-80
+TEXT ·xtsEncAESNI(SB), NOSPLIT, $128-80
 	MOVQ ks+0(FP), AX
 	MOVQ dst_base+8(FP), CX
 	MOVQ src_base+32(FP), DX
@@ -330,9 +330,184 @@ TEXT ·xtsEncAESNI(SB), NOSPLIT, $0-80
 	MOVQ step+72(FP), R8
 	MOVQ (DI), R9
 	MOVQ 8(DI), DI
+	MOVQ $0x00000080, R11
 
 xtsEncAESNI_unit:
-	// Tweak of this unit: E_key2(raw).
+	CMPQ R11, $0x00000080
+	JB   xtsEncAESNI_batched
+	CMPQ BX, SI
+	JE   xtsEncAESNI_lone
+
+	// E_key2 of the raw tweaks of the next 8 units.
+	MOVQ        R9, R10
+	MOVQ        R10, (SP)
+	MOVQ        DI, 8(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 16(SP)
+	MOVQ        DI, 24(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 32(SP)
+	MOVQ        DI, 40(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 48(SP)
+	MOVQ        DI, 56(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 64(SP)
+	MOVQ        DI, 72(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 80(SP)
+	MOVQ        DI, 88(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 96(SP)
+	MOVQ        DI, 104(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 112(SP)
+	MOVQ        DI, 120(SP)
+	VMOVDQU     (SP), X0
+	VPXOR       1920(AX), X0, X0
+	VMOVDQU     16(SP), X1
+	VPXOR       1920(AX), X1, X1
+	VMOVDQU     32(SP), X2
+	VPXOR       1920(AX), X2, X2
+	VMOVDQU     48(SP), X3
+	VPXOR       1920(AX), X3, X3
+	VMOVDQU     64(SP), X4
+	VPXOR       1920(AX), X4, X4
+	VMOVDQU     80(SP), X5
+	VPXOR       1920(AX), X5, X5
+	VMOVDQU     96(SP), X6
+	VPXOR       1920(AX), X6, X6
+	VMOVDQU     112(SP), X7
+	VPXOR       1920(AX), X7, X7
+	VAESENC     1984(AX), X0, X0
+	VAESENC     1984(AX), X1, X1
+	VAESENC     1984(AX), X2, X2
+	VAESENC     1984(AX), X3, X3
+	VAESENC     1984(AX), X4, X4
+	VAESENC     1984(AX), X5, X5
+	VAESENC     1984(AX), X6, X6
+	VAESENC     1984(AX), X7, X7
+	VAESENC     2048(AX), X0, X0
+	VAESENC     2048(AX), X1, X1
+	VAESENC     2048(AX), X2, X2
+	VAESENC     2048(AX), X3, X3
+	VAESENC     2048(AX), X4, X4
+	VAESENC     2048(AX), X5, X5
+	VAESENC     2048(AX), X6, X6
+	VAESENC     2048(AX), X7, X7
+	VAESENC     2112(AX), X0, X0
+	VAESENC     2112(AX), X1, X1
+	VAESENC     2112(AX), X2, X2
+	VAESENC     2112(AX), X3, X3
+	VAESENC     2112(AX), X4, X4
+	VAESENC     2112(AX), X5, X5
+	VAESENC     2112(AX), X6, X6
+	VAESENC     2112(AX), X7, X7
+	VAESENC     2176(AX), X0, X0
+	VAESENC     2176(AX), X1, X1
+	VAESENC     2176(AX), X2, X2
+	VAESENC     2176(AX), X3, X3
+	VAESENC     2176(AX), X4, X4
+	VAESENC     2176(AX), X5, X5
+	VAESENC     2176(AX), X6, X6
+	VAESENC     2176(AX), X7, X7
+	VAESENC     2240(AX), X0, X0
+	VAESENC     2240(AX), X1, X1
+	VAESENC     2240(AX), X2, X2
+	VAESENC     2240(AX), X3, X3
+	VAESENC     2240(AX), X4, X4
+	VAESENC     2240(AX), X5, X5
+	VAESENC     2240(AX), X6, X6
+	VAESENC     2240(AX), X7, X7
+	VAESENC     2304(AX), X0, X0
+	VAESENC     2304(AX), X1, X1
+	VAESENC     2304(AX), X2, X2
+	VAESENC     2304(AX), X3, X3
+	VAESENC     2304(AX), X4, X4
+	VAESENC     2304(AX), X5, X5
+	VAESENC     2304(AX), X6, X6
+	VAESENC     2304(AX), X7, X7
+	VAESENC     2368(AX), X0, X0
+	VAESENC     2368(AX), X1, X1
+	VAESENC     2368(AX), X2, X2
+	VAESENC     2368(AX), X3, X3
+	VAESENC     2368(AX), X4, X4
+	VAESENC     2368(AX), X5, X5
+	VAESENC     2368(AX), X6, X6
+	VAESENC     2368(AX), X7, X7
+	VAESENC     2432(AX), X0, X0
+	VAESENC     2432(AX), X1, X1
+	VAESENC     2432(AX), X2, X2
+	VAESENC     2432(AX), X3, X3
+	VAESENC     2432(AX), X4, X4
+	VAESENC     2432(AX), X5, X5
+	VAESENC     2432(AX), X6, X6
+	VAESENC     2432(AX), X7, X7
+	VAESENC     2496(AX), X0, X0
+	VAESENC     2496(AX), X1, X1
+	VAESENC     2496(AX), X2, X2
+	VAESENC     2496(AX), X3, X3
+	VAESENC     2496(AX), X4, X4
+	VAESENC     2496(AX), X5, X5
+	VAESENC     2496(AX), X6, X6
+	VAESENC     2496(AX), X7, X7
+	VAESENC     2560(AX), X0, X0
+	VAESENC     2560(AX), X1, X1
+	VAESENC     2560(AX), X2, X2
+	VAESENC     2560(AX), X3, X3
+	VAESENC     2560(AX), X4, X4
+	VAESENC     2560(AX), X5, X5
+	VAESENC     2560(AX), X6, X6
+	VAESENC     2560(AX), X7, X7
+	VAESENC     2624(AX), X0, X0
+	VAESENC     2624(AX), X1, X1
+	VAESENC     2624(AX), X2, X2
+	VAESENC     2624(AX), X3, X3
+	VAESENC     2624(AX), X4, X4
+	VAESENC     2624(AX), X5, X5
+	VAESENC     2624(AX), X6, X6
+	VAESENC     2624(AX), X7, X7
+	VAESENC     2688(AX), X0, X0
+	VAESENC     2688(AX), X1, X1
+	VAESENC     2688(AX), X2, X2
+	VAESENC     2688(AX), X3, X3
+	VAESENC     2688(AX), X4, X4
+	VAESENC     2688(AX), X5, X5
+	VAESENC     2688(AX), X6, X6
+	VAESENC     2688(AX), X7, X7
+	VAESENC     2752(AX), X0, X0
+	VAESENC     2752(AX), X1, X1
+	VAESENC     2752(AX), X2, X2
+	VAESENC     2752(AX), X3, X3
+	VAESENC     2752(AX), X4, X4
+	VAESENC     2752(AX), X5, X5
+	VAESENC     2752(AX), X6, X6
+	VAESENC     2752(AX), X7, X7
+	VAESENCLAST 2816(AX), X0, X0
+	VMOVDQU     X0, (SP)
+	VAESENCLAST 2816(AX), X1, X1
+	VMOVDQU     X1, 16(SP)
+	VAESENCLAST 2816(AX), X2, X2
+	VMOVDQU     X2, 32(SP)
+	VAESENCLAST 2816(AX), X3, X3
+	VMOVDQU     X3, 48(SP)
+	VAESENCLAST 2816(AX), X4, X4
+	VMOVDQU     X4, 64(SP)
+	VAESENCLAST 2816(AX), X5, X5
+	VMOVDQU     X5, 80(SP)
+	VAESENCLAST 2816(AX), X6, X6
+	VMOVDQU     X6, 96(SP)
+	VAESENCLAST 2816(AX), X7, X7
+	VMOVDQU     X7, 112(SP)
+	XORQ        R11, R11
+
+xtsEncAESNI_batched:
+	VMOVDQU (SP)(R11*1), X0
+	ADDQ    $0x10, R11
+	JMP     xtsEncAESNI_tweak
+
+xtsEncAESNI_lone:
+	// Tweak of a lone unit: E_key2(raw).
 	VMOVQ       R9, X0
 	VPINSRQ     $0x01, DI, X0, X0
 	VPXOR       1920(AX), X0, X0
@@ -350,73 +525,83 @@ xtsEncAESNI_unit:
 	VAESENC     2688(AX), X0, X0
 	VAESENC     2752(AX), X0, X0
 	VAESENCLAST 2816(AX), X0, X0
-	ADDQ        R8, R9
+
+xtsEncAESNI_tweak:
+	ADDQ R8, R9
 
 	// Tweaks of the first group: lane l of TW[j] is T*x^(1*j+l).
 	VPSRLQ     $0x3f, X0, X1
 	VPSLLQ     $0x01, X0, X9
 	VPSLLDQ    $0x08, X1, X2
 	VPCLMULQDQ $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR      X2, X9, X9
 	VPXOR      X1, X9, X9
+	VPXOR      X2, X9, X9
 	VPSRLQ     $0x3e, X0, X1
 	VPSLLQ     $0x02, X0, X10
 	VPSLLDQ    $0x08, X1, X2
 	VPCLMULQDQ $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR      X2, X10, X10
 	VPXOR      X1, X10, X10
+	VPXOR      X2, X10, X10
 	VPSRLQ     $0x3d, X0, X1
 	VPSLLQ     $0x03, X0, X11
 	VPSLLDQ    $0x08, X1, X2
 	VPCLMULQDQ $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR      X2, X11, X11
 	VPXOR      X1, X11, X11
+	VPXOR      X2, X11, X11
 	VPSRLQ     $0x3c, X0, X1
 	VPSLLQ     $0x04, X0, X12
 	VPSLLDQ    $0x08, X1, X2
 	VPCLMULQDQ $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR      X2, X12, X12
 	VPXOR      X1, X12, X12
+	VPXOR      X2, X12, X12
 	VPSRLQ     $0x3b, X0, X1
 	VPSLLQ     $0x05, X0, X13
 	VPSLLDQ    $0x08, X1, X2
 	VPCLMULQDQ $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR      X2, X13, X13
 	VPXOR      X1, X13, X13
+	VPXOR      X2, X13, X13
 	VPSRLQ     $0x3a, X0, X1
 	VPSLLQ     $0x06, X0, X14
 	VPSLLDQ    $0x08, X1, X2
 	VPCLMULQDQ $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR      X2, X14, X14
 	VPXOR      X1, X14, X14
+	VPXOR      X2, X14, X14
 	VPSRLQ     $0x39, X0, X1
 	VPSLLQ     $0x07, X0, X15
 	VPSLLDQ    $0x08, X1, X2
 	VPCLMULQDQ $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR      X2, X15, X15
 	VPXOR      X1, X15, X15
+	VPXOR      X2, X15, X15
 	VMOVDQA    X0, X8
 	MOVQ       SI, R10
 
 xtsEncAESNI_group:
 	CMPQ        R10, $0x00000080
 	JB          xtsEncAESNI_tail
-	VPXOR       (DX), X8, X0
-	VPXOR       16(DX), X9, X1
-	VPXOR       32(DX), X10, X2
-	VPXOR       48(DX), X11, X3
-	VPXOR       64(DX), X12, X4
-	VPXOR       80(DX), X13, X5
-	VPXOR       96(DX), X14, X6
-	VPXOR       112(DX), X15, X7
+	VMOVDQU     (DX), X0
 	VPXOR       (AX), X0, X0
+	VPXOR       X8, X0, X0
+	VMOVDQU     16(DX), X1
 	VPXOR       (AX), X1, X1
+	VPXOR       X9, X1, X1
+	VMOVDQU     32(DX), X2
 	VPXOR       (AX), X2, X2
+	VPXOR       X10, X2, X2
+	VMOVDQU     48(DX), X3
 	VPXOR       (AX), X3, X3
+	VPXOR       X11, X3, X3
+	VMOVDQU     64(DX), X4
 	VPXOR       (AX), X4, X4
+	VPXOR       X12, X4, X4
+	VMOVDQU     80(DX), X5
 	VPXOR       (AX), X5, X5
+	VPXOR       X13, X5, X5
+	VMOVDQU     96(DX), X6
 	VPXOR       (AX), X6, X6
+	VPXOR       X14, X6, X6
+	VMOVDQU     112(DX), X7
 	VPXOR       (AX), X7, X7
+	VPXOR       X15, X7, X7
 	VAESENC     64(AX), X0, X0
 	VAESENC     64(AX), X1, X1
 	VAESENC     64(AX), X2, X2
@@ -610,8 +795,8 @@ xtsEncAESNI_block:
 	VPSLLQ      $0x01, X8, X8
 	VPSLLDQ     $0x08, X1, X2
 	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR       X2, X8, X8
 	VPXOR       X1, X8, X8
+	VPXOR       X2, X8, X8
 	ADDQ        $0x10, DX
 	ADDQ        $0x10, CX
 	SUBQ        $0x10, R10
@@ -625,7 +810,7 @@ xtsEncAESNI_next:
 
 // func xtsDecAESNI(ks *byte, dst []byte, src []byte, unitBytes int, tweak *[16]byte, step uint64)
 // Requires: AES, AVX, PCLMULQDQ
-TEXT ·xtsDecAESNI(SB), NOSPLIT, $0-80
+TEXT ·xtsDecAESNI(SB), NOSPLIT, $128-80
 	MOVQ ks+0(FP), AX
 	MOVQ dst_base+8(FP), CX
 	MOVQ src_base+32(FP), DX
@@ -635,9 +820,184 @@ TEXT ·xtsDecAESNI(SB), NOSPLIT, $0-80
 	MOVQ step+72(FP), R8
 	MOVQ (DI), R9
 	MOVQ 8(DI), DI
+	MOVQ $0x00000080, R11
 
 xtsDecAESNI_unit:
-	// Tweak of this unit: E_key2(raw).
+	CMPQ R11, $0x00000080
+	JB   xtsDecAESNI_batched
+	CMPQ BX, SI
+	JE   xtsDecAESNI_lone
+
+	// E_key2 of the raw tweaks of the next 8 units.
+	MOVQ        R9, R10
+	MOVQ        R10, (SP)
+	MOVQ        DI, 8(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 16(SP)
+	MOVQ        DI, 24(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 32(SP)
+	MOVQ        DI, 40(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 48(SP)
+	MOVQ        DI, 56(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 64(SP)
+	MOVQ        DI, 72(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 80(SP)
+	MOVQ        DI, 88(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 96(SP)
+	MOVQ        DI, 104(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 112(SP)
+	MOVQ        DI, 120(SP)
+	VMOVDQU     (SP), X0
+	VPXOR       1920(AX), X0, X0
+	VMOVDQU     16(SP), X1
+	VPXOR       1920(AX), X1, X1
+	VMOVDQU     32(SP), X2
+	VPXOR       1920(AX), X2, X2
+	VMOVDQU     48(SP), X3
+	VPXOR       1920(AX), X3, X3
+	VMOVDQU     64(SP), X4
+	VPXOR       1920(AX), X4, X4
+	VMOVDQU     80(SP), X5
+	VPXOR       1920(AX), X5, X5
+	VMOVDQU     96(SP), X6
+	VPXOR       1920(AX), X6, X6
+	VMOVDQU     112(SP), X7
+	VPXOR       1920(AX), X7, X7
+	VAESENC     1984(AX), X0, X0
+	VAESENC     1984(AX), X1, X1
+	VAESENC     1984(AX), X2, X2
+	VAESENC     1984(AX), X3, X3
+	VAESENC     1984(AX), X4, X4
+	VAESENC     1984(AX), X5, X5
+	VAESENC     1984(AX), X6, X6
+	VAESENC     1984(AX), X7, X7
+	VAESENC     2048(AX), X0, X0
+	VAESENC     2048(AX), X1, X1
+	VAESENC     2048(AX), X2, X2
+	VAESENC     2048(AX), X3, X3
+	VAESENC     2048(AX), X4, X4
+	VAESENC     2048(AX), X5, X5
+	VAESENC     2048(AX), X6, X6
+	VAESENC     2048(AX), X7, X7
+	VAESENC     2112(AX), X0, X0
+	VAESENC     2112(AX), X1, X1
+	VAESENC     2112(AX), X2, X2
+	VAESENC     2112(AX), X3, X3
+	VAESENC     2112(AX), X4, X4
+	VAESENC     2112(AX), X5, X5
+	VAESENC     2112(AX), X6, X6
+	VAESENC     2112(AX), X7, X7
+	VAESENC     2176(AX), X0, X0
+	VAESENC     2176(AX), X1, X1
+	VAESENC     2176(AX), X2, X2
+	VAESENC     2176(AX), X3, X3
+	VAESENC     2176(AX), X4, X4
+	VAESENC     2176(AX), X5, X5
+	VAESENC     2176(AX), X6, X6
+	VAESENC     2176(AX), X7, X7
+	VAESENC     2240(AX), X0, X0
+	VAESENC     2240(AX), X1, X1
+	VAESENC     2240(AX), X2, X2
+	VAESENC     2240(AX), X3, X3
+	VAESENC     2240(AX), X4, X4
+	VAESENC     2240(AX), X5, X5
+	VAESENC     2240(AX), X6, X6
+	VAESENC     2240(AX), X7, X7
+	VAESENC     2304(AX), X0, X0
+	VAESENC     2304(AX), X1, X1
+	VAESENC     2304(AX), X2, X2
+	VAESENC     2304(AX), X3, X3
+	VAESENC     2304(AX), X4, X4
+	VAESENC     2304(AX), X5, X5
+	VAESENC     2304(AX), X6, X6
+	VAESENC     2304(AX), X7, X7
+	VAESENC     2368(AX), X0, X0
+	VAESENC     2368(AX), X1, X1
+	VAESENC     2368(AX), X2, X2
+	VAESENC     2368(AX), X3, X3
+	VAESENC     2368(AX), X4, X4
+	VAESENC     2368(AX), X5, X5
+	VAESENC     2368(AX), X6, X6
+	VAESENC     2368(AX), X7, X7
+	VAESENC     2432(AX), X0, X0
+	VAESENC     2432(AX), X1, X1
+	VAESENC     2432(AX), X2, X2
+	VAESENC     2432(AX), X3, X3
+	VAESENC     2432(AX), X4, X4
+	VAESENC     2432(AX), X5, X5
+	VAESENC     2432(AX), X6, X6
+	VAESENC     2432(AX), X7, X7
+	VAESENC     2496(AX), X0, X0
+	VAESENC     2496(AX), X1, X1
+	VAESENC     2496(AX), X2, X2
+	VAESENC     2496(AX), X3, X3
+	VAESENC     2496(AX), X4, X4
+	VAESENC     2496(AX), X5, X5
+	VAESENC     2496(AX), X6, X6
+	VAESENC     2496(AX), X7, X7
+	VAESENC     2560(AX), X0, X0
+	VAESENC     2560(AX), X1, X1
+	VAESENC     2560(AX), X2, X2
+	VAESENC     2560(AX), X3, X3
+	VAESENC     2560(AX), X4, X4
+	VAESENC     2560(AX), X5, X5
+	VAESENC     2560(AX), X6, X6
+	VAESENC     2560(AX), X7, X7
+	VAESENC     2624(AX), X0, X0
+	VAESENC     2624(AX), X1, X1
+	VAESENC     2624(AX), X2, X2
+	VAESENC     2624(AX), X3, X3
+	VAESENC     2624(AX), X4, X4
+	VAESENC     2624(AX), X5, X5
+	VAESENC     2624(AX), X6, X6
+	VAESENC     2624(AX), X7, X7
+	VAESENC     2688(AX), X0, X0
+	VAESENC     2688(AX), X1, X1
+	VAESENC     2688(AX), X2, X2
+	VAESENC     2688(AX), X3, X3
+	VAESENC     2688(AX), X4, X4
+	VAESENC     2688(AX), X5, X5
+	VAESENC     2688(AX), X6, X6
+	VAESENC     2688(AX), X7, X7
+	VAESENC     2752(AX), X0, X0
+	VAESENC     2752(AX), X1, X1
+	VAESENC     2752(AX), X2, X2
+	VAESENC     2752(AX), X3, X3
+	VAESENC     2752(AX), X4, X4
+	VAESENC     2752(AX), X5, X5
+	VAESENC     2752(AX), X6, X6
+	VAESENC     2752(AX), X7, X7
+	VAESENCLAST 2816(AX), X0, X0
+	VMOVDQU     X0, (SP)
+	VAESENCLAST 2816(AX), X1, X1
+	VMOVDQU     X1, 16(SP)
+	VAESENCLAST 2816(AX), X2, X2
+	VMOVDQU     X2, 32(SP)
+	VAESENCLAST 2816(AX), X3, X3
+	VMOVDQU     X3, 48(SP)
+	VAESENCLAST 2816(AX), X4, X4
+	VMOVDQU     X4, 64(SP)
+	VAESENCLAST 2816(AX), X5, X5
+	VMOVDQU     X5, 80(SP)
+	VAESENCLAST 2816(AX), X6, X6
+	VMOVDQU     X6, 96(SP)
+	VAESENCLAST 2816(AX), X7, X7
+	VMOVDQU     X7, 112(SP)
+	XORQ        R11, R11
+
+xtsDecAESNI_batched:
+	VMOVDQU (SP)(R11*1), X0
+	ADDQ    $0x10, R11
+	JMP     xtsDecAESNI_tweak
+
+xtsDecAESNI_lone:
+	// Tweak of a lone unit: E_key2(raw).
 	VMOVQ       R9, X0
 	VPINSRQ     $0x01, DI, X0, X0
 	VPXOR       1920(AX), X0, X0
@@ -655,73 +1015,83 @@ xtsDecAESNI_unit:
 	VAESENC     2688(AX), X0, X0
 	VAESENC     2752(AX), X0, X0
 	VAESENCLAST 2816(AX), X0, X0
-	ADDQ        R8, R9
+
+xtsDecAESNI_tweak:
+	ADDQ R8, R9
 
 	// Tweaks of the first group: lane l of TW[j] is T*x^(1*j+l).
 	VPSRLQ     $0x3f, X0, X1
 	VPSLLQ     $0x01, X0, X9
 	VPSLLDQ    $0x08, X1, X2
 	VPCLMULQDQ $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR      X2, X9, X9
 	VPXOR      X1, X9, X9
+	VPXOR      X2, X9, X9
 	VPSRLQ     $0x3e, X0, X1
 	VPSLLQ     $0x02, X0, X10
 	VPSLLDQ    $0x08, X1, X2
 	VPCLMULQDQ $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR      X2, X10, X10
 	VPXOR      X1, X10, X10
+	VPXOR      X2, X10, X10
 	VPSRLQ     $0x3d, X0, X1
 	VPSLLQ     $0x03, X0, X11
 	VPSLLDQ    $0x08, X1, X2
 	VPCLMULQDQ $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR      X2, X11, X11
 	VPXOR      X1, X11, X11
+	VPXOR      X2, X11, X11
 	VPSRLQ     $0x3c, X0, X1
 	VPSLLQ     $0x04, X0, X12
 	VPSLLDQ    $0x08, X1, X2
 	VPCLMULQDQ $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR      X2, X12, X12
 	VPXOR      X1, X12, X12
+	VPXOR      X2, X12, X12
 	VPSRLQ     $0x3b, X0, X1
 	VPSLLQ     $0x05, X0, X13
 	VPSLLDQ    $0x08, X1, X2
 	VPCLMULQDQ $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR      X2, X13, X13
 	VPXOR      X1, X13, X13
+	VPXOR      X2, X13, X13
 	VPSRLQ     $0x3a, X0, X1
 	VPSLLQ     $0x06, X0, X14
 	VPSLLDQ    $0x08, X1, X2
 	VPCLMULQDQ $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR      X2, X14, X14
 	VPXOR      X1, X14, X14
+	VPXOR      X2, X14, X14
 	VPSRLQ     $0x39, X0, X1
 	VPSLLQ     $0x07, X0, X15
 	VPSLLDQ    $0x08, X1, X2
 	VPCLMULQDQ $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR      X2, X15, X15
 	VPXOR      X1, X15, X15
+	VPXOR      X2, X15, X15
 	VMOVDQA    X0, X8
 	MOVQ       SI, R10
 
 xtsDecAESNI_group:
 	CMPQ        R10, $0x00000080
 	JB          xtsDecAESNI_tail
-	VPXOR       (DX), X8, X0
-	VPXOR       16(DX), X9, X1
-	VPXOR       32(DX), X10, X2
-	VPXOR       48(DX), X11, X3
-	VPXOR       64(DX), X12, X4
-	VPXOR       80(DX), X13, X5
-	VPXOR       96(DX), X14, X6
-	VPXOR       112(DX), X15, X7
+	VMOVDQU     (DX), X0
 	VPXOR       960(AX), X0, X0
+	VPXOR       X8, X0, X0
+	VMOVDQU     16(DX), X1
 	VPXOR       960(AX), X1, X1
+	VPXOR       X9, X1, X1
+	VMOVDQU     32(DX), X2
 	VPXOR       960(AX), X2, X2
+	VPXOR       X10, X2, X2
+	VMOVDQU     48(DX), X3
 	VPXOR       960(AX), X3, X3
+	VPXOR       X11, X3, X3
+	VMOVDQU     64(DX), X4
 	VPXOR       960(AX), X4, X4
+	VPXOR       X12, X4, X4
+	VMOVDQU     80(DX), X5
 	VPXOR       960(AX), X5, X5
+	VPXOR       X13, X5, X5
+	VMOVDQU     96(DX), X6
 	VPXOR       960(AX), X6, X6
+	VPXOR       X14, X6, X6
+	VMOVDQU     112(DX), X7
 	VPXOR       960(AX), X7, X7
+	VPXOR       X15, X7, X7
 	VAESDEC     1024(AX), X0, X0
 	VAESDEC     1024(AX), X1, X1
 	VAESDEC     1024(AX), X2, X2
@@ -915,8 +1285,8 @@ xtsDecAESNI_block:
 	VPSLLQ      $0x01, X8, X8
 	VPSLLDQ     $0x08, X1, X2
 	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR       X2, X8, X8
 	VPXOR       X1, X8, X8
+	VPXOR       X2, X8, X8
 	ADDQ        $0x10, DX
 	ADDQ        $0x10, CX
 	SUBQ        $0x10, R10
@@ -930,7 +1300,7 @@ xtsDecAESNI_next:
 
 // func xtsEncVAES256(ks *byte, dst []byte, src []byte, unitBytes int, tweak *[16]byte, step uint64)
 // Requires: AES, AVX, AVX2, PCLMULQDQ, VAES, VPCLMULQDQ
-TEXT ·xtsEncVAES256(SB), NOSPLIT, $0-80
+TEXT ·xtsEncVAES256(SB), NOSPLIT, $128-80
 	MOVQ ks+0(FP), AX
 	MOVQ dst_base+8(FP), CX
 	MOVQ src_base+32(FP), DX
@@ -940,9 +1310,116 @@ TEXT ·xtsEncVAES256(SB), NOSPLIT, $0-80
 	MOVQ step+72(FP), R8
 	MOVQ (DI), R9
 	MOVQ 8(DI), DI
+	MOVQ $0x00000080, R11
 
 xtsEncVAES256_unit:
-	// Tweak of this unit: E_key2(raw).
+	CMPQ R11, $0x00000080
+	JB   xtsEncVAES256_batched
+	CMPQ BX, SI
+	JE   xtsEncVAES256_lone
+
+	// E_key2 of the raw tweaks of the next 8 units.
+	MOVQ        R9, R10
+	MOVQ        R10, (SP)
+	MOVQ        DI, 8(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 16(SP)
+	MOVQ        DI, 24(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 32(SP)
+	MOVQ        DI, 40(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 48(SP)
+	MOVQ        DI, 56(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 64(SP)
+	MOVQ        DI, 72(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 80(SP)
+	MOVQ        DI, 88(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 96(SP)
+	MOVQ        DI, 104(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 112(SP)
+	MOVQ        DI, 120(SP)
+	VMOVDQU     (SP), Y0
+	VPXOR       1920(AX), Y0, Y0
+	VMOVDQU     32(SP), Y1
+	VPXOR       1920(AX), Y1, Y1
+	VMOVDQU     64(SP), Y2
+	VPXOR       1920(AX), Y2, Y2
+	VMOVDQU     96(SP), Y3
+	VPXOR       1920(AX), Y3, Y3
+	VAESENC     1984(AX), Y0, Y0
+	VAESENC     1984(AX), Y1, Y1
+	VAESENC     1984(AX), Y2, Y2
+	VAESENC     1984(AX), Y3, Y3
+	VAESENC     2048(AX), Y0, Y0
+	VAESENC     2048(AX), Y1, Y1
+	VAESENC     2048(AX), Y2, Y2
+	VAESENC     2048(AX), Y3, Y3
+	VAESENC     2112(AX), Y0, Y0
+	VAESENC     2112(AX), Y1, Y1
+	VAESENC     2112(AX), Y2, Y2
+	VAESENC     2112(AX), Y3, Y3
+	VAESENC     2176(AX), Y0, Y0
+	VAESENC     2176(AX), Y1, Y1
+	VAESENC     2176(AX), Y2, Y2
+	VAESENC     2176(AX), Y3, Y3
+	VAESENC     2240(AX), Y0, Y0
+	VAESENC     2240(AX), Y1, Y1
+	VAESENC     2240(AX), Y2, Y2
+	VAESENC     2240(AX), Y3, Y3
+	VAESENC     2304(AX), Y0, Y0
+	VAESENC     2304(AX), Y1, Y1
+	VAESENC     2304(AX), Y2, Y2
+	VAESENC     2304(AX), Y3, Y3
+	VAESENC     2368(AX), Y0, Y0
+	VAESENC     2368(AX), Y1, Y1
+	VAESENC     2368(AX), Y2, Y2
+	VAESENC     2368(AX), Y3, Y3
+	VAESENC     2432(AX), Y0, Y0
+	VAESENC     2432(AX), Y1, Y1
+	VAESENC     2432(AX), Y2, Y2
+	VAESENC     2432(AX), Y3, Y3
+	VAESENC     2496(AX), Y0, Y0
+	VAESENC     2496(AX), Y1, Y1
+	VAESENC     2496(AX), Y2, Y2
+	VAESENC     2496(AX), Y3, Y3
+	VAESENC     2560(AX), Y0, Y0
+	VAESENC     2560(AX), Y1, Y1
+	VAESENC     2560(AX), Y2, Y2
+	VAESENC     2560(AX), Y3, Y3
+	VAESENC     2624(AX), Y0, Y0
+	VAESENC     2624(AX), Y1, Y1
+	VAESENC     2624(AX), Y2, Y2
+	VAESENC     2624(AX), Y3, Y3
+	VAESENC     2688(AX), Y0, Y0
+	VAESENC     2688(AX), Y1, Y1
+	VAESENC     2688(AX), Y2, Y2
+	VAESENC     2688(AX), Y3, Y3
+	VAESENC     2752(AX), Y0, Y0
+	VAESENC     2752(AX), Y1, Y1
+	VAESENC     2752(AX), Y2, Y2
+	VAESENC     2752(AX), Y3, Y3
+	VAESENCLAST 2816(AX), Y0, Y0
+	VMOVDQU     Y0, (SP)
+	VAESENCLAST 2816(AX), Y1, Y1
+	VMOVDQU     Y1, 32(SP)
+	VAESENCLAST 2816(AX), Y2, Y2
+	VMOVDQU     Y2, 64(SP)
+	VAESENCLAST 2816(AX), Y3, Y3
+	VMOVDQU     Y3, 96(SP)
+	XORQ        R11, R11
+
+xtsEncVAES256_batched:
+	VMOVDQU (SP)(R11*1), X0
+	ADDQ    $0x10, R11
+	JMP     xtsEncVAES256_tweak
+
+xtsEncVAES256_lone:
+	// Tweak of a lone unit: E_key2(raw).
 	VMOVQ       R9, X0
 	VPINSRQ     $0x01, DI, X0, X0
 	VPXOR       1920(AX), X0, X0
@@ -960,80 +1437,89 @@ xtsEncVAES256_unit:
 	VAESENC     2688(AX), X0, X0
 	VAESENC     2752(AX), X0, X0
 	VAESENCLAST 2816(AX), X0, X0
-	ADDQ        R8, R9
+
+xtsEncVAES256_tweak:
+	ADDQ R8, R9
 
 	// Tweaks of the first group: lane l of TW[j] is T*x^(2*j+l).
-	VPSRLQ      $0x3f, X0, X2
-	VPSLLQ      $0x01, X0, X1
-	VPSLLDQ     $0x08, X2, X3
-	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), X2, X2
-	VPXOR       X3, X1, X1
-	VPXOR       X2, X1, X1
-	VINSERTI128 $0x01, X1, Y0, Y0
-	VPSRLQ      $0x3e, Y0, Y1
-	VPSLLQ      $0x02, Y0, Y9
+	VINSERTI128 $0x01, X0, Y0, Y0
+	VPSRLVQ     xtsShiftR2<>+0(SB), Y0, Y1
+	VPSLLVQ     xtsShiftL2<>+0(SB), Y0, Y8
 	VPSLLDQ     $0x08, Y1, Y2
 	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y9, Y9
+	VPXOR       Y1, Y8, Y8
+	VPXOR       Y2, Y8, Y8
+	VPSRLVQ     xtsShiftR2<>+64(SB), Y0, Y1
+	VPSLLVQ     xtsShiftL2<>+64(SB), Y0, Y9
+	VPSLLDQ     $0x08, Y1, Y2
+	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
 	VPXOR       Y1, Y9, Y9
-	VPSRLQ      $0x3c, Y0, Y1
-	VPSLLQ      $0x04, Y0, Y10
+	VPXOR       Y2, Y9, Y9
+	VPSRLVQ     xtsShiftR2<>+128(SB), Y0, Y1
+	VPSLLVQ     xtsShiftL2<>+128(SB), Y0, Y10
 	VPSLLDQ     $0x08, Y1, Y2
 	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y10, Y10
 	VPXOR       Y1, Y10, Y10
-	VPSRLQ      $0x3a, Y0, Y1
-	VPSLLQ      $0x06, Y0, Y11
+	VPXOR       Y2, Y10, Y10
+	VPSRLVQ     xtsShiftR2<>+192(SB), Y0, Y1
+	VPSLLVQ     xtsShiftL2<>+192(SB), Y0, Y11
 	VPSLLDQ     $0x08, Y1, Y2
 	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y11, Y11
 	VPXOR       Y1, Y11, Y11
-	VPSRLQ      $0x38, Y0, Y1
-	VPSLLQ      $0x08, Y0, Y12
+	VPXOR       Y2, Y11, Y11
+	VPSRLVQ     xtsShiftR2<>+256(SB), Y0, Y1
+	VPSLLVQ     xtsShiftL2<>+256(SB), Y0, Y12
 	VPSLLDQ     $0x08, Y1, Y2
 	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y12, Y12
 	VPXOR       Y1, Y12, Y12
-	VPSRLQ      $0x36, Y0, Y1
-	VPSLLQ      $0x0a, Y0, Y13
+	VPXOR       Y2, Y12, Y12
+	VPSRLVQ     xtsShiftR2<>+320(SB), Y0, Y1
+	VPSLLVQ     xtsShiftL2<>+320(SB), Y0, Y13
 	VPSLLDQ     $0x08, Y1, Y2
 	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y13, Y13
 	VPXOR       Y1, Y13, Y13
-	VPSRLQ      $0x34, Y0, Y1
-	VPSLLQ      $0x0c, Y0, Y14
+	VPXOR       Y2, Y13, Y13
+	VPSRLVQ     xtsShiftR2<>+384(SB), Y0, Y1
+	VPSLLVQ     xtsShiftL2<>+384(SB), Y0, Y14
 	VPSLLDQ     $0x08, Y1, Y2
 	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y14, Y14
 	VPXOR       Y1, Y14, Y14
-	VPSRLQ      $0x32, Y0, Y1
-	VPSLLQ      $0x0e, Y0, Y15
+	VPXOR       Y2, Y14, Y14
+	VPSRLVQ     xtsShiftR2<>+448(SB), Y0, Y1
+	VPSLLVQ     xtsShiftL2<>+448(SB), Y0, Y15
 	VPSLLDQ     $0x08, Y1, Y2
 	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y15, Y15
 	VPXOR       Y1, Y15, Y15
-	VMOVDQA     Y0, Y8
+	VPXOR       Y2, Y15, Y15
 	MOVQ        SI, R10
 
 xtsEncVAES256_group:
 	CMPQ        R10, $0x00000100
 	JB          xtsEncVAES256_tail
-	VPXOR       (DX), Y8, Y0
-	VPXOR       32(DX), Y9, Y1
-	VPXOR       64(DX), Y10, Y2
-	VPXOR       96(DX), Y11, Y3
-	VPXOR       128(DX), Y12, Y4
-	VPXOR       160(DX), Y13, Y5
-	VPXOR       192(DX), Y14, Y6
-	VPXOR       224(DX), Y15, Y7
+	VMOVDQU     (DX), Y0
 	VPXOR       (AX), Y0, Y0
+	VPXOR       Y8, Y0, Y0
+	VMOVDQU     32(DX), Y1
 	VPXOR       (AX), Y1, Y1
+	VPXOR       Y9, Y1, Y1
+	VMOVDQU     64(DX), Y2
 	VPXOR       (AX), Y2, Y2
+	VPXOR       Y10, Y2, Y2
+	VMOVDQU     96(DX), Y3
 	VPXOR       (AX), Y3, Y3
+	VPXOR       Y11, Y3, Y3
+	VMOVDQU     128(DX), Y4
 	VPXOR       (AX), Y4, Y4
+	VPXOR       Y12, Y4, Y4
+	VMOVDQU     160(DX), Y5
 	VPXOR       (AX), Y5, Y5
+	VPXOR       Y13, Y5, Y5
+	VMOVDQU     192(DX), Y6
 	VPXOR       (AX), Y6, Y6
+	VPXOR       Y14, Y6, Y6
+	VMOVDQU     224(DX), Y7
 	VPXOR       (AX), Y7, Y7
+	VPXOR       Y15, Y7, Y7
 	VAESENC     64(AX), Y0, Y0
 	VAESENC     64(AX), Y1, Y1
 	VAESENC     64(AX), Y2, Y2
@@ -1227,8 +1713,8 @@ xtsEncVAES256_block:
 	VPSLLQ      $0x01, X8, X8
 	VPSLLDQ     $0x08, X1, X2
 	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR       X2, X8, X8
 	VPXOR       X1, X8, X8
+	VPXOR       X2, X8, X8
 	ADDQ        $0x10, DX
 	ADDQ        $0x10, CX
 	SUBQ        $0x10, R10
@@ -1240,9 +1726,141 @@ xtsEncVAES256_next:
 	VZEROUPPER
 	RET
 
+DATA xtsShiftL2<>+0(SB)/8, $0x0000000000000000
+DATA xtsShiftL2<>+8(SB)/8, $0x0000000000000000
+DATA xtsShiftL2<>+16(SB)/8, $0x0000000000000001
+DATA xtsShiftL2<>+24(SB)/8, $0x0000000000000001
+DATA xtsShiftL2<>+32(SB)/8, $0x0000000000000000
+DATA xtsShiftL2<>+40(SB)/8, $0x0000000000000000
+DATA xtsShiftL2<>+48(SB)/8, $0x0000000000000001
+DATA xtsShiftL2<>+56(SB)/8, $0x0000000000000001
+DATA xtsShiftL2<>+64(SB)/8, $0x0000000000000002
+DATA xtsShiftL2<>+72(SB)/8, $0x0000000000000002
+DATA xtsShiftL2<>+80(SB)/8, $0x0000000000000003
+DATA xtsShiftL2<>+88(SB)/8, $0x0000000000000003
+DATA xtsShiftL2<>+96(SB)/8, $0x0000000000000002
+DATA xtsShiftL2<>+104(SB)/8, $0x0000000000000002
+DATA xtsShiftL2<>+112(SB)/8, $0x0000000000000003
+DATA xtsShiftL2<>+120(SB)/8, $0x0000000000000003
+DATA xtsShiftL2<>+128(SB)/8, $0x0000000000000004
+DATA xtsShiftL2<>+136(SB)/8, $0x0000000000000004
+DATA xtsShiftL2<>+144(SB)/8, $0x0000000000000005
+DATA xtsShiftL2<>+152(SB)/8, $0x0000000000000005
+DATA xtsShiftL2<>+160(SB)/8, $0x0000000000000004
+DATA xtsShiftL2<>+168(SB)/8, $0x0000000000000004
+DATA xtsShiftL2<>+176(SB)/8, $0x0000000000000005
+DATA xtsShiftL2<>+184(SB)/8, $0x0000000000000005
+DATA xtsShiftL2<>+192(SB)/8, $0x0000000000000006
+DATA xtsShiftL2<>+200(SB)/8, $0x0000000000000006
+DATA xtsShiftL2<>+208(SB)/8, $0x0000000000000007
+DATA xtsShiftL2<>+216(SB)/8, $0x0000000000000007
+DATA xtsShiftL2<>+224(SB)/8, $0x0000000000000006
+DATA xtsShiftL2<>+232(SB)/8, $0x0000000000000006
+DATA xtsShiftL2<>+240(SB)/8, $0x0000000000000007
+DATA xtsShiftL2<>+248(SB)/8, $0x0000000000000007
+DATA xtsShiftL2<>+256(SB)/8, $0x0000000000000008
+DATA xtsShiftL2<>+264(SB)/8, $0x0000000000000008
+DATA xtsShiftL2<>+272(SB)/8, $0x0000000000000009
+DATA xtsShiftL2<>+280(SB)/8, $0x0000000000000009
+DATA xtsShiftL2<>+288(SB)/8, $0x0000000000000008
+DATA xtsShiftL2<>+296(SB)/8, $0x0000000000000008
+DATA xtsShiftL2<>+304(SB)/8, $0x0000000000000009
+DATA xtsShiftL2<>+312(SB)/8, $0x0000000000000009
+DATA xtsShiftL2<>+320(SB)/8, $0x000000000000000a
+DATA xtsShiftL2<>+328(SB)/8, $0x000000000000000a
+DATA xtsShiftL2<>+336(SB)/8, $0x000000000000000b
+DATA xtsShiftL2<>+344(SB)/8, $0x000000000000000b
+DATA xtsShiftL2<>+352(SB)/8, $0x000000000000000a
+DATA xtsShiftL2<>+360(SB)/8, $0x000000000000000a
+DATA xtsShiftL2<>+368(SB)/8, $0x000000000000000b
+DATA xtsShiftL2<>+376(SB)/8, $0x000000000000000b
+DATA xtsShiftL2<>+384(SB)/8, $0x000000000000000c
+DATA xtsShiftL2<>+392(SB)/8, $0x000000000000000c
+DATA xtsShiftL2<>+400(SB)/8, $0x000000000000000d
+DATA xtsShiftL2<>+408(SB)/8, $0x000000000000000d
+DATA xtsShiftL2<>+416(SB)/8, $0x000000000000000c
+DATA xtsShiftL2<>+424(SB)/8, $0x000000000000000c
+DATA xtsShiftL2<>+432(SB)/8, $0x000000000000000d
+DATA xtsShiftL2<>+440(SB)/8, $0x000000000000000d
+DATA xtsShiftL2<>+448(SB)/8, $0x000000000000000e
+DATA xtsShiftL2<>+456(SB)/8, $0x000000000000000e
+DATA xtsShiftL2<>+464(SB)/8, $0x000000000000000f
+DATA xtsShiftL2<>+472(SB)/8, $0x000000000000000f
+DATA xtsShiftL2<>+480(SB)/8, $0x000000000000000e
+DATA xtsShiftL2<>+488(SB)/8, $0x000000000000000e
+DATA xtsShiftL2<>+496(SB)/8, $0x000000000000000f
+DATA xtsShiftL2<>+504(SB)/8, $0x000000000000000f
+GLOBL xtsShiftL2<>(SB), RODATA|NOPTR, $512
+
+DATA xtsShiftR2<>+0(SB)/8, $0x0000000000000040
+DATA xtsShiftR2<>+8(SB)/8, $0x0000000000000040
+DATA xtsShiftR2<>+16(SB)/8, $0x000000000000003f
+DATA xtsShiftR2<>+24(SB)/8, $0x000000000000003f
+DATA xtsShiftR2<>+32(SB)/8, $0x0000000000000040
+DATA xtsShiftR2<>+40(SB)/8, $0x0000000000000040
+DATA xtsShiftR2<>+48(SB)/8, $0x000000000000003f
+DATA xtsShiftR2<>+56(SB)/8, $0x000000000000003f
+DATA xtsShiftR2<>+64(SB)/8, $0x000000000000003e
+DATA xtsShiftR2<>+72(SB)/8, $0x000000000000003e
+DATA xtsShiftR2<>+80(SB)/8, $0x000000000000003d
+DATA xtsShiftR2<>+88(SB)/8, $0x000000000000003d
+DATA xtsShiftR2<>+96(SB)/8, $0x000000000000003e
+DATA xtsShiftR2<>+104(SB)/8, $0x000000000000003e
+DATA xtsShiftR2<>+112(SB)/8, $0x000000000000003d
+DATA xtsShiftR2<>+120(SB)/8, $0x000000000000003d
+DATA xtsShiftR2<>+128(SB)/8, $0x000000000000003c
+DATA xtsShiftR2<>+136(SB)/8, $0x000000000000003c
+DATA xtsShiftR2<>+144(SB)/8, $0x000000000000003b
+DATA xtsShiftR2<>+152(SB)/8, $0x000000000000003b
+DATA xtsShiftR2<>+160(SB)/8, $0x000000000000003c
+DATA xtsShiftR2<>+168(SB)/8, $0x000000000000003c
+DATA xtsShiftR2<>+176(SB)/8, $0x000000000000003b
+DATA xtsShiftR2<>+184(SB)/8, $0x000000000000003b
+DATA xtsShiftR2<>+192(SB)/8, $0x000000000000003a
+DATA xtsShiftR2<>+200(SB)/8, $0x000000000000003a
+DATA xtsShiftR2<>+208(SB)/8, $0x0000000000000039
+DATA xtsShiftR2<>+216(SB)/8, $0x0000000000000039
+DATA xtsShiftR2<>+224(SB)/8, $0x000000000000003a
+DATA xtsShiftR2<>+232(SB)/8, $0x000000000000003a
+DATA xtsShiftR2<>+240(SB)/8, $0x0000000000000039
+DATA xtsShiftR2<>+248(SB)/8, $0x0000000000000039
+DATA xtsShiftR2<>+256(SB)/8, $0x0000000000000038
+DATA xtsShiftR2<>+264(SB)/8, $0x0000000000000038
+DATA xtsShiftR2<>+272(SB)/8, $0x0000000000000037
+DATA xtsShiftR2<>+280(SB)/8, $0x0000000000000037
+DATA xtsShiftR2<>+288(SB)/8, $0x0000000000000038
+DATA xtsShiftR2<>+296(SB)/8, $0x0000000000000038
+DATA xtsShiftR2<>+304(SB)/8, $0x0000000000000037
+DATA xtsShiftR2<>+312(SB)/8, $0x0000000000000037
+DATA xtsShiftR2<>+320(SB)/8, $0x0000000000000036
+DATA xtsShiftR2<>+328(SB)/8, $0x0000000000000036
+DATA xtsShiftR2<>+336(SB)/8, $0x0000000000000035
+DATA xtsShiftR2<>+344(SB)/8, $0x0000000000000035
+DATA xtsShiftR2<>+352(SB)/8, $0x0000000000000036
+DATA xtsShiftR2<>+360(SB)/8, $0x0000000000000036
+DATA xtsShiftR2<>+368(SB)/8, $0x0000000000000035
+DATA xtsShiftR2<>+376(SB)/8, $0x0000000000000035
+DATA xtsShiftR2<>+384(SB)/8, $0x0000000000000034
+DATA xtsShiftR2<>+392(SB)/8, $0x0000000000000034
+DATA xtsShiftR2<>+400(SB)/8, $0x0000000000000033
+DATA xtsShiftR2<>+408(SB)/8, $0x0000000000000033
+DATA xtsShiftR2<>+416(SB)/8, $0x0000000000000034
+DATA xtsShiftR2<>+424(SB)/8, $0x0000000000000034
+DATA xtsShiftR2<>+432(SB)/8, $0x0000000000000033
+DATA xtsShiftR2<>+440(SB)/8, $0x0000000000000033
+DATA xtsShiftR2<>+448(SB)/8, $0x0000000000000032
+DATA xtsShiftR2<>+456(SB)/8, $0x0000000000000032
+DATA xtsShiftR2<>+464(SB)/8, $0x0000000000000031
+DATA xtsShiftR2<>+472(SB)/8, $0x0000000000000031
+DATA xtsShiftR2<>+480(SB)/8, $0x0000000000000032
+DATA xtsShiftR2<>+488(SB)/8, $0x0000000000000032
+DATA xtsShiftR2<>+496(SB)/8, $0x0000000000000031
+DATA xtsShiftR2<>+504(SB)/8, $0x0000000000000031
+GLOBL xtsShiftR2<>(SB), RODATA|NOPTR, $512
+
 // func xtsDecVAES256(ks *byte, dst []byte, src []byte, unitBytes int, tweak *[16]byte, step uint64)
 // Requires: AES, AVX, AVX2, PCLMULQDQ, VAES, VPCLMULQDQ
-TEXT ·xtsDecVAES256(SB), NOSPLIT, $0-80
+TEXT ·xtsDecVAES256(SB), NOSPLIT, $128-80
 	MOVQ ks+0(FP), AX
 	MOVQ dst_base+8(FP), CX
 	MOVQ src_base+32(FP), DX
@@ -1252,9 +1870,116 @@ TEXT ·xtsDecVAES256(SB), NOSPLIT, $0-80
 	MOVQ step+72(FP), R8
 	MOVQ (DI), R9
 	MOVQ 8(DI), DI
+	MOVQ $0x00000080, R11
 
 xtsDecVAES256_unit:
-	// Tweak of this unit: E_key2(raw).
+	CMPQ R11, $0x00000080
+	JB   xtsDecVAES256_batched
+	CMPQ BX, SI
+	JE   xtsDecVAES256_lone
+
+	// E_key2 of the raw tweaks of the next 8 units.
+	MOVQ        R9, R10
+	MOVQ        R10, (SP)
+	MOVQ        DI, 8(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 16(SP)
+	MOVQ        DI, 24(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 32(SP)
+	MOVQ        DI, 40(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 48(SP)
+	MOVQ        DI, 56(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 64(SP)
+	MOVQ        DI, 72(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 80(SP)
+	MOVQ        DI, 88(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 96(SP)
+	MOVQ        DI, 104(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 112(SP)
+	MOVQ        DI, 120(SP)
+	VMOVDQU     (SP), Y0
+	VPXOR       1920(AX), Y0, Y0
+	VMOVDQU     32(SP), Y1
+	VPXOR       1920(AX), Y1, Y1
+	VMOVDQU     64(SP), Y2
+	VPXOR       1920(AX), Y2, Y2
+	VMOVDQU     96(SP), Y3
+	VPXOR       1920(AX), Y3, Y3
+	VAESENC     1984(AX), Y0, Y0
+	VAESENC     1984(AX), Y1, Y1
+	VAESENC     1984(AX), Y2, Y2
+	VAESENC     1984(AX), Y3, Y3
+	VAESENC     2048(AX), Y0, Y0
+	VAESENC     2048(AX), Y1, Y1
+	VAESENC     2048(AX), Y2, Y2
+	VAESENC     2048(AX), Y3, Y3
+	VAESENC     2112(AX), Y0, Y0
+	VAESENC     2112(AX), Y1, Y1
+	VAESENC     2112(AX), Y2, Y2
+	VAESENC     2112(AX), Y3, Y3
+	VAESENC     2176(AX), Y0, Y0
+	VAESENC     2176(AX), Y1, Y1
+	VAESENC     2176(AX), Y2, Y2
+	VAESENC     2176(AX), Y3, Y3
+	VAESENC     2240(AX), Y0, Y0
+	VAESENC     2240(AX), Y1, Y1
+	VAESENC     2240(AX), Y2, Y2
+	VAESENC     2240(AX), Y3, Y3
+	VAESENC     2304(AX), Y0, Y0
+	VAESENC     2304(AX), Y1, Y1
+	VAESENC     2304(AX), Y2, Y2
+	VAESENC     2304(AX), Y3, Y3
+	VAESENC     2368(AX), Y0, Y0
+	VAESENC     2368(AX), Y1, Y1
+	VAESENC     2368(AX), Y2, Y2
+	VAESENC     2368(AX), Y3, Y3
+	VAESENC     2432(AX), Y0, Y0
+	VAESENC     2432(AX), Y1, Y1
+	VAESENC     2432(AX), Y2, Y2
+	VAESENC     2432(AX), Y3, Y3
+	VAESENC     2496(AX), Y0, Y0
+	VAESENC     2496(AX), Y1, Y1
+	VAESENC     2496(AX), Y2, Y2
+	VAESENC     2496(AX), Y3, Y3
+	VAESENC     2560(AX), Y0, Y0
+	VAESENC     2560(AX), Y1, Y1
+	VAESENC     2560(AX), Y2, Y2
+	VAESENC     2560(AX), Y3, Y3
+	VAESENC     2624(AX), Y0, Y0
+	VAESENC     2624(AX), Y1, Y1
+	VAESENC     2624(AX), Y2, Y2
+	VAESENC     2624(AX), Y3, Y3
+	VAESENC     2688(AX), Y0, Y0
+	VAESENC     2688(AX), Y1, Y1
+	VAESENC     2688(AX), Y2, Y2
+	VAESENC     2688(AX), Y3, Y3
+	VAESENC     2752(AX), Y0, Y0
+	VAESENC     2752(AX), Y1, Y1
+	VAESENC     2752(AX), Y2, Y2
+	VAESENC     2752(AX), Y3, Y3
+	VAESENCLAST 2816(AX), Y0, Y0
+	VMOVDQU     Y0, (SP)
+	VAESENCLAST 2816(AX), Y1, Y1
+	VMOVDQU     Y1, 32(SP)
+	VAESENCLAST 2816(AX), Y2, Y2
+	VMOVDQU     Y2, 64(SP)
+	VAESENCLAST 2816(AX), Y3, Y3
+	VMOVDQU     Y3, 96(SP)
+	XORQ        R11, R11
+
+xtsDecVAES256_batched:
+	VMOVDQU (SP)(R11*1), X0
+	ADDQ    $0x10, R11
+	JMP     xtsDecVAES256_tweak
+
+xtsDecVAES256_lone:
+	// Tweak of a lone unit: E_key2(raw).
 	VMOVQ       R9, X0
 	VPINSRQ     $0x01, DI, X0, X0
 	VPXOR       1920(AX), X0, X0
@@ -1272,80 +1997,89 @@ xtsDecVAES256_unit:
 	VAESENC     2688(AX), X0, X0
 	VAESENC     2752(AX), X0, X0
 	VAESENCLAST 2816(AX), X0, X0
-	ADDQ        R8, R9
+
+xtsDecVAES256_tweak:
+	ADDQ R8, R9
 
 	// Tweaks of the first group: lane l of TW[j] is T*x^(2*j+l).
-	VPSRLQ      $0x3f, X0, X2
-	VPSLLQ      $0x01, X0, X1
-	VPSLLDQ     $0x08, X2, X3
-	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), X2, X2
-	VPXOR       X3, X1, X1
-	VPXOR       X2, X1, X1
-	VINSERTI128 $0x01, X1, Y0, Y0
-	VPSRLQ      $0x3e, Y0, Y1
-	VPSLLQ      $0x02, Y0, Y9
+	VINSERTI128 $0x01, X0, Y0, Y0
+	VPSRLVQ     xtsShiftR2<>+0(SB), Y0, Y1
+	VPSLLVQ     xtsShiftL2<>+0(SB), Y0, Y8
 	VPSLLDQ     $0x08, Y1, Y2
 	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y9, Y9
+	VPXOR       Y1, Y8, Y8
+	VPXOR       Y2, Y8, Y8
+	VPSRLVQ     xtsShiftR2<>+64(SB), Y0, Y1
+	VPSLLVQ     xtsShiftL2<>+64(SB), Y0, Y9
+	VPSLLDQ     $0x08, Y1, Y2
+	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
 	VPXOR       Y1, Y9, Y9
-	VPSRLQ      $0x3c, Y0, Y1
-	VPSLLQ      $0x04, Y0, Y10
+	VPXOR       Y2, Y9, Y9
+	VPSRLVQ     xtsShiftR2<>+128(SB), Y0, Y1
+	VPSLLVQ     xtsShiftL2<>+128(SB), Y0, Y10
 	VPSLLDQ     $0x08, Y1, Y2
 	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y10, Y10
 	VPXOR       Y1, Y10, Y10
-	VPSRLQ      $0x3a, Y0, Y1
-	VPSLLQ      $0x06, Y0, Y11
+	VPXOR       Y2, Y10, Y10
+	VPSRLVQ     xtsShiftR2<>+192(SB), Y0, Y1
+	VPSLLVQ     xtsShiftL2<>+192(SB), Y0, Y11
 	VPSLLDQ     $0x08, Y1, Y2
 	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y11, Y11
 	VPXOR       Y1, Y11, Y11
-	VPSRLQ      $0x38, Y0, Y1
-	VPSLLQ      $0x08, Y0, Y12
+	VPXOR       Y2, Y11, Y11
+	VPSRLVQ     xtsShiftR2<>+256(SB), Y0, Y1
+	VPSLLVQ     xtsShiftL2<>+256(SB), Y0, Y12
 	VPSLLDQ     $0x08, Y1, Y2
 	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y12, Y12
 	VPXOR       Y1, Y12, Y12
-	VPSRLQ      $0x36, Y0, Y1
-	VPSLLQ      $0x0a, Y0, Y13
+	VPXOR       Y2, Y12, Y12
+	VPSRLVQ     xtsShiftR2<>+320(SB), Y0, Y1
+	VPSLLVQ     xtsShiftL2<>+320(SB), Y0, Y13
 	VPSLLDQ     $0x08, Y1, Y2
 	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y13, Y13
 	VPXOR       Y1, Y13, Y13
-	VPSRLQ      $0x34, Y0, Y1
-	VPSLLQ      $0x0c, Y0, Y14
+	VPXOR       Y2, Y13, Y13
+	VPSRLVQ     xtsShiftR2<>+384(SB), Y0, Y1
+	VPSLLVQ     xtsShiftL2<>+384(SB), Y0, Y14
 	VPSLLDQ     $0x08, Y1, Y2
 	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y14, Y14
 	VPXOR       Y1, Y14, Y14
-	VPSRLQ      $0x32, Y0, Y1
-	VPSLLQ      $0x0e, Y0, Y15
+	VPXOR       Y2, Y14, Y14
+	VPSRLVQ     xtsShiftR2<>+448(SB), Y0, Y1
+	VPSLLVQ     xtsShiftL2<>+448(SB), Y0, Y15
 	VPSLLDQ     $0x08, Y1, Y2
 	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y15, Y15
 	VPXOR       Y1, Y15, Y15
-	VMOVDQA     Y0, Y8
+	VPXOR       Y2, Y15, Y15
 	MOVQ        SI, R10
 
 xtsDecVAES256_group:
 	CMPQ        R10, $0x00000100
 	JB          xtsDecVAES256_tail
-	VPXOR       (DX), Y8, Y0
-	VPXOR       32(DX), Y9, Y1
-	VPXOR       64(DX), Y10, Y2
-	VPXOR       96(DX), Y11, Y3
-	VPXOR       128(DX), Y12, Y4
-	VPXOR       160(DX), Y13, Y5
-	VPXOR       192(DX), Y14, Y6
-	VPXOR       224(DX), Y15, Y7
+	VMOVDQU     (DX), Y0
 	VPXOR       960(AX), Y0, Y0
+	VPXOR       Y8, Y0, Y0
+	VMOVDQU     32(DX), Y1
 	VPXOR       960(AX), Y1, Y1
+	VPXOR       Y9, Y1, Y1
+	VMOVDQU     64(DX), Y2
 	VPXOR       960(AX), Y2, Y2
+	VPXOR       Y10, Y2, Y2
+	VMOVDQU     96(DX), Y3
 	VPXOR       960(AX), Y3, Y3
+	VPXOR       Y11, Y3, Y3
+	VMOVDQU     128(DX), Y4
 	VPXOR       960(AX), Y4, Y4
+	VPXOR       Y12, Y4, Y4
+	VMOVDQU     160(DX), Y5
 	VPXOR       960(AX), Y5, Y5
+	VPXOR       Y13, Y5, Y5
+	VMOVDQU     192(DX), Y6
 	VPXOR       960(AX), Y6, Y6
+	VPXOR       Y14, Y6, Y6
+	VMOVDQU     224(DX), Y7
 	VPXOR       960(AX), Y7, Y7
+	VPXOR       Y15, Y7, Y7
 	VAESDEC     1024(AX), Y0, Y0
 	VAESDEC     1024(AX), Y1, Y1
 	VAESDEC     1024(AX), Y2, Y2
@@ -1539,8 +2273,8 @@ xtsDecVAES256_block:
 	VPSLLQ      $0x01, X8, X8
 	VPSLLDQ     $0x08, X1, X2
 	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR       X2, X8, X8
 	VPXOR       X1, X8, X8
+	VPXOR       X2, X8, X8
 	ADDQ        $0x10, DX
 	ADDQ        $0x10, CX
 	SUBQ        $0x10, R10
@@ -1552,667 +2286,9 @@ xtsDecVAES256_next:
 	VZEROUPPER
 	RET
 
-// func xtsEncVAES256R(ks *byte, dst []byte, src []byte, unitBytes int, tweak *[16]byte, step uint64)
-// Requires: AES, AVX, AVX2, AVX512F, AVX512VL, PCLMULQDQ, VAES, VPCLMULQDQ
-TEXT ·xtsEncVAES256R(SB), NOSPLIT, $0-80
-	MOVQ ks+0(FP), AX
-	MOVQ dst_base+8(FP), CX
-	MOVQ src_base+32(FP), DX
-	MOVQ src_len+40(FP), BX
-	MOVQ unitBytes+56(FP), SI
-	MOVQ tweak+64(FP), DI
-	MOVQ step+72(FP), R8
-	MOVQ (DI), R9
-	MOVQ 8(DI), DI
-
-	// Round keys of key1, loaded once per call.
-	VMOVDQU64 (AX), Y16
-	VMOVDQU64 64(AX), Y17
-	VMOVDQU64 128(AX), Y18
-	VMOVDQU64 192(AX), Y19
-	VMOVDQU64 256(AX), Y20
-	VMOVDQU64 320(AX), Y21
-	VMOVDQU64 384(AX), Y22
-	VMOVDQU64 448(AX), Y23
-	VMOVDQU64 512(AX), Y24
-	VMOVDQU64 576(AX), Y25
-	VMOVDQU64 640(AX), Y26
-	VMOVDQU64 704(AX), Y27
-	VMOVDQU64 768(AX), Y28
-	VMOVDQU64 832(AX), Y29
-	VMOVDQU64 896(AX), Y30
-
-xtsEncVAES256R_unit:
-	// Tweak of this unit: E_key2(raw).
-	VMOVQ       R9, X0
-	VPINSRQ     $0x01, DI, X0, X0
-	VPXOR       1920(AX), X0, X0
-	VAESENC     1984(AX), X0, X0
-	VAESENC     2048(AX), X0, X0
-	VAESENC     2112(AX), X0, X0
-	VAESENC     2176(AX), X0, X0
-	VAESENC     2240(AX), X0, X0
-	VAESENC     2304(AX), X0, X0
-	VAESENC     2368(AX), X0, X0
-	VAESENC     2432(AX), X0, X0
-	VAESENC     2496(AX), X0, X0
-	VAESENC     2560(AX), X0, X0
-	VAESENC     2624(AX), X0, X0
-	VAESENC     2688(AX), X0, X0
-	VAESENC     2752(AX), X0, X0
-	VAESENCLAST 2816(AX), X0, X0
-	ADDQ        R8, R9
-
-	// Tweaks of the first group: lane l of TW[j] is T*x^(2*j+l).
-	VPSRLQ      $0x3f, X0, X2
-	VPSLLQ      $0x01, X0, X1
-	VPSLLDQ     $0x08, X2, X3
-	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), X2, X2
-	VPXOR       X3, X1, X1
-	VPXOR       X2, X1, X1
-	VINSERTI128 $0x01, X1, Y0, Y0
-	VPSRLQ      $0x3e, Y0, Y1
-	VPSLLQ      $0x02, Y0, Y9
-	VPSLLDQ     $0x08, Y1, Y2
-	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y9, Y9
-	VPXOR       Y1, Y9, Y9
-	VPSRLQ      $0x3c, Y0, Y1
-	VPSLLQ      $0x04, Y0, Y10
-	VPSLLDQ     $0x08, Y1, Y2
-	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y10, Y10
-	VPXOR       Y1, Y10, Y10
-	VPSRLQ      $0x3a, Y0, Y1
-	VPSLLQ      $0x06, Y0, Y11
-	VPSLLDQ     $0x08, Y1, Y2
-	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y11, Y11
-	VPXOR       Y1, Y11, Y11
-	VPSRLQ      $0x38, Y0, Y1
-	VPSLLQ      $0x08, Y0, Y12
-	VPSLLDQ     $0x08, Y1, Y2
-	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y12, Y12
-	VPXOR       Y1, Y12, Y12
-	VPSRLQ      $0x36, Y0, Y1
-	VPSLLQ      $0x0a, Y0, Y13
-	VPSLLDQ     $0x08, Y1, Y2
-	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y13, Y13
-	VPXOR       Y1, Y13, Y13
-	VPSRLQ      $0x34, Y0, Y1
-	VPSLLQ      $0x0c, Y0, Y14
-	VPSLLDQ     $0x08, Y1, Y2
-	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y14, Y14
-	VPXOR       Y1, Y14, Y14
-	VPSRLQ      $0x32, Y0, Y1
-	VPSLLQ      $0x0e, Y0, Y15
-	VPSLLDQ     $0x08, Y1, Y2
-	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y15, Y15
-	VPXOR       Y1, Y15, Y15
-	VMOVDQA     Y0, Y8
-	MOVQ        SI, R10
-
-xtsEncVAES256R_group:
-	CMPQ        R10, $0x00000100
-	JB          xtsEncVAES256R_tail
-	VPXOR       (DX), Y8, Y0
-	VPXOR       32(DX), Y9, Y1
-	VPXOR       64(DX), Y10, Y2
-	VPXOR       96(DX), Y11, Y3
-	VPXOR       128(DX), Y12, Y4
-	VPXOR       160(DX), Y13, Y5
-	VPXOR       192(DX), Y14, Y6
-	VPXOR       224(DX), Y15, Y7
-	VPXORQ      Y16, Y0, Y0
-	VPXORQ      Y16, Y1, Y1
-	VPXORQ      Y16, Y2, Y2
-	VPXORQ      Y16, Y3, Y3
-	VPXORQ      Y16, Y4, Y4
-	VPXORQ      Y16, Y5, Y5
-	VPXORQ      Y16, Y6, Y6
-	VPXORQ      Y16, Y7, Y7
-	VAESENC     Y17, Y0, Y0
-	VAESENC     Y17, Y1, Y1
-	VAESENC     Y17, Y2, Y2
-	VAESENC     Y17, Y3, Y3
-	VAESENC     Y17, Y4, Y4
-	VAESENC     Y17, Y5, Y5
-	VAESENC     Y17, Y6, Y6
-	VAESENC     Y17, Y7, Y7
-	VAESENC     Y18, Y0, Y0
-	VAESENC     Y18, Y1, Y1
-	VAESENC     Y18, Y2, Y2
-	VAESENC     Y18, Y3, Y3
-	VAESENC     Y18, Y4, Y4
-	VAESENC     Y18, Y5, Y5
-	VAESENC     Y18, Y6, Y6
-	VAESENC     Y18, Y7, Y7
-	VAESENC     Y19, Y0, Y0
-	VAESENC     Y19, Y1, Y1
-	VAESENC     Y19, Y2, Y2
-	VAESENC     Y19, Y3, Y3
-	VAESENC     Y19, Y4, Y4
-	VAESENC     Y19, Y5, Y5
-	VAESENC     Y19, Y6, Y6
-	VAESENC     Y19, Y7, Y7
-	VAESENC     Y20, Y0, Y0
-	VAESENC     Y20, Y1, Y1
-	VAESENC     Y20, Y2, Y2
-	VAESENC     Y20, Y3, Y3
-	VAESENC     Y20, Y4, Y4
-	VAESENC     Y20, Y5, Y5
-	VAESENC     Y20, Y6, Y6
-	VAESENC     Y20, Y7, Y7
-	VAESENC     Y21, Y0, Y0
-	VAESENC     Y21, Y1, Y1
-	VAESENC     Y21, Y2, Y2
-	VAESENC     Y21, Y3, Y3
-	VAESENC     Y21, Y4, Y4
-	VAESENC     Y21, Y5, Y5
-	VAESENC     Y21, Y6, Y6
-	VAESENC     Y21, Y7, Y7
-	VAESENC     Y22, Y0, Y0
-	VAESENC     Y22, Y1, Y1
-	VAESENC     Y22, Y2, Y2
-	VAESENC     Y22, Y3, Y3
-	VAESENC     Y22, Y4, Y4
-	VAESENC     Y22, Y5, Y5
-	VAESENC     Y22, Y6, Y6
-	VAESENC     Y22, Y7, Y7
-	VAESENC     Y23, Y0, Y0
-	VAESENC     Y23, Y1, Y1
-	VAESENC     Y23, Y2, Y2
-	VAESENC     Y23, Y3, Y3
-	VAESENC     Y23, Y4, Y4
-	VAESENC     Y23, Y5, Y5
-	VAESENC     Y23, Y6, Y6
-	VAESENC     Y23, Y7, Y7
-	VAESENC     Y24, Y0, Y0
-	VAESENC     Y24, Y1, Y1
-	VAESENC     Y24, Y2, Y2
-	VAESENC     Y24, Y3, Y3
-	VAESENC     Y24, Y4, Y4
-	VAESENC     Y24, Y5, Y5
-	VAESENC     Y24, Y6, Y6
-	VAESENC     Y24, Y7, Y7
-	VAESENC     Y25, Y0, Y0
-	VAESENC     Y25, Y1, Y1
-	VAESENC     Y25, Y2, Y2
-	VAESENC     Y25, Y3, Y3
-	VAESENC     Y25, Y4, Y4
-	VAESENC     Y25, Y5, Y5
-	VAESENC     Y25, Y6, Y6
-	VAESENC     Y25, Y7, Y7
-	VAESENC     Y26, Y0, Y0
-	VAESENC     Y26, Y1, Y1
-	VAESENC     Y26, Y2, Y2
-	VAESENC     Y26, Y3, Y3
-	VAESENC     Y26, Y4, Y4
-	VAESENC     Y26, Y5, Y5
-	VAESENC     Y26, Y6, Y6
-	VAESENC     Y26, Y7, Y7
-	VAESENC     Y27, Y0, Y0
-	VAESENC     Y27, Y1, Y1
-	VAESENC     Y27, Y2, Y2
-	VAESENC     Y27, Y3, Y3
-	VAESENC     Y27, Y4, Y4
-	VAESENC     Y27, Y5, Y5
-	VAESENC     Y27, Y6, Y6
-	VAESENC     Y27, Y7, Y7
-	VAESENC     Y28, Y0, Y0
-	VAESENC     Y28, Y1, Y1
-	VAESENC     Y28, Y2, Y2
-	VAESENC     Y28, Y3, Y3
-	VAESENC     Y28, Y4, Y4
-	VAESENC     Y28, Y5, Y5
-	VAESENC     Y28, Y6, Y6
-	VAESENC     Y28, Y7, Y7
-	VAESENC     Y29, Y0, Y0
-	VAESENC     Y29, Y1, Y1
-	VAESENC     Y29, Y2, Y2
-	VAESENC     Y29, Y3, Y3
-	VAESENC     Y29, Y4, Y4
-	VAESENC     Y29, Y5, Y5
-	VAESENC     Y29, Y6, Y6
-	VAESENC     Y29, Y7, Y7
-	VAESENCLAST Y30, Y0, Y0
-	VAESENCLAST Y30, Y1, Y1
-	VAESENCLAST Y30, Y2, Y2
-	VAESENCLAST Y30, Y3, Y3
-	VAESENCLAST Y30, Y4, Y4
-	VAESENCLAST Y30, Y5, Y5
-	VAESENCLAST Y30, Y6, Y6
-	VAESENCLAST Y30, Y7, Y7
-	VPXOR       Y8, Y0, Y0
-	VMOVDQU     Y0, (CX)
-	VPXOR       Y9, Y1, Y1
-	VMOVDQU     Y1, 32(CX)
-	VPXOR       Y10, Y2, Y2
-	VMOVDQU     Y2, 64(CX)
-	VPXOR       Y11, Y3, Y3
-	VMOVDQU     Y3, 96(CX)
-	VPXOR       Y12, Y4, Y4
-	VMOVDQU     Y4, 128(CX)
-	VPXOR       Y13, Y5, Y5
-	VMOVDQU     Y5, 160(CX)
-	VPXOR       Y14, Y6, Y6
-	VMOVDQU     Y6, 192(CX)
-	VPXOR       Y15, Y7, Y7
-	VMOVDQU     Y7, 224(CX)
-	VPSRLDQ     $0x0e, Y8, Y0
-	VPSLLDQ     $0x02, Y8, Y8
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Y0, Y0
-	VPXOR       Y0, Y8, Y8
-	VPSRLDQ     $0x0e, Y9, Y1
-	VPSLLDQ     $0x02, Y9, Y9
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y1, Y9, Y9
-	VPSRLDQ     $0x0e, Y10, Y2
-	VPSLLDQ     $0x02, Y10, Y10
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Y2, Y2
-	VPXOR       Y2, Y10, Y10
-	VPSRLDQ     $0x0e, Y11, Y3
-	VPSLLDQ     $0x02, Y11, Y11
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Y3, Y3
-	VPXOR       Y3, Y11, Y11
-	VPSRLDQ     $0x0e, Y12, Y4
-	VPSLLDQ     $0x02, Y12, Y12
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Y4, Y4
-	VPXOR       Y4, Y12, Y12
-	VPSRLDQ     $0x0e, Y13, Y5
-	VPSLLDQ     $0x02, Y13, Y13
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Y5, Y5
-	VPXOR       Y5, Y13, Y13
-	VPSRLDQ     $0x0e, Y14, Y6
-	VPSLLDQ     $0x02, Y14, Y14
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Y6, Y6
-	VPXOR       Y6, Y14, Y14
-	VPSRLDQ     $0x0e, Y15, Y7
-	VPSLLDQ     $0x02, Y15, Y15
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Y7, Y7
-	VPXOR       Y7, Y15, Y15
-	ADDQ        $0x00000100, DX
-	ADDQ        $0x00000100, CX
-	SUBQ        $0x00000100, R10
-	JMP         xtsEncVAES256R_group
-
-xtsEncVAES256R_tail:
-	// Blocks left over (data units that are not a multiple of the group), one at a time.
-	TESTQ R10, R10
-	JZ    xtsEncVAES256R_next
-
-xtsEncVAES256R_block:
-	VPXOR       (DX), X8, X0
-	VPXORQ      X16, X0, X0
-	VAESENC     X17, X0, X0
-	VAESENC     X18, X0, X0
-	VAESENC     X19, X0, X0
-	VAESENC     X20, X0, X0
-	VAESENC     X21, X0, X0
-	VAESENC     X22, X0, X0
-	VAESENC     X23, X0, X0
-	VAESENC     X24, X0, X0
-	VAESENC     X25, X0, X0
-	VAESENC     X26, X0, X0
-	VAESENC     X27, X0, X0
-	VAESENC     X28, X0, X0
-	VAESENC     X29, X0, X0
-	VAESENCLAST X30, X0, X0
-	VPXOR       X8, X0, X0
-	VMOVDQU     X0, (CX)
-	VPSRLQ      $0x3f, X8, X1
-	VPSLLQ      $0x01, X8, X8
-	VPSLLDQ     $0x08, X1, X2
-	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR       X2, X8, X8
-	VPXOR       X1, X8, X8
-	ADDQ        $0x10, DX
-	ADDQ        $0x10, CX
-	SUBQ        $0x10, R10
-	JNZ         xtsEncVAES256R_block
-
-xtsEncVAES256R_next:
-	SUBQ SI, BX
-	JNZ  xtsEncVAES256R_unit
-	VZEROUPPER
-	RET
-
-// func xtsDecVAES256R(ks *byte, dst []byte, src []byte, unitBytes int, tweak *[16]byte, step uint64)
-// Requires: AES, AVX, AVX2, AVX512F, AVX512VL, PCLMULQDQ, VAES, VPCLMULQDQ
-TEXT ·xtsDecVAES256R(SB), NOSPLIT, $0-80
-	MOVQ ks+0(FP), AX
-	MOVQ dst_base+8(FP), CX
-	MOVQ src_base+32(FP), DX
-	MOVQ src_len+40(FP), BX
-	MOVQ unitBytes+56(FP), SI
-	MOVQ tweak+64(FP), DI
-	MOVQ step+72(FP), R8
-	MOVQ (DI), R9
-	MOVQ 8(DI), DI
-
-	// Round keys of key1, loaded once per call.
-	VMOVDQU64 960(AX), Y16
-	VMOVDQU64 1024(AX), Y17
-	VMOVDQU64 1088(AX), Y18
-	VMOVDQU64 1152(AX), Y19
-	VMOVDQU64 1216(AX), Y20
-	VMOVDQU64 1280(AX), Y21
-	VMOVDQU64 1344(AX), Y22
-	VMOVDQU64 1408(AX), Y23
-	VMOVDQU64 1472(AX), Y24
-	VMOVDQU64 1536(AX), Y25
-	VMOVDQU64 1600(AX), Y26
-	VMOVDQU64 1664(AX), Y27
-	VMOVDQU64 1728(AX), Y28
-	VMOVDQU64 1792(AX), Y29
-	VMOVDQU64 1856(AX), Y30
-
-xtsDecVAES256R_unit:
-	// Tweak of this unit: E_key2(raw).
-	VMOVQ       R9, X0
-	VPINSRQ     $0x01, DI, X0, X0
-	VPXOR       1920(AX), X0, X0
-	VAESENC     1984(AX), X0, X0
-	VAESENC     2048(AX), X0, X0
-	VAESENC     2112(AX), X0, X0
-	VAESENC     2176(AX), X0, X0
-	VAESENC     2240(AX), X0, X0
-	VAESENC     2304(AX), X0, X0
-	VAESENC     2368(AX), X0, X0
-	VAESENC     2432(AX), X0, X0
-	VAESENC     2496(AX), X0, X0
-	VAESENC     2560(AX), X0, X0
-	VAESENC     2624(AX), X0, X0
-	VAESENC     2688(AX), X0, X0
-	VAESENC     2752(AX), X0, X0
-	VAESENCLAST 2816(AX), X0, X0
-	ADDQ        R8, R9
-
-	// Tweaks of the first group: lane l of TW[j] is T*x^(2*j+l).
-	VPSRLQ      $0x3f, X0, X2
-	VPSLLQ      $0x01, X0, X1
-	VPSLLDQ     $0x08, X2, X3
-	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), X2, X2
-	VPXOR       X3, X1, X1
-	VPXOR       X2, X1, X1
-	VINSERTI128 $0x01, X1, Y0, Y0
-	VPSRLQ      $0x3e, Y0, Y1
-	VPSLLQ      $0x02, Y0, Y9
-	VPSLLDQ     $0x08, Y1, Y2
-	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y9, Y9
-	VPXOR       Y1, Y9, Y9
-	VPSRLQ      $0x3c, Y0, Y1
-	VPSLLQ      $0x04, Y0, Y10
-	VPSLLDQ     $0x08, Y1, Y2
-	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y10, Y10
-	VPXOR       Y1, Y10, Y10
-	VPSRLQ      $0x3a, Y0, Y1
-	VPSLLQ      $0x06, Y0, Y11
-	VPSLLDQ     $0x08, Y1, Y2
-	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y11, Y11
-	VPXOR       Y1, Y11, Y11
-	VPSRLQ      $0x38, Y0, Y1
-	VPSLLQ      $0x08, Y0, Y12
-	VPSLLDQ     $0x08, Y1, Y2
-	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y12, Y12
-	VPXOR       Y1, Y12, Y12
-	VPSRLQ      $0x36, Y0, Y1
-	VPSLLQ      $0x0a, Y0, Y13
-	VPSLLDQ     $0x08, Y1, Y2
-	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y13, Y13
-	VPXOR       Y1, Y13, Y13
-	VPSRLQ      $0x34, Y0, Y1
-	VPSLLQ      $0x0c, Y0, Y14
-	VPSLLDQ     $0x08, Y1, Y2
-	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y14, Y14
-	VPXOR       Y1, Y14, Y14
-	VPSRLQ      $0x32, Y0, Y1
-	VPSLLQ      $0x0e, Y0, Y15
-	VPSLLDQ     $0x08, Y1, Y2
-	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y2, Y15, Y15
-	VPXOR       Y1, Y15, Y15
-	VMOVDQA     Y0, Y8
-	MOVQ        SI, R10
-
-xtsDecVAES256R_group:
-	CMPQ        R10, $0x00000100
-	JB          xtsDecVAES256R_tail
-	VPXOR       (DX), Y8, Y0
-	VPXOR       32(DX), Y9, Y1
-	VPXOR       64(DX), Y10, Y2
-	VPXOR       96(DX), Y11, Y3
-	VPXOR       128(DX), Y12, Y4
-	VPXOR       160(DX), Y13, Y5
-	VPXOR       192(DX), Y14, Y6
-	VPXOR       224(DX), Y15, Y7
-	VPXORQ      Y16, Y0, Y0
-	VPXORQ      Y16, Y1, Y1
-	VPXORQ      Y16, Y2, Y2
-	VPXORQ      Y16, Y3, Y3
-	VPXORQ      Y16, Y4, Y4
-	VPXORQ      Y16, Y5, Y5
-	VPXORQ      Y16, Y6, Y6
-	VPXORQ      Y16, Y7, Y7
-	VAESDEC     Y17, Y0, Y0
-	VAESDEC     Y17, Y1, Y1
-	VAESDEC     Y17, Y2, Y2
-	VAESDEC     Y17, Y3, Y3
-	VAESDEC     Y17, Y4, Y4
-	VAESDEC     Y17, Y5, Y5
-	VAESDEC     Y17, Y6, Y6
-	VAESDEC     Y17, Y7, Y7
-	VAESDEC     Y18, Y0, Y0
-	VAESDEC     Y18, Y1, Y1
-	VAESDEC     Y18, Y2, Y2
-	VAESDEC     Y18, Y3, Y3
-	VAESDEC     Y18, Y4, Y4
-	VAESDEC     Y18, Y5, Y5
-	VAESDEC     Y18, Y6, Y6
-	VAESDEC     Y18, Y7, Y7
-	VAESDEC     Y19, Y0, Y0
-	VAESDEC     Y19, Y1, Y1
-	VAESDEC     Y19, Y2, Y2
-	VAESDEC     Y19, Y3, Y3
-	VAESDEC     Y19, Y4, Y4
-	VAESDEC     Y19, Y5, Y5
-	VAESDEC     Y19, Y6, Y6
-	VAESDEC     Y19, Y7, Y7
-	VAESDEC     Y20, Y0, Y0
-	VAESDEC     Y20, Y1, Y1
-	VAESDEC     Y20, Y2, Y2
-	VAESDEC     Y20, Y3, Y3
-	VAESDEC     Y20, Y4, Y4
-	VAESDEC     Y20, Y5, Y5
-	VAESDEC     Y20, Y6, Y6
-	VAESDEC     Y20, Y7, Y7
-	VAESDEC     Y21, Y0, Y0
-	VAESDEC     Y21, Y1, Y1
-	VAESDEC     Y21, Y2, Y2
-	VAESDEC     Y21, Y3, Y3
-	VAESDEC     Y21, Y4, Y4
-	VAESDEC     Y21, Y5, Y5
-	VAESDEC     Y21, Y6, Y6
-	VAESDEC     Y21, Y7, Y7
-	VAESDEC     Y22, Y0, Y0
-	VAESDEC     Y22, Y1, Y1
-	VAESDEC     Y22, Y2, Y2
-	VAESDEC     Y22, Y3, Y3
-	VAESDEC     Y22, Y4, Y4
-	VAESDEC     Y22, Y5, Y5
-	VAESDEC     Y22, Y6, Y6
-	VAESDEC     Y22, Y7, Y7
-	VAESDEC     Y23, Y0, Y0
-	VAESDEC     Y23, Y1, Y1
-	VAESDEC     Y23, Y2, Y2
-	VAESDEC     Y23, Y3, Y3
-	VAESDEC     Y23, Y4, Y4
-	VAESDEC     Y23, Y5, Y5
-	VAESDEC     Y23, Y6, Y6
-	VAESDEC     Y23, Y7, Y7
-	VAESDEC     Y24, Y0, Y0
-	VAESDEC     Y24, Y1, Y1
-	VAESDEC     Y24, Y2, Y2
-	VAESDEC     Y24, Y3, Y3
-	VAESDEC     Y24, Y4, Y4
-	VAESDEC     Y24, Y5, Y5
-	VAESDEC     Y24, Y6, Y6
-	VAESDEC     Y24, Y7, Y7
-	VAESDEC     Y25, Y0, Y0
-	VAESDEC     Y25, Y1, Y1
-	VAESDEC     Y25, Y2, Y2
-	VAESDEC     Y25, Y3, Y3
-	VAESDEC     Y25, Y4, Y4
-	VAESDEC     Y25, Y5, Y5
-	VAESDEC     Y25, Y6, Y6
-	VAESDEC     Y25, Y7, Y7
-	VAESDEC     Y26, Y0, Y0
-	VAESDEC     Y26, Y1, Y1
-	VAESDEC     Y26, Y2, Y2
-	VAESDEC     Y26, Y3, Y3
-	VAESDEC     Y26, Y4, Y4
-	VAESDEC     Y26, Y5, Y5
-	VAESDEC     Y26, Y6, Y6
-	VAESDEC     Y26, Y7, Y7
-	VAESDEC     Y27, Y0, Y0
-	VAESDEC     Y27, Y1, Y1
-	VAESDEC     Y27, Y2, Y2
-	VAESDEC     Y27, Y3, Y3
-	VAESDEC     Y27, Y4, Y4
-	VAESDEC     Y27, Y5, Y5
-	VAESDEC     Y27, Y6, Y6
-	VAESDEC     Y27, Y7, Y7
-	VAESDEC     Y28, Y0, Y0
-	VAESDEC     Y28, Y1, Y1
-	VAESDEC     Y28, Y2, Y2
-	VAESDEC     Y28, Y3, Y3
-	VAESDEC     Y28, Y4, Y4
-	VAESDEC     Y28, Y5, Y5
-	VAESDEC     Y28, Y6, Y6
-	VAESDEC     Y28, Y7, Y7
-	VAESDEC     Y29, Y0, Y0
-	VAESDEC     Y29, Y1, Y1
-	VAESDEC     Y29, Y2, Y2
-	VAESDEC     Y29, Y3, Y3
-	VAESDEC     Y29, Y4, Y4
-	VAESDEC     Y29, Y5, Y5
-	VAESDEC     Y29, Y6, Y6
-	VAESDEC     Y29, Y7, Y7
-	VAESDECLAST Y30, Y0, Y0
-	VAESDECLAST Y30, Y1, Y1
-	VAESDECLAST Y30, Y2, Y2
-	VAESDECLAST Y30, Y3, Y3
-	VAESDECLAST Y30, Y4, Y4
-	VAESDECLAST Y30, Y5, Y5
-	VAESDECLAST Y30, Y6, Y6
-	VAESDECLAST Y30, Y7, Y7
-	VPXOR       Y8, Y0, Y0
-	VMOVDQU     Y0, (CX)
-	VPXOR       Y9, Y1, Y1
-	VMOVDQU     Y1, 32(CX)
-	VPXOR       Y10, Y2, Y2
-	VMOVDQU     Y2, 64(CX)
-	VPXOR       Y11, Y3, Y3
-	VMOVDQU     Y3, 96(CX)
-	VPXOR       Y12, Y4, Y4
-	VMOVDQU     Y4, 128(CX)
-	VPXOR       Y13, Y5, Y5
-	VMOVDQU     Y5, 160(CX)
-	VPXOR       Y14, Y6, Y6
-	VMOVDQU     Y6, 192(CX)
-	VPXOR       Y15, Y7, Y7
-	VMOVDQU     Y7, 224(CX)
-	VPSRLDQ     $0x0e, Y8, Y0
-	VPSLLDQ     $0x02, Y8, Y8
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Y0, Y0
-	VPXOR       Y0, Y8, Y8
-	VPSRLDQ     $0x0e, Y9, Y1
-	VPSLLDQ     $0x02, Y9, Y9
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Y1, Y1
-	VPXOR       Y1, Y9, Y9
-	VPSRLDQ     $0x0e, Y10, Y2
-	VPSLLDQ     $0x02, Y10, Y10
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Y2, Y2
-	VPXOR       Y2, Y10, Y10
-	VPSRLDQ     $0x0e, Y11, Y3
-	VPSLLDQ     $0x02, Y11, Y11
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Y3, Y3
-	VPXOR       Y3, Y11, Y11
-	VPSRLDQ     $0x0e, Y12, Y4
-	VPSLLDQ     $0x02, Y12, Y12
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Y4, Y4
-	VPXOR       Y4, Y12, Y12
-	VPSRLDQ     $0x0e, Y13, Y5
-	VPSLLDQ     $0x02, Y13, Y13
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Y5, Y5
-	VPXOR       Y5, Y13, Y13
-	VPSRLDQ     $0x0e, Y14, Y6
-	VPSLLDQ     $0x02, Y14, Y14
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Y6, Y6
-	VPXOR       Y6, Y14, Y14
-	VPSRLDQ     $0x0e, Y15, Y7
-	VPSLLDQ     $0x02, Y15, Y15
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Y7, Y7
-	VPXOR       Y7, Y15, Y15
-	ADDQ        $0x00000100, DX
-	ADDQ        $0x00000100, CX
-	SUBQ        $0x00000100, R10
-	JMP         xtsDecVAES256R_group
-
-xtsDecVAES256R_tail:
-	// Blocks left over (data units that are not a multiple of the group), one at a time.
-	TESTQ R10, R10
-	JZ    xtsDecVAES256R_next
-
-xtsDecVAES256R_block:
-	VPXOR       (DX), X8, X0
-	VPXORQ      X16, X0, X0
-	VAESDEC     X17, X0, X0
-	VAESDEC     X18, X0, X0
-	VAESDEC     X19, X0, X0
-	VAESDEC     X20, X0, X0
-	VAESDEC     X21, X0, X0
-	VAESDEC     X22, X0, X0
-	VAESDEC     X23, X0, X0
-	VAESDEC     X24, X0, X0
-	VAESDEC     X25, X0, X0
-	VAESDEC     X26, X0, X0
-	VAESDEC     X27, X0, X0
-	VAESDEC     X28, X0, X0
-	VAESDEC     X29, X0, X0
-	VAESDECLAST X30, X0, X0
-	VPXOR       X8, X0, X0
-	VMOVDQU     X0, (CX)
-	VPSRLQ      $0x3f, X8, X1
-	VPSLLQ      $0x01, X8, X8
-	VPSLLDQ     $0x08, X1, X2
-	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR       X2, X8, X8
-	VPXOR       X1, X8, X8
-	ADDQ        $0x10, DX
-	ADDQ        $0x10, CX
-	SUBQ        $0x10, R10
-	JNZ         xtsDecVAES256R_block
-
-xtsDecVAES256R_next:
-	SUBQ SI, BX
-	JNZ  xtsDecVAES256R_unit
-	VZEROUPPER
-	RET
-
 // func xtsEncVAES512(ks *byte, dst []byte, src []byte, unitBytes int, tweak *[16]byte, step uint64)
-// Requires: AES, AVX, AVX2, AVX512BW, AVX512F, AVX512VL, PCLMULQDQ, VAES, VPCLMULQDQ
-TEXT ·xtsEncVAES512(SB), NOSPLIT, $0-80
+// Requires: AES, AVX, AVX512BW, AVX512F, AVX512VL, PCLMULQDQ, VAES, VPCLMULQDQ
+TEXT ·xtsEncVAES512(SB), NOSPLIT, $128-80
 	MOVQ ks+0(FP), AX
 	MOVQ dst_base+8(FP), CX
 	MOVQ src_base+32(FP), DX
@@ -2239,9 +2315,82 @@ TEXT ·xtsEncVAES512(SB), NOSPLIT, $0-80
 	VMOVDQU64 768(AX), Z28
 	VMOVDQU64 832(AX), Z29
 	VMOVDQU64 896(AX), Z30
+	MOVQ      $0x00000080, R11
 
 xtsEncVAES512_unit:
-	// Tweak of this unit: E_key2(raw).
+	CMPQ R11, $0x00000080
+	JB   xtsEncVAES512_batched
+	CMPQ BX, SI
+	JE   xtsEncVAES512_lone
+
+	// E_key2 of the raw tweaks of the next 8 units.
+	MOVQ        R9, R10
+	MOVQ        R10, (SP)
+	MOVQ        DI, 8(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 16(SP)
+	MOVQ        DI, 24(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 32(SP)
+	MOVQ        DI, 40(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 48(SP)
+	MOVQ        DI, 56(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 64(SP)
+	MOVQ        DI, 72(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 80(SP)
+	MOVQ        DI, 88(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 96(SP)
+	MOVQ        DI, 104(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 112(SP)
+	MOVQ        DI, 120(SP)
+	VMOVDQU64   (SP), Z0
+	VPXORQ      1920(AX), Z0, Z0
+	VMOVDQU64   64(SP), Z1
+	VPXORQ      1920(AX), Z1, Z1
+	VAESENC     1984(AX), Z0, Z0
+	VAESENC     1984(AX), Z1, Z1
+	VAESENC     2048(AX), Z0, Z0
+	VAESENC     2048(AX), Z1, Z1
+	VAESENC     2112(AX), Z0, Z0
+	VAESENC     2112(AX), Z1, Z1
+	VAESENC     2176(AX), Z0, Z0
+	VAESENC     2176(AX), Z1, Z1
+	VAESENC     2240(AX), Z0, Z0
+	VAESENC     2240(AX), Z1, Z1
+	VAESENC     2304(AX), Z0, Z0
+	VAESENC     2304(AX), Z1, Z1
+	VAESENC     2368(AX), Z0, Z0
+	VAESENC     2368(AX), Z1, Z1
+	VAESENC     2432(AX), Z0, Z0
+	VAESENC     2432(AX), Z1, Z1
+	VAESENC     2496(AX), Z0, Z0
+	VAESENC     2496(AX), Z1, Z1
+	VAESENC     2560(AX), Z0, Z0
+	VAESENC     2560(AX), Z1, Z1
+	VAESENC     2624(AX), Z0, Z0
+	VAESENC     2624(AX), Z1, Z1
+	VAESENC     2688(AX), Z0, Z0
+	VAESENC     2688(AX), Z1, Z1
+	VAESENC     2752(AX), Z0, Z0
+	VAESENC     2752(AX), Z1, Z1
+	VAESENCLAST 2816(AX), Z0, Z0
+	VMOVDQU64   Z0, (SP)
+	VAESENCLAST 2816(AX), Z1, Z1
+	VMOVDQU64   Z1, 64(SP)
+	XORQ        R11, R11
+
+xtsEncVAES512_batched:
+	VMOVDQU (SP)(R11*1), X0
+	ADDQ    $0x10, R11
+	JMP     xtsEncVAES512_tweak
+
+xtsEncVAES512_lone:
+	// Tweak of a lone unit: E_key2(raw).
 	VMOVQ       R9, X0
 	VPINSRQ     $0x01, DI, X0, X0
 	VPXOR       1920(AX), X0, X0
@@ -2259,55 +2408,45 @@ xtsEncVAES512_unit:
 	VAESENC     2688(AX), X0, X0
 	VAESENC     2752(AX), X0, X0
 	VAESENCLAST 2816(AX), X0, X0
-	ADDQ        R8, R9
+
+xtsEncVAES512_tweak:
+	ADDQ R8, R9
 
 	// Tweaks of the first group: lane l of TW[j] is T*x^(4*j+l).
-	VPSRLQ       $0x3f, X0, X2
-	VPSLLQ       $0x01, X0, X1
-	VPSLLDQ      $0x08, X2, X3
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), X2, X2
-	VPXOR        X3, X1, X1
-	VPXOR        X2, X1, X1
-	VINSERTI128  $0x01, X1, Y0, Y0
-	VPSRLQ       $0x3e, Y0, Y2
-	VPSLLQ       $0x02, Y0, Y1
-	VPSLLDQ      $0x08, Y2, Y3
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Y2, Y2
-	VPXOR        Y3, Y1, Y1
-	VPXOR        Y2, Y1, Y1
-	VINSERTI64X4 $0x01, Y1, Z0, Z0
-	VPSRLQ       $0x3c, Z0, Z1
-	VPSLLQ       $0x04, Z0, Z5
-	VPSLLDQ      $0x08, Z1, Z2
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Z1, Z1
-	VPXORQ       Z2, Z5, Z5
-	VPXORQ       Z1, Z5, Z5
-	VPSRLQ       $0x38, Z0, Z1
-	VPSLLQ       $0x08, Z0, Z6
-	VPSLLDQ      $0x08, Z1, Z2
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Z1, Z1
-	VPXORQ       Z2, Z6, Z6
-	VPXORQ       Z1, Z6, Z6
-	VPSRLQ       $0x34, Z0, Z1
-	VPSLLQ       $0x0c, Z0, Z7
-	VPSLLDQ      $0x08, Z1, Z2
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Z1, Z1
-	VPXORQ       Z2, Z7, Z7
-	VPXORQ       Z1, Z7, Z7
-	VMOVDQA64    Z0, Z4
-	MOVQ         SI, R10
+	VSHUFI64X2 $0x00, Z0, Z0, Z0
+	VPSRLVQ    xtsShiftR4<>+0(SB), Z0, Z1
+	VPSLLVQ    xtsShiftL4<>+0(SB), Z0, Z4
+	VPSLLDQ    $0x08, Z1, Z2
+	VPCLMULQDQ $0x01, xtsPoly<>+0(SB), Z1, Z1
+	VPTERNLOGQ $0x96, Z1, Z2, Z4
+	VPSRLVQ    xtsShiftR4<>+64(SB), Z0, Z1
+	VPSLLVQ    xtsShiftL4<>+64(SB), Z0, Z5
+	VPSLLDQ    $0x08, Z1, Z2
+	VPCLMULQDQ $0x01, xtsPoly<>+0(SB), Z1, Z1
+	VPTERNLOGQ $0x96, Z1, Z2, Z5
+	VPSRLVQ    xtsShiftR4<>+128(SB), Z0, Z1
+	VPSLLVQ    xtsShiftL4<>+128(SB), Z0, Z6
+	VPSLLDQ    $0x08, Z1, Z2
+	VPCLMULQDQ $0x01, xtsPoly<>+0(SB), Z1, Z1
+	VPTERNLOGQ $0x96, Z1, Z2, Z6
+	VPSRLVQ    xtsShiftR4<>+192(SB), Z0, Z1
+	VPSLLVQ    xtsShiftL4<>+192(SB), Z0, Z7
+	VPSLLDQ    $0x08, Z1, Z2
+	VPCLMULQDQ $0x01, xtsPoly<>+0(SB), Z1, Z1
+	VPTERNLOGQ $0x96, Z1, Z2, Z7
+	MOVQ       SI, R10
 
 xtsEncVAES512_group:
 	CMPQ        R10, $0x00000100
 	JB          xtsEncVAES512_tail
-	VPXORQ      (DX), Z4, Z0
-	VPXORQ      64(DX), Z5, Z1
-	VPXORQ      128(DX), Z6, Z2
-	VPXORQ      192(DX), Z7, Z3
-	VPXORQ      Z16, Z0, Z0
-	VPXORQ      Z16, Z1, Z1
-	VPXORQ      Z16, Z2, Z2
-	VPXORQ      Z16, Z3, Z3
+	VPXORQ      (DX), Z16, Z0
+	VPXORQ      Z4, Z0, Z0
+	VPXORQ      64(DX), Z16, Z1
+	VPXORQ      Z5, Z1, Z1
+	VPXORQ      128(DX), Z16, Z2
+	VPXORQ      Z6, Z2, Z2
+	VPXORQ      192(DX), Z16, Z3
+	VPXORQ      Z7, Z3, Z3
 	VAESENC     Z17, Z0, Z0
 	VAESENC     Z17, Z1, Z1
 	VAESENC     Z17, Z2, Z2
@@ -2360,17 +2499,17 @@ xtsEncVAES512_group:
 	VAESENC     Z29, Z1, Z1
 	VAESENC     Z29, Z2, Z2
 	VAESENC     Z29, Z3, Z3
-	VAESENCLAST Z30, Z0, Z0
-	VAESENCLAST Z30, Z1, Z1
-	VAESENCLAST Z30, Z2, Z2
-	VAESENCLAST Z30, Z3, Z3
-	VPXORQ      Z4, Z0, Z0
+	VPXORQ      Z30, Z4, Z8
+	VPXORQ      Z30, Z5, Z9
+	VPXORQ      Z30, Z6, Z10
+	VPXORQ      Z30, Z7, Z11
+	VAESENCLAST Z8, Z0, Z0
 	VMOVDQU64   Z0, (CX)
-	VPXORQ      Z5, Z1, Z1
+	VAESENCLAST Z9, Z1, Z1
 	VMOVDQU64   Z1, 64(CX)
-	VPXORQ      Z6, Z2, Z2
+	VAESENCLAST Z10, Z2, Z2
 	VMOVDQU64   Z2, 128(CX)
-	VPXORQ      Z7, Z3, Z3
+	VAESENCLAST Z11, Z3, Z3
 	VMOVDQU64   Z3, 192(CX)
 	VPSRLDQ     $0x0e, Z4, Z0
 	VPSLLDQ     $0x02, Z4, Z4
@@ -2421,8 +2560,8 @@ xtsEncVAES512_block:
 	VPSLLQ      $0x01, X4, X4
 	VPSLLDQ     $0x08, X1, X2
 	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR       X2, X4, X4
 	VPXOR       X1, X4, X4
+	VPXOR       X2, X4, X4
 	ADDQ        $0x10, DX
 	ADDQ        $0x10, CX
 	SUBQ        $0x10, R10
@@ -2434,9 +2573,141 @@ xtsEncVAES512_next:
 	VZEROUPPER
 	RET
 
+DATA xtsShiftL4<>+0(SB)/8, $0x0000000000000000
+DATA xtsShiftL4<>+8(SB)/8, $0x0000000000000000
+DATA xtsShiftL4<>+16(SB)/8, $0x0000000000000001
+DATA xtsShiftL4<>+24(SB)/8, $0x0000000000000001
+DATA xtsShiftL4<>+32(SB)/8, $0x0000000000000002
+DATA xtsShiftL4<>+40(SB)/8, $0x0000000000000002
+DATA xtsShiftL4<>+48(SB)/8, $0x0000000000000003
+DATA xtsShiftL4<>+56(SB)/8, $0x0000000000000003
+DATA xtsShiftL4<>+64(SB)/8, $0x0000000000000004
+DATA xtsShiftL4<>+72(SB)/8, $0x0000000000000004
+DATA xtsShiftL4<>+80(SB)/8, $0x0000000000000005
+DATA xtsShiftL4<>+88(SB)/8, $0x0000000000000005
+DATA xtsShiftL4<>+96(SB)/8, $0x0000000000000006
+DATA xtsShiftL4<>+104(SB)/8, $0x0000000000000006
+DATA xtsShiftL4<>+112(SB)/8, $0x0000000000000007
+DATA xtsShiftL4<>+120(SB)/8, $0x0000000000000007
+DATA xtsShiftL4<>+128(SB)/8, $0x0000000000000008
+DATA xtsShiftL4<>+136(SB)/8, $0x0000000000000008
+DATA xtsShiftL4<>+144(SB)/8, $0x0000000000000009
+DATA xtsShiftL4<>+152(SB)/8, $0x0000000000000009
+DATA xtsShiftL4<>+160(SB)/8, $0x000000000000000a
+DATA xtsShiftL4<>+168(SB)/8, $0x000000000000000a
+DATA xtsShiftL4<>+176(SB)/8, $0x000000000000000b
+DATA xtsShiftL4<>+184(SB)/8, $0x000000000000000b
+DATA xtsShiftL4<>+192(SB)/8, $0x000000000000000c
+DATA xtsShiftL4<>+200(SB)/8, $0x000000000000000c
+DATA xtsShiftL4<>+208(SB)/8, $0x000000000000000d
+DATA xtsShiftL4<>+216(SB)/8, $0x000000000000000d
+DATA xtsShiftL4<>+224(SB)/8, $0x000000000000000e
+DATA xtsShiftL4<>+232(SB)/8, $0x000000000000000e
+DATA xtsShiftL4<>+240(SB)/8, $0x000000000000000f
+DATA xtsShiftL4<>+248(SB)/8, $0x000000000000000f
+DATA xtsShiftL4<>+256(SB)/8, $0x0000000000000010
+DATA xtsShiftL4<>+264(SB)/8, $0x0000000000000010
+DATA xtsShiftL4<>+272(SB)/8, $0x0000000000000011
+DATA xtsShiftL4<>+280(SB)/8, $0x0000000000000011
+DATA xtsShiftL4<>+288(SB)/8, $0x0000000000000012
+DATA xtsShiftL4<>+296(SB)/8, $0x0000000000000012
+DATA xtsShiftL4<>+304(SB)/8, $0x0000000000000013
+DATA xtsShiftL4<>+312(SB)/8, $0x0000000000000013
+DATA xtsShiftL4<>+320(SB)/8, $0x0000000000000014
+DATA xtsShiftL4<>+328(SB)/8, $0x0000000000000014
+DATA xtsShiftL4<>+336(SB)/8, $0x0000000000000015
+DATA xtsShiftL4<>+344(SB)/8, $0x0000000000000015
+DATA xtsShiftL4<>+352(SB)/8, $0x0000000000000016
+DATA xtsShiftL4<>+360(SB)/8, $0x0000000000000016
+DATA xtsShiftL4<>+368(SB)/8, $0x0000000000000017
+DATA xtsShiftL4<>+376(SB)/8, $0x0000000000000017
+DATA xtsShiftL4<>+384(SB)/8, $0x0000000000000018
+DATA xtsShiftL4<>+392(SB)/8, $0x0000000000000018
+DATA xtsShiftL4<>+400(SB)/8, $0x0000000000000019
+DATA xtsShiftL4<>+408(SB)/8, $0x0000000000000019
+DATA xtsShiftL4<>+416(SB)/8, $0x000000000000001a
+DATA xtsShiftL4<>+424(SB)/8, $0x000000000000001a
+DATA xtsShiftL4<>+432(SB)/8, $0x000000000000001b
+DATA xtsShiftL4<>+440(SB)/8, $0x000000000000001b
+DATA xtsShiftL4<>+448(SB)/8, $0x000000000000001c
+DATA xtsShiftL4<>+456(SB)/8, $0x000000000000001c
+DATA xtsShiftL4<>+464(SB)/8, $0x000000000000001d
+DATA xtsShiftL4<>+472(SB)/8, $0x000000000000001d
+DATA xtsShiftL4<>+480(SB)/8, $0x000000000000001e
+DATA xtsShiftL4<>+488(SB)/8, $0x000000000000001e
+DATA xtsShiftL4<>+496(SB)/8, $0x000000000000001f
+DATA xtsShiftL4<>+504(SB)/8, $0x000000000000001f
+GLOBL xtsShiftL4<>(SB), RODATA|NOPTR, $512
+
+DATA xtsShiftR4<>+0(SB)/8, $0x0000000000000040
+DATA xtsShiftR4<>+8(SB)/8, $0x0000000000000040
+DATA xtsShiftR4<>+16(SB)/8, $0x000000000000003f
+DATA xtsShiftR4<>+24(SB)/8, $0x000000000000003f
+DATA xtsShiftR4<>+32(SB)/8, $0x000000000000003e
+DATA xtsShiftR4<>+40(SB)/8, $0x000000000000003e
+DATA xtsShiftR4<>+48(SB)/8, $0x000000000000003d
+DATA xtsShiftR4<>+56(SB)/8, $0x000000000000003d
+DATA xtsShiftR4<>+64(SB)/8, $0x000000000000003c
+DATA xtsShiftR4<>+72(SB)/8, $0x000000000000003c
+DATA xtsShiftR4<>+80(SB)/8, $0x000000000000003b
+DATA xtsShiftR4<>+88(SB)/8, $0x000000000000003b
+DATA xtsShiftR4<>+96(SB)/8, $0x000000000000003a
+DATA xtsShiftR4<>+104(SB)/8, $0x000000000000003a
+DATA xtsShiftR4<>+112(SB)/8, $0x0000000000000039
+DATA xtsShiftR4<>+120(SB)/8, $0x0000000000000039
+DATA xtsShiftR4<>+128(SB)/8, $0x0000000000000038
+DATA xtsShiftR4<>+136(SB)/8, $0x0000000000000038
+DATA xtsShiftR4<>+144(SB)/8, $0x0000000000000037
+DATA xtsShiftR4<>+152(SB)/8, $0x0000000000000037
+DATA xtsShiftR4<>+160(SB)/8, $0x0000000000000036
+DATA xtsShiftR4<>+168(SB)/8, $0x0000000000000036
+DATA xtsShiftR4<>+176(SB)/8, $0x0000000000000035
+DATA xtsShiftR4<>+184(SB)/8, $0x0000000000000035
+DATA xtsShiftR4<>+192(SB)/8, $0x0000000000000034
+DATA xtsShiftR4<>+200(SB)/8, $0x0000000000000034
+DATA xtsShiftR4<>+208(SB)/8, $0x0000000000000033
+DATA xtsShiftR4<>+216(SB)/8, $0x0000000000000033
+DATA xtsShiftR4<>+224(SB)/8, $0x0000000000000032
+DATA xtsShiftR4<>+232(SB)/8, $0x0000000000000032
+DATA xtsShiftR4<>+240(SB)/8, $0x0000000000000031
+DATA xtsShiftR4<>+248(SB)/8, $0x0000000000000031
+DATA xtsShiftR4<>+256(SB)/8, $0x0000000000000030
+DATA xtsShiftR4<>+264(SB)/8, $0x0000000000000030
+DATA xtsShiftR4<>+272(SB)/8, $0x000000000000002f
+DATA xtsShiftR4<>+280(SB)/8, $0x000000000000002f
+DATA xtsShiftR4<>+288(SB)/8, $0x000000000000002e
+DATA xtsShiftR4<>+296(SB)/8, $0x000000000000002e
+DATA xtsShiftR4<>+304(SB)/8, $0x000000000000002d
+DATA xtsShiftR4<>+312(SB)/8, $0x000000000000002d
+DATA xtsShiftR4<>+320(SB)/8, $0x000000000000002c
+DATA xtsShiftR4<>+328(SB)/8, $0x000000000000002c
+DATA xtsShiftR4<>+336(SB)/8, $0x000000000000002b
+DATA xtsShiftR4<>+344(SB)/8, $0x000000000000002b
+DATA xtsShiftR4<>+352(SB)/8, $0x000000000000002a
+DATA xtsShiftR4<>+360(SB)/8, $0x000000000000002a
+DATA xtsShiftR4<>+368(SB)/8, $0x0000000000000029
+DATA xtsShiftR4<>+376(SB)/8, $0x0000000000000029
+DATA xtsShiftR4<>+384(SB)/8, $0x0000000000000028
+DATA xtsShiftR4<>+392(SB)/8, $0x0000000000000028
+DATA xtsShiftR4<>+400(SB)/8, $0x0000000000000027
+DATA xtsShiftR4<>+408(SB)/8, $0x0000000000000027
+DATA xtsShiftR4<>+416(SB)/8, $0x0000000000000026
+DATA xtsShiftR4<>+424(SB)/8, $0x0000000000000026
+DATA xtsShiftR4<>+432(SB)/8, $0x0000000000000025
+DATA xtsShiftR4<>+440(SB)/8, $0x0000000000000025
+DATA xtsShiftR4<>+448(SB)/8, $0x0000000000000024
+DATA xtsShiftR4<>+456(SB)/8, $0x0000000000000024
+DATA xtsShiftR4<>+464(SB)/8, $0x0000000000000023
+DATA xtsShiftR4<>+472(SB)/8, $0x0000000000000023
+DATA xtsShiftR4<>+480(SB)/8, $0x0000000000000022
+DATA xtsShiftR4<>+488(SB)/8, $0x0000000000000022
+DATA xtsShiftR4<>+496(SB)/8, $0x0000000000000021
+DATA xtsShiftR4<>+504(SB)/8, $0x0000000000000021
+GLOBL xtsShiftR4<>(SB), RODATA|NOPTR, $512
+
 // func xtsDecVAES512(ks *byte, dst []byte, src []byte, unitBytes int, tweak *[16]byte, step uint64)
-// Requires: AES, AVX, AVX2, AVX512BW, AVX512F, AVX512VL, PCLMULQDQ, VAES, VPCLMULQDQ
-TEXT ·xtsDecVAES512(SB), NOSPLIT, $0-80
+// Requires: AES, AVX, AVX512BW, AVX512F, AVX512VL, PCLMULQDQ, VAES, VPCLMULQDQ
+TEXT ·xtsDecVAES512(SB), NOSPLIT, $128-80
 	MOVQ ks+0(FP), AX
 	MOVQ dst_base+8(FP), CX
 	MOVQ src_base+32(FP), DX
@@ -2463,9 +2734,82 @@ TEXT ·xtsDecVAES512(SB), NOSPLIT, $0-80
 	VMOVDQU64 1728(AX), Z28
 	VMOVDQU64 1792(AX), Z29
 	VMOVDQU64 1856(AX), Z30
+	MOVQ      $0x00000080, R11
 
 xtsDecVAES512_unit:
-	// Tweak of this unit: E_key2(raw).
+	CMPQ R11, $0x00000080
+	JB   xtsDecVAES512_batched
+	CMPQ BX, SI
+	JE   xtsDecVAES512_lone
+
+	// E_key2 of the raw tweaks of the next 8 units.
+	MOVQ        R9, R10
+	MOVQ        R10, (SP)
+	MOVQ        DI, 8(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 16(SP)
+	MOVQ        DI, 24(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 32(SP)
+	MOVQ        DI, 40(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 48(SP)
+	MOVQ        DI, 56(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 64(SP)
+	MOVQ        DI, 72(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 80(SP)
+	MOVQ        DI, 88(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 96(SP)
+	MOVQ        DI, 104(SP)
+	ADDQ        R8, R10
+	MOVQ        R10, 112(SP)
+	MOVQ        DI, 120(SP)
+	VMOVDQU64   (SP), Z0
+	VPXORQ      1920(AX), Z0, Z0
+	VMOVDQU64   64(SP), Z1
+	VPXORQ      1920(AX), Z1, Z1
+	VAESENC     1984(AX), Z0, Z0
+	VAESENC     1984(AX), Z1, Z1
+	VAESENC     2048(AX), Z0, Z0
+	VAESENC     2048(AX), Z1, Z1
+	VAESENC     2112(AX), Z0, Z0
+	VAESENC     2112(AX), Z1, Z1
+	VAESENC     2176(AX), Z0, Z0
+	VAESENC     2176(AX), Z1, Z1
+	VAESENC     2240(AX), Z0, Z0
+	VAESENC     2240(AX), Z1, Z1
+	VAESENC     2304(AX), Z0, Z0
+	VAESENC     2304(AX), Z1, Z1
+	VAESENC     2368(AX), Z0, Z0
+	VAESENC     2368(AX), Z1, Z1
+	VAESENC     2432(AX), Z0, Z0
+	VAESENC     2432(AX), Z1, Z1
+	VAESENC     2496(AX), Z0, Z0
+	VAESENC     2496(AX), Z1, Z1
+	VAESENC     2560(AX), Z0, Z0
+	VAESENC     2560(AX), Z1, Z1
+	VAESENC     2624(AX), Z0, Z0
+	VAESENC     2624(AX), Z1, Z1
+	VAESENC     2688(AX), Z0, Z0
+	VAESENC     2688(AX), Z1, Z1
+	VAESENC     2752(AX), Z0, Z0
+	VAESENC     2752(AX), Z1, Z1
+	VAESENCLAST 2816(AX), Z0, Z0
+	VMOVDQU64   Z0, (SP)
+	VAESENCLAST 2816(AX), Z1, Z1
+	VMOVDQU64   Z1, 64(SP)
+	XORQ        R11, R11
+
+xtsDecVAES512_batched:
+	VMOVDQU (SP)(R11*1), X0
+	ADDQ    $0x10, R11
+	JMP     xtsDecVAES512_tweak
+
+xtsDecVAES512_lone:
+	// Tweak of a lone unit: E_key2(raw).
 	VMOVQ       R9, X0
 	VPINSRQ     $0x01, DI, X0, X0
 	VPXOR       1920(AX), X0, X0
@@ -2483,55 +2827,45 @@ xtsDecVAES512_unit:
 	VAESENC     2688(AX), X0, X0
 	VAESENC     2752(AX), X0, X0
 	VAESENCLAST 2816(AX), X0, X0
-	ADDQ        R8, R9
+
+xtsDecVAES512_tweak:
+	ADDQ R8, R9
 
 	// Tweaks of the first group: lane l of TW[j] is T*x^(4*j+l).
-	VPSRLQ       $0x3f, X0, X2
-	VPSLLQ       $0x01, X0, X1
-	VPSLLDQ      $0x08, X2, X3
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), X2, X2
-	VPXOR        X3, X1, X1
-	VPXOR        X2, X1, X1
-	VINSERTI128  $0x01, X1, Y0, Y0
-	VPSRLQ       $0x3e, Y0, Y2
-	VPSLLQ       $0x02, Y0, Y1
-	VPSLLDQ      $0x08, Y2, Y3
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Y2, Y2
-	VPXOR        Y3, Y1, Y1
-	VPXOR        Y2, Y1, Y1
-	VINSERTI64X4 $0x01, Y1, Z0, Z0
-	VPSRLQ       $0x3c, Z0, Z1
-	VPSLLQ       $0x04, Z0, Z5
-	VPSLLDQ      $0x08, Z1, Z2
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Z1, Z1
-	VPXORQ       Z2, Z5, Z5
-	VPXORQ       Z1, Z5, Z5
-	VPSRLQ       $0x38, Z0, Z1
-	VPSLLQ       $0x08, Z0, Z6
-	VPSLLDQ      $0x08, Z1, Z2
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Z1, Z1
-	VPXORQ       Z2, Z6, Z6
-	VPXORQ       Z1, Z6, Z6
-	VPSRLQ       $0x34, Z0, Z1
-	VPSLLQ       $0x0c, Z0, Z7
-	VPSLLDQ      $0x08, Z1, Z2
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Z1, Z1
-	VPXORQ       Z2, Z7, Z7
-	VPXORQ       Z1, Z7, Z7
-	VMOVDQA64    Z0, Z4
-	MOVQ         SI, R10
+	VSHUFI64X2 $0x00, Z0, Z0, Z0
+	VPSRLVQ    xtsShiftR4<>+0(SB), Z0, Z1
+	VPSLLVQ    xtsShiftL4<>+0(SB), Z0, Z4
+	VPSLLDQ    $0x08, Z1, Z2
+	VPCLMULQDQ $0x01, xtsPoly<>+0(SB), Z1, Z1
+	VPTERNLOGQ $0x96, Z1, Z2, Z4
+	VPSRLVQ    xtsShiftR4<>+64(SB), Z0, Z1
+	VPSLLVQ    xtsShiftL4<>+64(SB), Z0, Z5
+	VPSLLDQ    $0x08, Z1, Z2
+	VPCLMULQDQ $0x01, xtsPoly<>+0(SB), Z1, Z1
+	VPTERNLOGQ $0x96, Z1, Z2, Z5
+	VPSRLVQ    xtsShiftR4<>+128(SB), Z0, Z1
+	VPSLLVQ    xtsShiftL4<>+128(SB), Z0, Z6
+	VPSLLDQ    $0x08, Z1, Z2
+	VPCLMULQDQ $0x01, xtsPoly<>+0(SB), Z1, Z1
+	VPTERNLOGQ $0x96, Z1, Z2, Z6
+	VPSRLVQ    xtsShiftR4<>+192(SB), Z0, Z1
+	VPSLLVQ    xtsShiftL4<>+192(SB), Z0, Z7
+	VPSLLDQ    $0x08, Z1, Z2
+	VPCLMULQDQ $0x01, xtsPoly<>+0(SB), Z1, Z1
+	VPTERNLOGQ $0x96, Z1, Z2, Z7
+	MOVQ       SI, R10
 
 xtsDecVAES512_group:
 	CMPQ        R10, $0x00000100
 	JB          xtsDecVAES512_tail
-	VPXORQ      (DX), Z4, Z0
-	VPXORQ      64(DX), Z5, Z1
-	VPXORQ      128(DX), Z6, Z2
-	VPXORQ      192(DX), Z7, Z3
-	VPXORQ      Z16, Z0, Z0
-	VPXORQ      Z16, Z1, Z1
-	VPXORQ      Z16, Z2, Z2
-	VPXORQ      Z16, Z3, Z3
+	VPXORQ      (DX), Z16, Z0
+	VPXORQ      Z4, Z0, Z0
+	VPXORQ      64(DX), Z16, Z1
+	VPXORQ      Z5, Z1, Z1
+	VPXORQ      128(DX), Z16, Z2
+	VPXORQ      Z6, Z2, Z2
+	VPXORQ      192(DX), Z16, Z3
+	VPXORQ      Z7, Z3, Z3
 	VAESDEC     Z17, Z0, Z0
 	VAESDEC     Z17, Z1, Z1
 	VAESDEC     Z17, Z2, Z2
@@ -2584,17 +2918,17 @@ xtsDecVAES512_group:
 	VAESDEC     Z29, Z1, Z1
 	VAESDEC     Z29, Z2, Z2
 	VAESDEC     Z29, Z3, Z3
-	VAESDECLAST Z30, Z0, Z0
-	VAESDECLAST Z30, Z1, Z1
-	VAESDECLAST Z30, Z2, Z2
-	VAESDECLAST Z30, Z3, Z3
-	VPXORQ      Z4, Z0, Z0
+	VPXORQ      Z30, Z4, Z8
+	VPXORQ      Z30, Z5, Z9
+	VPXORQ      Z30, Z6, Z10
+	VPXORQ      Z30, Z7, Z11
+	VAESDECLAST Z8, Z0, Z0
 	VMOVDQU64   Z0, (CX)
-	VPXORQ      Z5, Z1, Z1
+	VAESDECLAST Z9, Z1, Z1
 	VMOVDQU64   Z1, 64(CX)
-	VPXORQ      Z6, Z2, Z2
+	VAESDECLAST Z10, Z2, Z2
 	VMOVDQU64   Z2, 128(CX)
-	VPXORQ      Z7, Z3, Z3
+	VAESDECLAST Z11, Z3, Z3
 	VMOVDQU64   Z3, 192(CX)
 	VPSRLDQ     $0x0e, Z4, Z0
 	VPSLLDQ     $0x02, Z4, Z4
@@ -2645,8 +2979,8 @@ xtsDecVAES512_block:
 	VPSLLQ      $0x01, X4, X4
 	VPSLLDQ     $0x08, X1, X2
 	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR       X2, X4, X4
 	VPXOR       X1, X4, X4
+	VPXOR       X2, X4, X4
 	ADDQ        $0x10, DX
 	ADDQ        $0x10, CX
 	SUBQ        $0x10, R10
@@ -2655,677 +2989,5 @@ xtsDecVAES512_block:
 xtsDecVAES512_next:
 	SUBQ SI, BX
 	JNZ  xtsDecVAES512_unit
-	VZEROUPPER
-	RET
-
-// func xtsEncVAES512W(ks *byte, dst []byte, src []byte, unitBytes int, tweak *[16]byte, step uint64)
-// Requires: AES, AVX, AVX2, AVX512BW, AVX512F, AVX512VL, PCLMULQDQ, VAES, VPCLMULQDQ
-TEXT ·xtsEncVAES512W(SB), NOSPLIT, $0-80
-	MOVQ ks+0(FP), AX
-	MOVQ dst_base+8(FP), CX
-	MOVQ src_base+32(FP), DX
-	MOVQ src_len+40(FP), BX
-	MOVQ unitBytes+56(FP), SI
-	MOVQ tweak+64(FP), DI
-	MOVQ step+72(FP), R8
-	MOVQ (DI), R9
-	MOVQ 8(DI), DI
-
-	// Round keys of key1, loaded once per call.
-	VMOVDQU64 (AX), Z16
-	VMOVDQU64 64(AX), Z17
-	VMOVDQU64 128(AX), Z18
-	VMOVDQU64 192(AX), Z19
-	VMOVDQU64 256(AX), Z20
-	VMOVDQU64 320(AX), Z21
-	VMOVDQU64 384(AX), Z22
-	VMOVDQU64 448(AX), Z23
-	VMOVDQU64 512(AX), Z24
-	VMOVDQU64 576(AX), Z25
-	VMOVDQU64 640(AX), Z26
-	VMOVDQU64 704(AX), Z27
-	VMOVDQU64 768(AX), Z28
-	VMOVDQU64 832(AX), Z29
-	VMOVDQU64 896(AX), Z30
-
-xtsEncVAES512W_unit:
-	// Tweak of this unit: E_key2(raw).
-	VMOVQ       R9, X0
-	VPINSRQ     $0x01, DI, X0, X0
-	VPXOR       1920(AX), X0, X0
-	VAESENC     1984(AX), X0, X0
-	VAESENC     2048(AX), X0, X0
-	VAESENC     2112(AX), X0, X0
-	VAESENC     2176(AX), X0, X0
-	VAESENC     2240(AX), X0, X0
-	VAESENC     2304(AX), X0, X0
-	VAESENC     2368(AX), X0, X0
-	VAESENC     2432(AX), X0, X0
-	VAESENC     2496(AX), X0, X0
-	VAESENC     2560(AX), X0, X0
-	VAESENC     2624(AX), X0, X0
-	VAESENC     2688(AX), X0, X0
-	VAESENC     2752(AX), X0, X0
-	VAESENCLAST 2816(AX), X0, X0
-	ADDQ        R8, R9
-
-	// Tweaks of the first group: lane l of TW[j] is T*x^(4*j+l).
-	VPSRLQ       $0x3f, X0, X2
-	VPSLLQ       $0x01, X0, X1
-	VPSLLDQ      $0x08, X2, X3
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), X2, X2
-	VPXOR        X3, X1, X1
-	VPXOR        X2, X1, X1
-	VINSERTI128  $0x01, X1, Y0, Y0
-	VPSRLQ       $0x3e, Y0, Y2
-	VPSLLQ       $0x02, Y0, Y1
-	VPSLLDQ      $0x08, Y2, Y3
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Y2, Y2
-	VPXOR        Y3, Y1, Y1
-	VPXOR        Y2, Y1, Y1
-	VINSERTI64X4 $0x01, Y1, Z0, Z0
-	VPSRLQ       $0x3c, Z0, Z1
-	VPSLLQ       $0x04, Z0, Z9
-	VPSLLDQ      $0x08, Z1, Z2
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Z1, Z1
-	VPXORQ       Z2, Z9, Z9
-	VPXORQ       Z1, Z9, Z9
-	VPSRLQ       $0x38, Z0, Z1
-	VPSLLQ       $0x08, Z0, Z10
-	VPSLLDQ      $0x08, Z1, Z2
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Z1, Z1
-	VPXORQ       Z2, Z10, Z10
-	VPXORQ       Z1, Z10, Z10
-	VPSRLQ       $0x34, Z0, Z1
-	VPSLLQ       $0x0c, Z0, Z11
-	VPSLLDQ      $0x08, Z1, Z2
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Z1, Z1
-	VPXORQ       Z2, Z11, Z11
-	VPXORQ       Z1, Z11, Z11
-	VPSRLQ       $0x30, Z0, Z1
-	VPSLLQ       $0x10, Z0, Z12
-	VPSLLDQ      $0x08, Z1, Z2
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Z1, Z1
-	VPXORQ       Z2, Z12, Z12
-	VPXORQ       Z1, Z12, Z12
-	VPSRLQ       $0x2c, Z0, Z1
-	VPSLLQ       $0x14, Z0, Z13
-	VPSLLDQ      $0x08, Z1, Z2
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Z1, Z1
-	VPXORQ       Z2, Z13, Z13
-	VPXORQ       Z1, Z13, Z13
-	VPSRLQ       $0x28, Z0, Z1
-	VPSLLQ       $0x18, Z0, Z14
-	VPSLLDQ      $0x08, Z1, Z2
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Z1, Z1
-	VPXORQ       Z2, Z14, Z14
-	VPXORQ       Z1, Z14, Z14
-	VPSRLQ       $0x24, Z0, Z1
-	VPSLLQ       $0x1c, Z0, Z15
-	VPSLLDQ      $0x08, Z1, Z2
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Z1, Z1
-	VPXORQ       Z2, Z15, Z15
-	VPXORQ       Z1, Z15, Z15
-	VMOVDQA64    Z0, Z8
-	MOVQ         SI, R10
-
-xtsEncVAES512W_group:
-	CMPQ        R10, $0x00000200
-	JB          xtsEncVAES512W_tail
-	VPXORQ      (DX), Z8, Z0
-	VPXORQ      64(DX), Z9, Z1
-	VPXORQ      128(DX), Z10, Z2
-	VPXORQ      192(DX), Z11, Z3
-	VPXORQ      256(DX), Z12, Z4
-	VPXORQ      320(DX), Z13, Z5
-	VPXORQ      384(DX), Z14, Z6
-	VPXORQ      448(DX), Z15, Z7
-	VPXORQ      Z16, Z0, Z0
-	VPXORQ      Z16, Z1, Z1
-	VPXORQ      Z16, Z2, Z2
-	VPXORQ      Z16, Z3, Z3
-	VPXORQ      Z16, Z4, Z4
-	VPXORQ      Z16, Z5, Z5
-	VPXORQ      Z16, Z6, Z6
-	VPXORQ      Z16, Z7, Z7
-	VAESENC     Z17, Z0, Z0
-	VAESENC     Z17, Z1, Z1
-	VAESENC     Z17, Z2, Z2
-	VAESENC     Z17, Z3, Z3
-	VAESENC     Z17, Z4, Z4
-	VAESENC     Z17, Z5, Z5
-	VAESENC     Z17, Z6, Z6
-	VAESENC     Z17, Z7, Z7
-	VAESENC     Z18, Z0, Z0
-	VAESENC     Z18, Z1, Z1
-	VAESENC     Z18, Z2, Z2
-	VAESENC     Z18, Z3, Z3
-	VAESENC     Z18, Z4, Z4
-	VAESENC     Z18, Z5, Z5
-	VAESENC     Z18, Z6, Z6
-	VAESENC     Z18, Z7, Z7
-	VAESENC     Z19, Z0, Z0
-	VAESENC     Z19, Z1, Z1
-	VAESENC     Z19, Z2, Z2
-	VAESENC     Z19, Z3, Z3
-	VAESENC     Z19, Z4, Z4
-	VAESENC     Z19, Z5, Z5
-	VAESENC     Z19, Z6, Z6
-	VAESENC     Z19, Z7, Z7
-	VAESENC     Z20, Z0, Z0
-	VAESENC     Z20, Z1, Z1
-	VAESENC     Z20, Z2, Z2
-	VAESENC     Z20, Z3, Z3
-	VAESENC     Z20, Z4, Z4
-	VAESENC     Z20, Z5, Z5
-	VAESENC     Z20, Z6, Z6
-	VAESENC     Z20, Z7, Z7
-	VAESENC     Z21, Z0, Z0
-	VAESENC     Z21, Z1, Z1
-	VAESENC     Z21, Z2, Z2
-	VAESENC     Z21, Z3, Z3
-	VAESENC     Z21, Z4, Z4
-	VAESENC     Z21, Z5, Z5
-	VAESENC     Z21, Z6, Z6
-	VAESENC     Z21, Z7, Z7
-	VAESENC     Z22, Z0, Z0
-	VAESENC     Z22, Z1, Z1
-	VAESENC     Z22, Z2, Z2
-	VAESENC     Z22, Z3, Z3
-	VAESENC     Z22, Z4, Z4
-	VAESENC     Z22, Z5, Z5
-	VAESENC     Z22, Z6, Z6
-	VAESENC     Z22, Z7, Z7
-	VAESENC     Z23, Z0, Z0
-	VAESENC     Z23, Z1, Z1
-	VAESENC     Z23, Z2, Z2
-	VAESENC     Z23, Z3, Z3
-	VAESENC     Z23, Z4, Z4
-	VAESENC     Z23, Z5, Z5
-	VAESENC     Z23, Z6, Z6
-	VAESENC     Z23, Z7, Z7
-	VAESENC     Z24, Z0, Z0
-	VAESENC     Z24, Z1, Z1
-	VAESENC     Z24, Z2, Z2
-	VAESENC     Z24, Z3, Z3
-	VAESENC     Z24, Z4, Z4
-	VAESENC     Z24, Z5, Z5
-	VAESENC     Z24, Z6, Z6
-	VAESENC     Z24, Z7, Z7
-	VAESENC     Z25, Z0, Z0
-	VAESENC     Z25, Z1, Z1
-	VAESENC     Z25, Z2, Z2
-	VAESENC     Z25, Z3, Z3
-	VAESENC     Z25, Z4, Z4
-	VAESENC     Z25, Z5, Z5
-	VAESENC     Z25, Z6, Z6
-	VAESENC     Z25, Z7, Z7
-	VAESENC     Z26, Z0, Z0
-	VAESENC     Z26, Z1, Z1
-	VAESENC     Z26, Z2, Z2
-	VAESENC     Z26, Z3, Z3
-	VAESENC     Z26, Z4, Z4
-	VAESENC     Z26, Z5, Z5
-	VAESENC     Z26, Z6, Z6
-	VAESENC     Z26, Z7, Z7
-	VAESENC     Z27, Z0, Z0
-	VAESENC     Z27, Z1, Z1
-	VAESENC     Z27, Z2, Z2
-	VAESENC     Z27, Z3, Z3
-	VAESENC     Z27, Z4, Z4
-	VAESENC     Z27, Z5, Z5
-	VAESENC     Z27, Z6, Z6
-	VAESENC     Z27, Z7, Z7
-	VAESENC     Z28, Z0, Z0
-	VAESENC     Z28, Z1, Z1
-	VAESENC     Z28, Z2, Z2
-	VAESENC     Z28, Z3, Z3
-	VAESENC     Z28, Z4, Z4
-	VAESENC     Z28, Z5, Z5
-	VAESENC     Z28, Z6, Z6
-	VAESENC     Z28, Z7, Z7
-	VAESENC     Z29, Z0, Z0
-	VAESENC     Z29, Z1, Z1
-	VAESENC     Z29, Z2, Z2
-	VAESENC     Z29, Z3, Z3
-	VAESENC     Z29, Z4, Z4
-	VAESENC     Z29, Z5, Z5
-	VAESENC     Z29, Z6, Z6
-	VAESENC     Z29, Z7, Z7
-	VAESENCLAST Z30, Z0, Z0
-	VAESENCLAST Z30, Z1, Z1
-	VAESENCLAST Z30, Z2, Z2
-	VAESENCLAST Z30, Z3, Z3
-	VAESENCLAST Z30, Z4, Z4
-	VAESENCLAST Z30, Z5, Z5
-	VAESENCLAST Z30, Z6, Z6
-	VAESENCLAST Z30, Z7, Z7
-	VPXORQ      Z8, Z0, Z0
-	VMOVDQU64   Z0, (CX)
-	VPXORQ      Z9, Z1, Z1
-	VMOVDQU64   Z1, 64(CX)
-	VPXORQ      Z10, Z2, Z2
-	VMOVDQU64   Z2, 128(CX)
-	VPXORQ      Z11, Z3, Z3
-	VMOVDQU64   Z3, 192(CX)
-	VPXORQ      Z12, Z4, Z4
-	VMOVDQU64   Z4, 256(CX)
-	VPXORQ      Z13, Z5, Z5
-	VMOVDQU64   Z5, 320(CX)
-	VPXORQ      Z14, Z6, Z6
-	VMOVDQU64   Z6, 384(CX)
-	VPXORQ      Z15, Z7, Z7
-	VMOVDQU64   Z7, 448(CX)
-	VPSRLDQ     $0x0c, Z8, Z0
-	VPSLLDQ     $0x04, Z8, Z8
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Z0, Z0
-	VPXORQ      Z0, Z8, Z8
-	VPSRLDQ     $0x0c, Z9, Z1
-	VPSLLDQ     $0x04, Z9, Z9
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Z1, Z1
-	VPXORQ      Z1, Z9, Z9
-	VPSRLDQ     $0x0c, Z10, Z2
-	VPSLLDQ     $0x04, Z10, Z10
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Z2, Z2
-	VPXORQ      Z2, Z10, Z10
-	VPSRLDQ     $0x0c, Z11, Z3
-	VPSLLDQ     $0x04, Z11, Z11
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Z3, Z3
-	VPXORQ      Z3, Z11, Z11
-	VPSRLDQ     $0x0c, Z12, Z4
-	VPSLLDQ     $0x04, Z12, Z12
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Z4, Z4
-	VPXORQ      Z4, Z12, Z12
-	VPSRLDQ     $0x0c, Z13, Z5
-	VPSLLDQ     $0x04, Z13, Z13
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Z5, Z5
-	VPXORQ      Z5, Z13, Z13
-	VPSRLDQ     $0x0c, Z14, Z6
-	VPSLLDQ     $0x04, Z14, Z14
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Z6, Z6
-	VPXORQ      Z6, Z14, Z14
-	VPSRLDQ     $0x0c, Z15, Z7
-	VPSLLDQ     $0x04, Z15, Z15
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Z7, Z7
-	VPXORQ      Z7, Z15, Z15
-	ADDQ        $0x00000200, DX
-	ADDQ        $0x00000200, CX
-	SUBQ        $0x00000200, R10
-	JMP         xtsEncVAES512W_group
-
-xtsEncVAES512W_tail:
-	// Blocks left over (data units that are not a multiple of the group), one at a time.
-	TESTQ R10, R10
-	JZ    xtsEncVAES512W_next
-
-xtsEncVAES512W_block:
-	VPXOR       (DX), X8, X0
-	VPXORQ      X16, X0, X0
-	VAESENC     X17, X0, X0
-	VAESENC     X18, X0, X0
-	VAESENC     X19, X0, X0
-	VAESENC     X20, X0, X0
-	VAESENC     X21, X0, X0
-	VAESENC     X22, X0, X0
-	VAESENC     X23, X0, X0
-	VAESENC     X24, X0, X0
-	VAESENC     X25, X0, X0
-	VAESENC     X26, X0, X0
-	VAESENC     X27, X0, X0
-	VAESENC     X28, X0, X0
-	VAESENC     X29, X0, X0
-	VAESENCLAST X30, X0, X0
-	VPXOR       X8, X0, X0
-	VMOVDQU     X0, (CX)
-	VPSRLQ      $0x3f, X8, X1
-	VPSLLQ      $0x01, X8, X8
-	VPSLLDQ     $0x08, X1, X2
-	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR       X2, X8, X8
-	VPXOR       X1, X8, X8
-	ADDQ        $0x10, DX
-	ADDQ        $0x10, CX
-	SUBQ        $0x10, R10
-	JNZ         xtsEncVAES512W_block
-
-xtsEncVAES512W_next:
-	SUBQ SI, BX
-	JNZ  xtsEncVAES512W_unit
-	VZEROUPPER
-	RET
-
-// func xtsDecVAES512W(ks *byte, dst []byte, src []byte, unitBytes int, tweak *[16]byte, step uint64)
-// Requires: AES, AVX, AVX2, AVX512BW, AVX512F, AVX512VL, PCLMULQDQ, VAES, VPCLMULQDQ
-TEXT ·xtsDecVAES512W(SB), NOSPLIT, $0-80
-	MOVQ ks+0(FP), AX
-	MOVQ dst_base+8(FP), CX
-	MOVQ src_base+32(FP), DX
-	MOVQ src_len+40(FP), BX
-	MOVQ unitBytes+56(FP), SI
-	MOVQ tweak+64(FP), DI
-	MOVQ step+72(FP), R8
-	MOVQ (DI), R9
-	MOVQ 8(DI), DI
-
-	// Round keys of key1, loaded once per call.
-	VMOVDQU64 960(AX), Z16
-	VMOVDQU64 1024(AX), Z17
-	VMOVDQU64 1088(AX), Z18
-	VMOVDQU64 1152(AX), Z19
-	VMOVDQU64 1216(AX), Z20
-	VMOVDQU64 1280(AX), Z21
-	VMOVDQU64 1344(AX), Z22
-	VMOVDQU64 1408(AX), Z23
-	VMOVDQU64 1472(AX), Z24
-	VMOVDQU64 1536(AX), Z25
-	VMOVDQU64 1600(AX), Z26
-	VMOVDQU64 1664(AX), Z27
-	VMOVDQU64 1728(AX), Z28
-	VMOVDQU64 1792(AX), Z29
-	VMOVDQU64 1856(AX), Z30
-
-xtsDecVAES512W_unit:
-	// Tweak of this unit: E_key2(raw).
-	VMOVQ       R9, X0
-	VPINSRQ     $0x01, DI, X0, X0
-	VPXOR       1920(AX), X0, X0
-	VAESENC     1984(AX), X0, X0
-	VAESENC     2048(AX), X0, X0
-	VAESENC     2112(AX), X0, X0
-	VAESENC     2176(AX), X0, X0
-	VAESENC     2240(AX), X0, X0
-	VAESENC     2304(AX), X0, X0
-	VAESENC     2368(AX), X0, X0
-	VAESENC     2432(AX), X0, X0
-	VAESENC     2496(AX), X0, X0
-	VAESENC     2560(AX), X0, X0
-	VAESENC     2624(AX), X0, X0
-	VAESENC     2688(AX), X0, X0
-	VAESENC     2752(AX), X0, X0
-	VAESENCLAST 2816(AX), X0, X0
-	ADDQ        R8, R9
-
-	// Tweaks of the first group: lane l of TW[j] is T*x^(4*j+l).
-	VPSRLQ       $0x3f, X0, X2
-	VPSLLQ       $0x01, X0, X1
-	VPSLLDQ      $0x08, X2, X3
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), X2, X2
-	VPXOR        X3, X1, X1
-	VPXOR        X2, X1, X1
-	VINSERTI128  $0x01, X1, Y0, Y0
-	VPSRLQ       $0x3e, Y0, Y2
-	VPSLLQ       $0x02, Y0, Y1
-	VPSLLDQ      $0x08, Y2, Y3
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Y2, Y2
-	VPXOR        Y3, Y1, Y1
-	VPXOR        Y2, Y1, Y1
-	VINSERTI64X4 $0x01, Y1, Z0, Z0
-	VPSRLQ       $0x3c, Z0, Z1
-	VPSLLQ       $0x04, Z0, Z9
-	VPSLLDQ      $0x08, Z1, Z2
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Z1, Z1
-	VPXORQ       Z2, Z9, Z9
-	VPXORQ       Z1, Z9, Z9
-	VPSRLQ       $0x38, Z0, Z1
-	VPSLLQ       $0x08, Z0, Z10
-	VPSLLDQ      $0x08, Z1, Z2
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Z1, Z1
-	VPXORQ       Z2, Z10, Z10
-	VPXORQ       Z1, Z10, Z10
-	VPSRLQ       $0x34, Z0, Z1
-	VPSLLQ       $0x0c, Z0, Z11
-	VPSLLDQ      $0x08, Z1, Z2
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Z1, Z1
-	VPXORQ       Z2, Z11, Z11
-	VPXORQ       Z1, Z11, Z11
-	VPSRLQ       $0x30, Z0, Z1
-	VPSLLQ       $0x10, Z0, Z12
-	VPSLLDQ      $0x08, Z1, Z2
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Z1, Z1
-	VPXORQ       Z2, Z12, Z12
-	VPXORQ       Z1, Z12, Z12
-	VPSRLQ       $0x2c, Z0, Z1
-	VPSLLQ       $0x14, Z0, Z13
-	VPSLLDQ      $0x08, Z1, Z2
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Z1, Z1
-	VPXORQ       Z2, Z13, Z13
-	VPXORQ       Z1, Z13, Z13
-	VPSRLQ       $0x28, Z0, Z1
-	VPSLLQ       $0x18, Z0, Z14
-	VPSLLDQ      $0x08, Z1, Z2
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Z1, Z1
-	VPXORQ       Z2, Z14, Z14
-	VPXORQ       Z1, Z14, Z14
-	VPSRLQ       $0x24, Z0, Z1
-	VPSLLQ       $0x1c, Z0, Z15
-	VPSLLDQ      $0x08, Z1, Z2
-	VPCLMULQDQ   $0x01, xtsPoly<>+0(SB), Z1, Z1
-	VPXORQ       Z2, Z15, Z15
-	VPXORQ       Z1, Z15, Z15
-	VMOVDQA64    Z0, Z8
-	MOVQ         SI, R10
-
-xtsDecVAES512W_group:
-	CMPQ        R10, $0x00000200
-	JB          xtsDecVAES512W_tail
-	VPXORQ      (DX), Z8, Z0
-	VPXORQ      64(DX), Z9, Z1
-	VPXORQ      128(DX), Z10, Z2
-	VPXORQ      192(DX), Z11, Z3
-	VPXORQ      256(DX), Z12, Z4
-	VPXORQ      320(DX), Z13, Z5
-	VPXORQ      384(DX), Z14, Z6
-	VPXORQ      448(DX), Z15, Z7
-	VPXORQ      Z16, Z0, Z0
-	VPXORQ      Z16, Z1, Z1
-	VPXORQ      Z16, Z2, Z2
-	VPXORQ      Z16, Z3, Z3
-	VPXORQ      Z16, Z4, Z4
-	VPXORQ      Z16, Z5, Z5
-	VPXORQ      Z16, Z6, Z6
-	VPXORQ      Z16, Z7, Z7
-	VAESDEC     Z17, Z0, Z0
-	VAESDEC     Z17, Z1, Z1
-	VAESDEC     Z17, Z2, Z2
-	VAESDEC     Z17, Z3, Z3
-	VAESDEC     Z17, Z4, Z4
-	VAESDEC     Z17, Z5, Z5
-	VAESDEC     Z17, Z6, Z6
-	VAESDEC     Z17, Z7, Z7
-	VAESDEC     Z18, Z0, Z0
-	VAESDEC     Z18, Z1, Z1
-	VAESDEC     Z18, Z2, Z2
-	VAESDEC     Z18, Z3, Z3
-	VAESDEC     Z18, Z4, Z4
-	VAESDEC     Z18, Z5, Z5
-	VAESDEC     Z18, Z6, Z6
-	VAESDEC     Z18, Z7, Z7
-	VAESDEC     Z19, Z0, Z0
-	VAESDEC     Z19, Z1, Z1
-	VAESDEC     Z19, Z2, Z2
-	VAESDEC     Z19, Z3, Z3
-	VAESDEC     Z19, Z4, Z4
-	VAESDEC     Z19, Z5, Z5
-	VAESDEC     Z19, Z6, Z6
-	VAESDEC     Z19, Z7, Z7
-	VAESDEC     Z20, Z0, Z0
-	VAESDEC     Z20, Z1, Z1
-	VAESDEC     Z20, Z2, Z2
-	VAESDEC     Z20, Z3, Z3
-	VAESDEC     Z20, Z4, Z4
-	VAESDEC     Z20, Z5, Z5
-	VAESDEC     Z20, Z6, Z6
-	VAESDEC     Z20, Z7, Z7
-	VAESDEC     Z21, Z0, Z0
-	VAESDEC     Z21, Z1, Z1
-	VAESDEC     Z21, Z2, Z2
-	VAESDEC     Z21, Z3, Z3
-	VAESDEC     Z21, Z4, Z4
-	VAESDEC     Z21, Z5, Z5
-	VAESDEC     Z21, Z6, Z6
-	VAESDEC     Z21, Z7, Z7
-	VAESDEC     Z22, Z0, Z0
-	VAESDEC     Z22, Z1, Z1
-	VAESDEC     Z22, Z2, Z2
-	VAESDEC     Z22, Z3, Z3
-	VAESDEC     Z22, Z4, Z4
-	VAESDEC     Z22, Z5, Z5
-	VAESDEC     Z22, Z6, Z6
-	VAESDEC     Z22, Z7, Z7
-	VAESDEC     Z23, Z0, Z0
-	VAESDEC     Z23, Z1, Z1
-	VAESDEC     Z23, Z2, Z2
-	VAESDEC     Z23, Z3, Z3
-	VAESDEC     Z23, Z4, Z4
-	VAESDEC     Z23, Z5, Z5
-	VAESDEC     Z23, Z6, Z6
-	VAESDEC     Z23, Z7, Z7
-	VAESDEC     Z24, Z0, Z0
-	VAESDEC     Z24, Z1, Z1
-	VAESDEC     Z24, Z2, Z2
-	VAESDEC     Z24, Z3, Z3
-	VAESDEC     Z24, Z4, Z4
-	VAESDEC     Z24, Z5, Z5
-	VAESDEC     Z24, Z6, Z6
-	VAESDEC     Z24, Z7, Z7
-	VAESDEC     Z25, Z0, Z0
-	VAESDEC     Z25, Z1, Z1
-	VAESDEC     Z25, Z2, Z2
-	VAESDEC     Z25, Z3, Z3
-	VAESDEC     Z25, Z4, Z4
-	VAESDEC     Z25, Z5, Z5
-	VAESDEC     Z25, Z6, Z6
-	VAESDEC     Z25, Z7, Z7
-	VAESDEC     Z26, Z0, Z0
-	VAESDEC     Z26, Z1, Z1
-	VAESDEC     Z26, Z2, Z2
-	VAESDEC     Z26, Z3, Z3
-	VAESDEC     Z26, Z4, Z4
-	VAESDEC     Z26, Z5, Z5
-	VAESDEC     Z26, Z6, Z6
-	VAESDEC     Z26, Z7, Z7
-	VAESDEC     Z27, Z0, Z0
-	VAESDEC     Z27, Z1, Z1
-	VAESDEC     Z27, Z2, Z2
-	VAESDEC     Z27, Z3, Z3
-	VAESDEC     Z27, Z4, Z4
-	VAESDEC     Z27, Z5, Z5
-	VAESDEC     Z27, Z6, Z6
-	VAESDEC     Z27, Z7, Z7
-	VAESDEC     Z28, Z0, Z0
-	VAESDEC     Z28, Z1, Z1
-	VAESDEC     Z28, Z2, Z2
-	VAESDEC     Z28, Z3, Z3
-	VAESDEC     Z28, Z4, Z4
-	VAESDEC     Z28, Z5, Z5
-	VAESDEC     Z28, Z6, Z6
-	VAESDEC     Z28, Z7, Z7
-	VAESDEC     Z29, Z0, Z0
-	VAESDEC     Z29, Z1, Z1
-	VAESDEC     Z29, Z2, Z2
-	VAESDEC     Z29, Z3, Z3
-	VAESDEC     Z29, Z4, Z4
-	VAESDEC     Z29, Z5, Z5
-	VAESDEC     Z29, Z6, Z6
-	VAESDEC     Z29, Z7, Z7
-	VAESDECLAST Z30, Z0, Z0
-	VAESDECLAST Z30, Z1, Z1
-	VAESDECLAST Z30, Z2, Z2
-	VAESDECLAST Z30, Z3, Z3
-	VAESDECLAST Z30, Z4, Z4
-	VAESDECLAST Z30, Z5, Z5
-	VAESDECLAST Z30, Z6, Z6
-	VAESDECLAST Z30, Z7, Z7
-	VPXORQ      Z8, Z0, Z0
-	VMOVDQU64   Z0, (CX)
-	VPXORQ      Z9, Z1, Z1
-	VMOVDQU64   Z1, 64(CX)
-	VPXORQ      Z10, Z2, Z2
-	VMOVDQU64   Z2, 128(CX)
-	VPXORQ      Z11, Z3, Z3
-	VMOVDQU64   Z3, 192(CX)
-	VPXORQ      Z12, Z4, Z4
-	VMOVDQU64   Z4, 256(CX)
-	VPXORQ      Z13, Z5, Z5
-	VMOVDQU64   Z5, 320(CX)
-	VPXORQ      Z14, Z6, Z6
-	VMOVDQU64   Z6, 384(CX)
-	VPXORQ      Z15, Z7, Z7
-	VMOVDQU64   Z7, 448(CX)
-	VPSRLDQ     $0x0c, Z8, Z0
-	VPSLLDQ     $0x04, Z8, Z8
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Z0, Z0
-	VPXORQ      Z0, Z8, Z8
-	VPSRLDQ     $0x0c, Z9, Z1
-	VPSLLDQ     $0x04, Z9, Z9
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Z1, Z1
-	VPXORQ      Z1, Z9, Z9
-	VPSRLDQ     $0x0c, Z10, Z2
-	VPSLLDQ     $0x04, Z10, Z10
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Z2, Z2
-	VPXORQ      Z2, Z10, Z10
-	VPSRLDQ     $0x0c, Z11, Z3
-	VPSLLDQ     $0x04, Z11, Z11
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Z3, Z3
-	VPXORQ      Z3, Z11, Z11
-	VPSRLDQ     $0x0c, Z12, Z4
-	VPSLLDQ     $0x04, Z12, Z12
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Z4, Z4
-	VPXORQ      Z4, Z12, Z12
-	VPSRLDQ     $0x0c, Z13, Z5
-	VPSLLDQ     $0x04, Z13, Z13
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Z5, Z5
-	VPXORQ      Z5, Z13, Z13
-	VPSRLDQ     $0x0c, Z14, Z6
-	VPSLLDQ     $0x04, Z14, Z14
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Z6, Z6
-	VPXORQ      Z6, Z14, Z14
-	VPSRLDQ     $0x0c, Z15, Z7
-	VPSLLDQ     $0x04, Z15, Z15
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), Z7, Z7
-	VPXORQ      Z7, Z15, Z15
-	ADDQ        $0x00000200, DX
-	ADDQ        $0x00000200, CX
-	SUBQ        $0x00000200, R10
-	JMP         xtsDecVAES512W_group
-
-xtsDecVAES512W_tail:
-	// Blocks left over (data units that are not a multiple of the group), one at a time.
-	TESTQ R10, R10
-	JZ    xtsDecVAES512W_next
-
-xtsDecVAES512W_block:
-	VPXOR       (DX), X8, X0
-	VPXORQ      X16, X0, X0
-	VAESDEC     X17, X0, X0
-	VAESDEC     X18, X0, X0
-	VAESDEC     X19, X0, X0
-	VAESDEC     X20, X0, X0
-	VAESDEC     X21, X0, X0
-	VAESDEC     X22, X0, X0
-	VAESDEC     X23, X0, X0
-	VAESDEC     X24, X0, X0
-	VAESDEC     X25, X0, X0
-	VAESDEC     X26, X0, X0
-	VAESDEC     X27, X0, X0
-	VAESDEC     X28, X0, X0
-	VAESDEC     X29, X0, X0
-	VAESDECLAST X30, X0, X0
-	VPXOR       X8, X0, X0
-	VMOVDQU     X0, (CX)
-	VPSRLQ      $0x3f, X8, X1
-	VPSLLQ      $0x01, X8, X8
-	VPSLLDQ     $0x08, X1, X2
-	VPCLMULQDQ  $0x01, xtsPoly<>+0(SB), X1, X1
-	VPXOR       X2, X8, X8
-	VPXOR       X1, X8, X8
-	ADDQ        $0x10, DX
-	ADDQ        $0x10, CX
-	SUBQ        $0x10, R10
-	JNZ         xtsDecVAES512W_block
-
-xtsDecVAES512W_next:
-	SUBQ SI, BX
-	JNZ  xtsDecVAES512W_unit
 	VZEROUPPER
 	RET

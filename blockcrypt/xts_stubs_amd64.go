@@ -49,24 +49,6 @@ func xtsEncVAES256(ks *byte, dst []byte, src []byte, unitBytes int, tweak *[16]b
 //go:noescape
 func xtsDecVAES256(ks *byte, dst []byte, src []byte, unitBytes int, tweak *[16]byte, step uint64)
 
-// xtsEncVAES256R encrypts src into dst as len(src)/unitBytes consecutive XTS data units.
-// Unit k's tweak is E_key2(tweak + k*step), step added to the low 64 bits mod 2^64.
-// The caller guarantees: len(src) > 0, unitBytes > 0, unitBytes%16 == 0,
-// len(src)%unitBytes == 0, len(dst) >= len(src); ks is a schedule from expandKeyAsm.
-// VAES and VPCLMULQDQ on ymm with AVX-512VL (32 registers), 16 blocks per group, round keys in registers.
-//
-//go:noescape
-func xtsEncVAES256R(ks *byte, dst []byte, src []byte, unitBytes int, tweak *[16]byte, step uint64)
-
-// xtsDecVAES256R decrypts src into dst as len(src)/unitBytes consecutive XTS data units.
-// Unit k's tweak is E_key2(tweak + k*step), step added to the low 64 bits mod 2^64.
-// The caller guarantees: len(src) > 0, unitBytes > 0, unitBytes%16 == 0,
-// len(src)%unitBytes == 0, len(dst) >= len(src); ks is a schedule from expandKeyAsm.
-// VAES and VPCLMULQDQ on ymm with AVX-512VL (32 registers), 16 blocks per group, round keys in registers.
-//
-//go:noescape
-func xtsDecVAES256R(ks *byte, dst []byte, src []byte, unitBytes int, tweak *[16]byte, step uint64)
-
 // xtsEncVAES512 encrypts src into dst as len(src)/unitBytes consecutive XTS data units.
 // Unit k's tweak is E_key2(tweak + k*step), step added to the low 64 bits mod 2^64.
 // The caller guarantees: len(src) > 0, unitBytes > 0, unitBytes%16 == 0,
@@ -84,21 +66,3 @@ func xtsEncVAES512(ks *byte, dst []byte, src []byte, unitBytes int, tweak *[16]b
 //
 //go:noescape
 func xtsDecVAES512(ks *byte, dst []byte, src []byte, unitBytes int, tweak *[16]byte, step uint64)
-
-// xtsEncVAES512W encrypts src into dst as len(src)/unitBytes consecutive XTS data units.
-// Unit k's tweak is E_key2(tweak + k*step), step added to the low 64 bits mod 2^64.
-// The caller guarantees: len(src) > 0, unitBytes > 0, unitBytes%16 == 0,
-// len(src)%unitBytes == 0, len(dst) >= len(src); ks is a schedule from expandKeyAsm.
-// VAES and VPCLMULQDQ on zmm (AVX-512), 32 blocks per group, round keys in registers.
-//
-//go:noescape
-func xtsEncVAES512W(ks *byte, dst []byte, src []byte, unitBytes int, tweak *[16]byte, step uint64)
-
-// xtsDecVAES512W decrypts src into dst as len(src)/unitBytes consecutive XTS data units.
-// Unit k's tweak is E_key2(tweak + k*step), step added to the low 64 bits mod 2^64.
-// The caller guarantees: len(src) > 0, unitBytes > 0, unitBytes%16 == 0,
-// len(src)%unitBytes == 0, len(dst) >= len(src); ks is a schedule from expandKeyAsm.
-// VAES and VPCLMULQDQ on zmm (AVX-512), 32 blocks per group, round keys in registers.
-//
-//go:noescape
-func xtsDecVAES512W(ks *byte, dst []byte, src []byte, unitBytes int, tweak *[16]byte, step uint64)

@@ -60,9 +60,7 @@ type shape struct {
 var shapes = []shape{
 	{"AESNI", 1, 8, false, "AES-NI and PCLMULQDQ in VEX (AVX) form on xmm, 8 blocks per group, round keys as memory operands."},
 	{"VAES256", 2, 8, false, "VAES and VPCLMULQDQ on ymm with AVX2 only (16 registers), 16 blocks per group, round keys as memory operands."},
-	{"VAES256R", 2, 8, true, "VAES and VPCLMULQDQ on ymm with AVX-512VL (32 registers), 16 blocks per group, round keys in registers."},
 	{"VAES512", 4, 4, true, "VAES and VPCLMULQDQ on zmm (AVX-512), 16 blocks per group, round keys in registers."},
-	{"VAES512W", 4, 8, true, "VAES and VPCLMULQDQ on zmm (AVX-512), 32 blocks per group, round keys in registers."},
 }
 
 func main() {
@@ -229,8 +227,51 @@ func mulXk(dst, src Op, k int, t1, t2 Op, poly Mem) {
 	VPSLLQ(Imm(uint64(k)), src, dst)
 	VPSLLDQ(Imm(8), t1, t2)             // low quadword's carry into the high one
 	VPCLMULQDQ(Imm(0x01), poly, t1, t1) // high quadword's carry, reduced by 0x87
-	vxor(t2, dst, dst)
-	vxor(t1, dst, dst)
+	xor3(t1, t2, dst)
+}
+
+// mulXVar sets dst = src * x^k in GF(2^128) where k (< 64) may differ from lane to lane:
+// the quadwords of cl hold k and those of cr 64-k.
+func mulXVar(dst, src Op, cl, cr Mem, t1, t2 Op, poly Mem) {
+	VPSRLVQ(cr, src, t1)
+	VPSLLVQ(cl, src, dst)
+	VPSLLDQ(Imm(8), t1, t2)
+	VPCLMULQDQ(Imm(0x01), poly, t1, t1)
+	xor3(t1, t2, dst)
+}
+
+// xor3 is dst ^= a ^ b.
+func xor3(a, b, dst Op) {
+	if evex(a, b, dst) {
+		VPTERNLOGQ(Imm(0x96), a, b, dst)
+	} else {
+		vxor(a, dst, dst)
+		vxor(b, dst, dst)
+	}
+}
+
+var shiftTables = map[int][2]Mem{}
+
+// shiftCounts returns two tables of 8 rows of 64 bytes: row j holds, for each lane l of
+// a register of w lanes, the count k = w*j+l (cl) and 64-k (cr) in both quadwords.
+func shiftCounts(w int) (cl, cr Mem) {
+	if t, ok := shiftTables[w]; ok {
+		return t[0], t[1]
+	}
+	cl = GLOBL(fmt.Sprintf("xtsShiftL%d", w), RODATA|NOPTR)
+	for j := 0; j < 8; j++ {
+		for q := 0; q < 8; q++ {
+			DATA(64*j+8*q, U64(uint64(w*j+(q/2)%w)))
+		}
+	}
+	cr = GLOBL(fmt.Sprintf("xtsShiftR%d", w), RODATA|NOPTR)
+	for j := 0; j < 8; j++ {
+		for q := 0; q < 8; q++ {
+			DATA(64*j+8*q, U64(uint64(64-(w*j+(q/2)%w))))
+		}
+	}
+	shiftTables[w] = [2]Mem{cl, cr}
+	return cl, cr
 }
 
 // mulXBytes sets t = t * x^(8*n) in every 128-bit lane, for n <= 7, with tmp as scratch.
@@ -303,57 +344,121 @@ func kernel(s shape, decrypt bool, poly Mem) {
 		}
 	}
 
+	// Tweaks of several units are encrypted 8 at a time into a stack buffer, so that
+	// their AES latency overlaps; a lone unit (or the last one) does its own.
+	batch := AllocLocal(8 * 16)
+	bi := GP64() // byte offset of the next unused tweak in batch; 128 when empty
+	MOVQ(U32(128), bi)
+	k2 := func(r int) Mem { return Mem{Base: ks, Disp: offEnc2 + r*slot} }
+
 	Label(name + "_unit")
-	Comment("Tweak of this unit: E_key2(raw).")
+	CMPQ(bi, U32(128))
+	JB(LabelRef(name + "_batched"))
+	CMPQ(n, unit)
+	JE(LabelRef(name + "_lone"))
+
+	Comment("E_key2 of the raw tweaks of the next 8 units.")
+	lo := GP64()
+	MOVQ(rawlo, lo)
+	for k := 0; k < 8; k++ {
+		MOVQ(lo, batch.Offset(16*k))
+		MOVQ(rawhi, batch.Offset(16*k+8))
+		if k < 7 {
+			ADDQ(step, lo)
+		}
+	}
+	tv := make([]VecPhysical, 8/s.w)
+	for i := range tv {
+		tv[i] = s.vec(i)
+		vload(batch.Offset(16*s.w*i), tv[i])
+		vxor(k2(0), tv[i], tv[i])
+	}
+	for r := 1; r < 14; r++ {
+		for i := range tv {
+			VAESENC(k2(r), tv[i], tv[i])
+		}
+	}
+	for i := range tv {
+		VAESENCLAST(k2(14), tv[i], tv[i])
+		vstore(tv[i], batch.Offset(16*s.w*i))
+	}
+	XORQ(bi, bi)
+
+	Label(name + "_batched")
+	VMOVDQU(batch.Idx(bi, 1), X0)
+	ADDQ(Imm(16), bi)
+	JMP(LabelRef(name + "_tweak"))
+
+	Label(name + "_lone")
+	Comment("Tweak of a lone unit: E_key2(raw).")
 	t0 := X0
 	VMOVQ(rawlo, t0)
 	VPINSRQ(Imm(1), rawhi, t0, t0)
-	VPXOR(Mem{Base: ks, Disp: offEnc2}, t0, t0)
+	VPXOR(k2(0), t0, t0)
 	for r := 1; r < 14; r++ {
-		VAESENC(Mem{Base: ks, Disp: offEnc2 + r*slot}, t0, t0)
+		VAESENC(k2(r), t0, t0)
 	}
-	VAESENCLAST(Mem{Base: ks, Disp: offEnc2 + 14*slot}, t0, t0)
+	VAESENCLAST(k2(14), t0, t0)
+
+	Label(name + "_tweak")
 	ADDQ(step, rawlo)
 
 	Comment(fmt.Sprintf("Tweaks of the first group: lane l of TW[j] is T*x^(%d*j+l).", s.w))
-	switch s.w {
-	case 1:
-	case 2:
-		mulXk(X1, X0, 1, X2, X3, poly)
-		VINSERTI128(Imm(1), X1, Y0, Y0)
-	case 4:
-		mulXk(X1, X0, 1, X2, X3, poly)
-		VINSERTI128(Imm(1), X1, Y0, Y0)
-		mulXk(Y1, Y0, 2, Y2, Y3, poly)
-		VINSERTI64X4(Imm(1), Y1, Z0, Z0)
+	if s.w == 1 {
+		for j := 1; j < s.nd; j++ {
+			mulXk(TW[j], X0, j, X1, X2, poly)
+		}
+		vmov(X0, TW[0])
+	} else {
+		// Broadcast T to every lane, then shift each lane by its own count.
+		if s.w == 2 {
+			VINSERTI128(Imm(1), X0, Y0, Y0)
+		} else {
+			VSHUFI64X2(Imm(0), Z0, Z0, Z0)
+		}
+		cl, cr := shiftCounts(s.w)
+		for j := 0; j < s.nd; j++ {
+			mulXVar(TW[j], s.vec(0), cl.Offset(64*j), cr.Offset(64*j), s.vec(1), s.vec(2), poly)
+		}
 	}
-	base := s.vec(0)
-	for j := 1; j < s.nd; j++ {
-		mulXk(TW[j], base, s.w*j, s.vec(1), s.vec(2), poly)
-	}
-	vmov(base, TW[0])
 
 	MOVQ(unit, m)
 	Label(name + "_group")
 	CMPQ(m, U32(groupBytes))
 	JB(LabelRef(name + "_tail"))
+	// Whitening and round 0: src ^ K0 first, so that only one XOR waits for the tweak.
 	for i := range D {
-		vxor(Mem{Base: src, Disp: 16 * s.w * i}, TW[i], D[i])
-	}
-	for i := range D {
-		vxor(key(0), D[i], D[i])
+		if s.resident {
+			vxor(Mem{Base: src, Disp: 16 * s.w * i}, key(0), D[i])
+		} else {
+			vload(Mem{Base: src, Disp: 16 * s.w * i}, D[i])
+			vxor(key(0), D[i], D[i])
+		}
+		vxor(TW[i], D[i], D[i])
 	}
 	for r := 1; r < 14; r++ {
 		for i := range D {
 			enc(key(r), D[i], D[i])
 		}
 	}
-	for i := range D {
-		encLast(key(14), D[i], D[i])
-	}
-	for i := range D {
-		vxor(TW[i], D[i], D[i])
-		vstore(D[i], Mem{Base: dst, Disp: 16 * s.w * i})
+	if spare := 2 * s.nd; s.resident && spare+s.nd <= 16 {
+		// Spare registers: the last round key XOR the tweak, so the last round does the
+		// final whitening too.
+		for i := range D {
+			vxor(key(14), TW[i], s.vec(spare+i))
+		}
+		for i := range D {
+			encLast(s.vec(spare+i), D[i], D[i])
+			vstore(D[i], Mem{Base: dst, Disp: 16 * s.w * i})
+		}
+	} else {
+		for i := range D {
+			encLast(key(14), D[i], D[i])
+		}
+		for i := range D {
+			vxor(TW[i], D[i], D[i])
+			vstore(D[i], Mem{Base: dst, Disp: 16 * s.w * i})
+		}
 	}
 	for i := range D {
 		mulXBytes(TW[i], B/8, D[i], poly)
