@@ -1,0 +1,270 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/atrest/atrest/internal/exitcodes"
+	"github.com/atrest/atrest/keystore"
+	"github.com/atrest/atrest/nbd"
+)
+
+// defaultSocket is where the daemon listens when no --listen is given and systemd
+// passes no socket.
+const defaultSocket = "/run/atrest/nbd.sock"
+
+type serveOptions struct {
+	keystore string
+	listen   []string
+	drives   []string // paths or glob patterns; none: the drives the keystore knows
+	readOnly bool
+	direct   bool
+	drain    time.Duration
+	log      io.Writer
+}
+
+func init() {
+	register(&cli.Command{
+		Name:      "serve",
+		Usage:     "unlock drives and serve their volumes over NBD (the daemon)",
+		ArgsUsage: "[DRIVE|GLOB...]",
+		Description: "Opens the keystore, unlocks the given drives (paths or glob patterns; by default every\n" +
+			"drive the keystore knows) and serves each volume as an NBD export named after it. When\n" +
+			"there is one volume it is also the default export \"\". Listens on " + defaultSocket + "\n" +
+			"(mode 0600) unless --listen says otherwise or systemd passes sockets (LISTEN_FDS).\n" +
+			"Tells systemd READY=1 once every export answers; on SIGTERM stops accepting, answers\n" +
+			"the requests in flight, flushes the drives and exits.",
+		Flags: []cli.Flag{
+			keystoreFlag(),
+			&cli.StringSliceFlag{Name: "listen", Usage: "unix:PATH or tcp:HOST:PORT (repeatable; TCP carries plaintext: keep it on loopback or a trusted network)"},
+			&cli.BoolFlag{Name: "read-only", Usage: "export every volume read-only"},
+			&cli.BoolFlag{Name: "direct-io", Usage: "open the drives with O_DIRECT (block devices and disk file systems; not tmpfs)"},
+			&cli.DurationFlag{Name: "drain-timeout", Value: 30 * time.Second, Usage: "how long SIGTERM waits for requests in flight"},
+		},
+		Action: func(c *cli.Context) error {
+			return runServe(c.Context, serveOptions{
+				keystore: c.String("keystore"),
+				listen:   c.StringSlice("listen"),
+				drives:   c.Args().Slice(),
+				readOnly: c.Bool("read-only"),
+				direct:   c.Bool("direct-io"),
+				drain:    c.Duration("drain-timeout"),
+				log:      c.App.ErrWriter,
+			})
+		},
+	})
+}
+
+// runServe serves until ctx ends (SIGTERM, SIGINT), then shuts down gracefully.
+func runServe(ctx context.Context, o serveOptions) error {
+	logf := func(format string, args ...any) { fmt.Fprintf(o.log, "atrest serve: "+format+"\n", args...) }
+
+	ks, err := keystore.Open(o.keystore)
+	if err != nil {
+		return keystoreError(err)
+	}
+	paths, err := drivePaths(ks, o.drives)
+	if err != nil {
+		return err
+	}
+
+	// ready receives once per listener being served; the server calls Ready.
+	ready := make(chan struct{}, 64)
+	srv := nbd.NewServer(nbd.ServerConfig{Logf: logf, Ready: func(net.Addr) { ready <- struct{}{} }})
+	var drives []*keystore.UnlockedDrive
+	closeDrives := func() {
+		for _, d := range drives {
+			if err := d.Device.Close(); err != nil {
+				logf("close %s: %v", d.Path, err)
+			}
+		}
+	}
+	defer closeDrives()
+	for _, p := range paths {
+		d, err := ks.Unlock(p, keystore.UnlockOptions{ReadOnly: o.readOnly, Direct: o.direct})
+		if err != nil {
+			return keystoreError(fmt.Errorf("unlock %s: %w", p, err))
+		}
+		drives = append(drives, d)
+		for _, other := range drives[:len(drives)-1] {
+			if other.Volume == d.Volume {
+				return usagef("drives %s and %s both hold volume %q: a volume is served from one drive (mirrors are not supported yet)", other.Path, d.Path, d.Volume)
+			}
+		}
+	}
+	names := exportNames(drives)
+	for _, d := range drives {
+		for _, name := range names[d] {
+			err := srv.AddExport(nbd.Export{
+				Name:        name,
+				Description: fmt.Sprintf("atrest volume %s (drive %s)", d.Volume, d.UUID),
+				Device:      d.Device,
+				ReadOnly:    o.readOnly,
+				AllowTrim:   d.AllowDiscards,
+			})
+			if err != nil {
+				return err
+			}
+		}
+		logf("unlocked %s: volume %q, %d bytes, %d-byte sectors, key %s", d.Path, d.Volume, d.Device.Size(), d.SectorSize, d.KeyID)
+	}
+
+	listeners, err := serveListeners(o.listen)
+	if err != nil {
+		return fail(exitcodes.Failure, err, "")
+	}
+
+	var wg sync.WaitGroup
+	serveErr := make(chan error, len(listeners))
+	for _, l := range listeners {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := srv.Serve(ctx, l); err != nil && !errors.Is(err, nbd.ErrServerClosed) && !errors.Is(err, context.Canceled) {
+				serveErr <- fmt.Errorf("serve on %s: %w", l.Addr(), err)
+			}
+		}()
+	}
+	abort := func(err error) error {
+		srv.Close()
+		wg.Wait()
+		return err
+	}
+	for range listeners {
+		select {
+		case <-ready:
+		case err := <-serveErr:
+			return abort(fail(exitcodes.Failure, err, ""))
+		case <-ctx.Done():
+			return abort(nil)
+		}
+	}
+	if err := selfCheck(ctx, listeners[0].Addr(), srv.Exports()); err != nil {
+		return abort(fail(exitcodes.Failure, err, ""))
+	}
+	var addrs []string
+	for _, l := range listeners {
+		addrs = append(addrs, l.Addr().Network()+":"+l.Addr().String())
+	}
+	logf("serving %d export(s) %q on %s", len(srv.Exports()), srv.Exports(), strings.Join(addrs, ", "))
+	if _, err := nbd.Notify(fmt.Sprintf("READY=1\nSTATUS=serving %d volume(s)", len(drives))); err != nil {
+		logf("sd_notify: %v", err)
+	}
+
+	select {
+	case <-ctx.Done():
+	case err = <-serveErr:
+	}
+	nbd.Notify("STOPPING=1")
+	logf("stopping: draining requests and flushing drives")
+	sctx, cancel := context.WithTimeout(context.Background(), o.drain)
+	defer cancel()
+	if serr := srv.Shutdown(sctx); serr != nil {
+		logf("shutdown: %v", serr)
+		err = errors.Join(err, serr)
+	}
+	wg.Wait()
+	for _, d := range drives {
+		if ferr := d.Device.Flush(); ferr != nil {
+			err = errors.Join(err, fmt.Errorf("flush %s: %w", d.Path, ferr))
+		}
+	}
+	if err != nil {
+		return fail(exitcodes.IO, err, "")
+	}
+	logf("stopped")
+	return nil
+}
+
+// drivePaths expands the DRIVE arguments (paths or glob patterns), or lists the drives
+// the keystore knows when there are none.
+func drivePaths(ks *keystore.Keystore, args []string) ([]string, error) {
+	var paths []string
+	if len(args) == 0 {
+		for _, d := range ks.Drives() {
+			paths = append(paths, d.Path)
+		}
+		if len(paths) == 0 {
+			return nil, fail(exitcodes.DriveMissing, errors.New("the keystore knows no drives"), "format one with 'atrest drive format', or name drives on the command line")
+		}
+		return paths, nil
+	}
+	for _, a := range args {
+		matches, err := filepath.Glob(a)
+		if err != nil {
+			return nil, usagef("drive pattern %q: %v", a, err)
+		}
+		if len(matches) == 0 {
+			return nil, fail(exitcodes.DriveMissing, fmt.Errorf("no drive matches %q", a), "")
+		}
+		paths = append(paths, matches...)
+	}
+	slices.Sort(paths)
+	return slices.Compact(paths), nil
+}
+
+// exportNames gives each drive's export names: its volume's name, and also "" (the
+// default export) when it is the only one.
+func exportNames(drives []*keystore.UnlockedDrive) map[*keystore.UnlockedDrive][]string {
+	m := make(map[*keystore.UnlockedDrive][]string, len(drives))
+	for _, d := range drives {
+		m[d] = []string{d.Volume}
+	}
+	if len(drives) == 1 {
+		m[drives[0]] = append(m[drives[0]], "")
+	}
+	return m
+}
+
+// serveListeners returns the sockets passed by systemd, or else those of the --listen
+// specs (the default socket when there are none).
+func serveListeners(specs []string) ([]net.Listener, error) {
+	ls, err := nbd.SystemdListeners()
+	if err != nil || len(ls) > 0 {
+		return ls, err
+	}
+	if len(specs) == 0 {
+		specs = []string{"unix:" + defaultSocket}
+	}
+	for _, spec := range specs {
+		l, err := nbd.Listen(spec)
+		if err != nil {
+			for _, l := range ls {
+				l.Close()
+			}
+			return nil, err
+		}
+		ls = append(ls, l)
+	}
+	return ls, nil
+}
+
+// selfCheck connects to the server as a client and reads the first sector of every
+// export, so that readiness is announced only when the exports really answer.
+func selfCheck(ctx context.Context, addr net.Addr, exports []string) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	for _, name := range exports {
+		c, err := nbd.Dial(ctx, addr.Network()+":"+addr.String(), nbd.ClientOptions{Export: name, Connections: 1, ReconnectTimeout: -1})
+		if err != nil {
+			return fmt.Errorf("self-check of export %q: %w", name, err)
+		}
+		buf := make([]byte, min(4096, c.Size()))
+		_, err = c.ReadAt(buf, 0)
+		c.Close()
+		if err != nil {
+			return fmt.Errorf("self-check of export %q: read: %w", name, err)
+		}
+	}
+	return nil
+}
