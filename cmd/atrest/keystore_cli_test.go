@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/atrest/atrest/internal/exitcodes"
+	"github.com/atrest/atrest/internal/testutil"
 	"github.com/atrest/atrest/keystore"
 	"github.com/atrest/atrest/luks2"
 	"github.com/atrest/atrest/luks2/luks2test"
@@ -422,6 +423,70 @@ func TestUnlockDuringRotation(t *testing.T) {
 			}
 			u.Device.Close()
 			unlocks++
+		}
+	}
+}
+
+// TestDamagedHeaders: a drive with one damaged header copy shows as degraded and the
+// next rotation repairs it; a drive with both copies damaged makes the rotation
+// refuse with exit code 4, and not a byte of it changes.
+func TestDamagedHeaders(t *testing.T) {
+	bin := ksBuild(t)
+	dir := t.TempDir()
+	ks := filepath.Join(dir, "keystore")
+	ksMust(t, bin, ks, "init")
+	d := filepath.Join(dir, "d.img")
+	ksMust(t, bin, ks, "drive", "format", "--create", "20M", d)
+	flip := func(off int64) {
+		f, err := os.OpenFile(d, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		b := make([]byte, 1)
+		f.ReadAt(b, off)
+		b[0] ^= 0x20
+		f.WriteAt(b, off)
+	}
+	flip(luks2.HeaderSize + 4096 + 2) // the secondary's JSON
+	st := ksStatus(t, bin, ks)
+	if st.Drives[0].State != keystore.StateDegraded || !strings.Contains(st.Drives[0].Detail, "secondary header damaged") {
+		t.Fatalf("one damaged copy: %+v", st.Drives[0])
+	}
+	ksMust(t, bin, ks, "rotate-encryption-keys")
+	if st := ksStatus(t, bin, ks); st.Drives[0].State != keystore.StatePresent {
+		t.Fatalf("after the rotation: %+v", st.Drives[0])
+	}
+	flip(4096 + 2)
+	flip(luks2.HeaderSize + 4096 + 2)
+	before, _ := os.ReadFile(d)
+	ksWant(t, ksRun(t, bin, ks, nil, "rotate-encryption-keys"), exitcodes.Header, "both LUKS2 header copies are damaged")
+	if st := ksStatus(t, bin, ks); st.Drives[0].State != keystore.StateDamaged {
+		t.Fatalf("both damaged: %+v", st.Drives[0])
+	}
+	if after, _ := os.ReadFile(d); !bytes.Equal(before, after) {
+		t.Fatal("a refused rotation changed the drive")
+	}
+}
+
+// TestRotateProgressOnTerminal: on a terminal (script(1) gives the command a pty) the
+// rotation prints its steps; elsewhere only the result (checked in the other tests).
+func TestRotateProgressOnTerminal(t *testing.T) {
+	script := testutil.Tool(t, "script")
+	bin := ksBuild(t)
+	dir := t.TempDir()
+	ks := filepath.Join(dir, "keystore")
+	ksMust(t, bin, ks, "init")
+	ksMust(t, bin, ks, "drive", "format", "--create", "20M", filepath.Join(dir, "d.img"))
+	cmd := exec.Command(script, "-q", "-e", "-c", bin+" rotate-encryption-keys", "/dev/null")
+	cmd.Env = append(os.Environ(), keystore.EnvDir+"="+ks)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	for _, want := range []string{"New master key written", "drive 1/1", "new keyslot verified", "old keyslot wiped", "master.key replaced", "Key rotation complete"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("no %q in the terminal output:\n%s", want, out)
 		}
 	}
 }
