@@ -123,21 +123,22 @@ func Load(dev io.ReaderAt) (*Header, error) {
 	}
 	if c1.m == nil {
 		// The primary is unreadable or its size field lies: look for the secondary
-		// at every offset the specification allows.
-		first := c1
+		// at every offset the specification allows, keeping the most telling failure
+		// (a copy with a sound binary header) for the error.
 		for _, off := range hdrSizes {
-			if c := readCopy(dev, off); c.m != nil {
+			if c0.bin != nil && off == c0.bin.hdrSize {
+				continue
+			}
+			c := readCopy(dev, off)
+			if c.m != nil || (c1.bin == nil && c.bin != nil) {
 				c1 = c
+			}
+			if c.m != nil {
 				break
-			} else if c0.bin == nil && first.err == nil && c.bin != nil {
-				first = c
 			}
 		}
-		if c1.m == nil {
-			c1 = first
-			if c1.err == nil {
-				c1.err = fmt.Errorf("no secondary header: %w", ErrNotLUKS)
-			}
+		if c1.err == nil && c1.m == nil {
+			c1.err = fmt.Errorf("no secondary header: %w", ErrNotLUKS)
 		}
 	}
 	if c0.m == nil && c1.m == nil {

@@ -179,3 +179,39 @@ func newKeyFrom(t testing.TB, path string) []byte {
 	}
 	return b
 }
+
+// TestLargerMetadataArea: cryptsetup headers with a 64 KiB header copy load, also
+// with the primary gone (the secondary is found at 64 KiB), and take atrest keyslots.
+func TestLargerMetadataArea(t *testing.T) {
+	luks2test.Cryptsetup(t)
+	img := luks2test.SparseImage(t, 32<<20)
+	key := newKey(t, 32)
+	kf := luks2test.KeyFile(t, key)
+	luks2test.Format(t, img, kf, append([]string{"--luks2-metadata-size", "64k", "--luks2-keyslots-size", "4m"}, luks2test.FastPBKDF2...)...)
+	dev := openFile(t, img)
+	dev.WriteAt(make([]byte, binHeaderSize), 0)
+	h, err := Load(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h.HeaderSize() != 65536 {
+		t.Fatalf("header size %d", h.HeaderSize())
+	}
+	if err := h.Repair(dev); err != nil {
+		t.Fatal(err)
+	}
+	vk, _, err := h.Unlock(dev, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p2 := newKey(t, 32)
+	if _, err := h.AddKeyslot(dev, vk, p2); err != nil {
+		t.Fatal(err)
+	}
+	if ok, out := luks2test.Opens(t, img, luks2test.KeyFile(t, p2)); !ok {
+		t.Fatal(out)
+	}
+	if ok, out := luks2test.Opens(t, img, kf); !ok {
+		t.Fatal(out)
+	}
+}

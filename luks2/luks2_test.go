@@ -572,3 +572,34 @@ func TestBinaryFields(t *testing.T) {
 }
 
 func readFile(p string) ([]byte, error) { return os.ReadFile(p) }
+
+// TestPrimaryGone: with the primary's binary header wiped, the secondary is found by
+// scanning the offsets of the specification; if it is damaged too, the error says
+// damaged, not "no header".
+func TestPrimaryGone(t *testing.T) {
+	dev, _, vk, pass := formatMem(t, 4096)
+	dev.WriteAt(make([]byte, binHeaderSize), 0)
+	h, err := Load(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bad, why := h.NeedsRepair(); !bad || !strings.Contains(why.Error(), "primary header damaged") {
+		t.Fatalf("%v", why)
+	}
+	if k, _, err := h.Unlock(dev, pass); err != nil || !bytes.Equal(k, vk) {
+		t.Fatal(err)
+	}
+	if err := h.Repair(dev); err != nil {
+		t.Fatal(err)
+	}
+	if h2, err := Load(dev); err != nil {
+		t.Fatal(err)
+	} else if bad, _ := h2.NeedsRepair(); bad {
+		t.Fatal("primary not rewritten")
+	}
+	dev.WriteAt(make([]byte, binHeaderSize), 0)
+	corrupt(t, dev, 1)
+	if _, err := Load(dev); !errors.Is(err, ErrDamaged) || !strings.Contains(err.Error(), "checksum") {
+		t.Fatalf("want ErrDamaged naming the checksum, got %v", err)
+	}
+}
