@@ -293,7 +293,7 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			return fmt.Errorf("accept on %s: %w", l.Addr(), err)
 		}
 		delay = 0
-		s.startConn(lctx, nc)
+		s.startConn(ctx, nc) // not lctx: Serve returning after Shutdown must not cut the drain
 	}
 }
 

@@ -354,6 +354,9 @@ func (c *serverConn) execute(r *request, buf []byte, rep *reply) {
 	var err error
 	switch r.typ {
 	case cmdRead:
+		if r.length == 0 {
+			break
+		}
 		data := getBuf(int(r.length))
 		var n int
 		n, err = c.dev.ReadAt(data, off)
