@@ -46,9 +46,9 @@ func (d *failDev) WriteAt(p []byte, off int64) (int, error) {
 // run at once.
 type gateDev struct {
 	blockdev.Device
-	open           chan struct{}
-	running, peak  atomic.Int32
-	flushes        atomic.Int32
+	open          chan struct{}
+	running, peak atomic.Int32
+	flushes       atomic.Int32
 }
 
 func (d *gateDev) enter() func() {
@@ -113,9 +113,9 @@ func TestHandshakeOptions(t *testing.T) {
 		want uint32
 	}{
 		{optInfo, goData("nope"), repErrUnknown},
-		{optInfo, []byte{0, 0, 0, 9, 'a'}, repErrInvalid},                // shorter than 6
-		{optInfo, append(goData(""), 0), repErrInvalid},                  // count mismatch
-		{optInfo, []byte{0xff, 0xff, 0xff, 0xff, 0, 0}, repErrInvalid},   // name beyond data
+		{optInfo, []byte{0, 0, 0, 9, 'a'}, repErrInvalid},              // shorter than 6
+		{optInfo, append(goData(""), 0), repErrInvalid},                // count mismatch
+		{optInfo, []byte{0xff, 0xff, 0xff, 0xff, 0, 0}, repErrInvalid}, // name beyond data
 		{optGo, goData("nope"), repErrUnknown},
 		{optStartTLS, nil, repErrUnsup},
 		{optSetMetaContext, nil, repErrUnsup},
@@ -258,15 +258,15 @@ func TestRequestErrors(t *testing.T) {
 	)
 	const size = 8 << 20
 	type tc struct {
-		name      string
-		export    string
-		typ       uint16
-		flags     uint16
-		off       uint64
-		length    uint32
-		payload   bool // send length bytes of payload
-		errno     uint32
-		errnoSR   uint32 // with structured replies, if different
+		name    string
+		export  string
+		typ     uint16
+		flags   uint16
+		off     uint64
+		length  uint32
+		payload bool // send length bytes of payload
+		errno   uint32
+		errnoSR uint32 // with structured replies, if different
 	}
 	cases := []tc{
 		{name: "read past end", typ: cmdRead, off: size - 512, length: 1024, errno: errInval},
@@ -397,9 +397,9 @@ func TestRepliesReordered(t *testing.T) {
 	for _, structured := range []bool{false, true} {
 		r := dialRaw(t, ts.sock)
 		r.open("", structured)
-		r.request(cmdRead, 0, 1, 0, 4096, nil)    // held back
-		r.request(cmdRead, 0, 2, 8192, 4096, nil) // free
-		r.request(cmdRead, 0, 3, 16384, 4096, nil)  // free
+		r.request(cmdRead, 0, 1, 0, 4096, nil)     // held back
+		r.request(cmdRead, 0, 2, 8192, 4096, nil)  // free
+		r.request(cmdRead, 0, 3, 16384, 4096, nil) // free
 		seen := map[uint64]bool{}
 		for len(seen) < 2 {
 			var cookie uint64
