@@ -3,6 +3,7 @@ package luks2
 import (
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/subtle"
 	"encoding/binary"
 	"fmt"
 )
@@ -19,17 +20,15 @@ func afAreaSize(keySize int) int64 {
 // diffuse replaces b with its diffusion: each digest-sized block j is replaced by
 // SHA-256(be32(j) || block), the last block truncated to its length.
 func diffuse(b []byte) {
-	var iv [4]byte
+	var buf [4 + sha256.Size]byte
 	for j, off := 0, 0; off < len(b); j, off = j+1, off+sha256.Size {
 		end := min(off+sha256.Size, len(b))
-		d := sha256.New()
-		binary.BigEndian.PutUint32(iv[:], uint32(j))
-		d.Write(iv[:])
-		d.Write(b[off:end])
-		var s [sha256.Size]byte
-		d.Sum(s[:0])
-		copy(b[off:end], s[:])
+		binary.BigEndian.PutUint32(buf[:4], uint32(j))
+		n := copy(buf[4:], b[off:end])
+		sum := sha256.Sum256(buf[:4+n])
+		copy(b[off:end], sum[:])
 	}
+	clear(buf[:])
 }
 
 // afSplit returns the split material of key over stripes stripes.
@@ -42,10 +41,7 @@ func afSplit(key []byte, stripes int) []byte {
 		xorInto(d, out[i*n:(i+1)*n])
 		diffuse(d)
 	}
-	last := out[(stripes-1)*n:]
-	for i := range last {
-		last[i] = d[i] ^ key[i]
-	}
+	subtle.XORBytes(out[(stripes-1)*n:], d, key)
 	clear(d)
 	return out
 }
@@ -64,8 +60,4 @@ func afMerge(material []byte, keySize, stripes int) []byte {
 	return d
 }
 
-func xorInto(dst, src []byte) {
-	for i := range dst {
-		dst[i] ^= src[i]
-	}
-}
+func xorInto(dst, src []byte) { subtle.XORBytes(dst, dst, src) }

@@ -496,7 +496,10 @@ func (c *crashDev) WriteZeroes(off, n int64, f blockdev.ZeroFlags) error {
 func TestCrashAtEveryWrite(t *testing.T) {
 	base, h0, vk, oldPass := formatMem(t, 4096)
 	h0.SetAtrestToken(base, &AtrestToken{Keyslots: []int{0}, ClusterUUID: "c", Volume: "v", VolumeUUID: "u", MemberCount: 1, MasterKeyID: "old"})
-	image := memBytes(t, base, 0, testDevSize)
+	// The change touches only the first MiB (headers, keyslots 0 and 1): the crash
+	// devices hold just that.
+	const crashDevSize = 1 << 20
+	image := memBytes(t, base, 0, crashDevSize)
 	newPass := newKey(t, 32)
 	// One rotation of the drive's wrapping: add, retoken, wipe.
 	rotate := func(dev Device) error {
@@ -514,7 +517,7 @@ func TestCrashAtEveryWrite(t *testing.T) {
 		return h.SetAtrestToken(dev, &AtrestToken{Keyslots: []int{s}, ClusterUUID: "c", Volume: "v", VolumeUUID: "u", MemberCount: 1, MasterKeyID: "new"})
 	}
 	// Total bytes written by a full run.
-	full := &crashDev{Mem: blockdev.NewMem(testDevSize), budget: 1 << 40}
+	full := &crashDev{Mem: blockdev.NewMem(crashDevSize), budget: 1 << 40}
 	full.Mem.WriteAt(image, 0)
 	if err := rotate(full); err != nil {
 		t.Fatal(err)
@@ -523,7 +526,7 @@ func TestCrashAtEveryWrite(t *testing.T) {
 	step := int64(4096)
 	checked := 0
 	for b := int64(0); b < total; b += step {
-		dev := &crashDev{Mem: blockdev.NewMem(testDevSize), budget: b}
+		dev := &crashDev{Mem: blockdev.NewMem(crashDevSize), budget: b}
 		dev.Mem.WriteAt(image, 0)
 		if err := rotate(dev); !errors.Is(err, errCrashed) {
 			t.Fatalf("budget %d: %v", b, err)
