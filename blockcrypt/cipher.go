@@ -74,6 +74,20 @@ func (c *Cipher) Close() {
 }
 
 func (c *Cipher) check(dst, src []byte, sectorSize int) {
+	// The conditions are tested here and the panic messages built out of line, in
+	// badCall: with the fmt.Sprintf calls in this function's own body, one 512-byte
+	// sector took 13 ns (15%) longer in the assembly paths on Zen 4 (measured, cause
+	// not pinned down: this frame got larger and spilled more around the calls).
+	if c.x == nil || (sectorSize != 512 && sectorSize != 4096) || len(src)%sectorSize != 0 ||
+		len(dst) < len(src) || inexactOverlap(dst[:len(src)], src) {
+		c.badCall(dst, src, sectorSize)
+	}
+}
+
+// badCall panics with the first rule that check found broken.
+//
+//go:noinline
+func (c *Cipher) badCall(dst, src []byte, sectorSize int) {
 	if c.x == nil {
 		panic("BUG: blockcrypt: Cipher used after Close")
 	}
@@ -84,6 +98,7 @@ func (c *Cipher) check(dst, src []byte, sectorSize int) {
 		panic(fmt.Sprintf("BUG: blockcrypt: %d bytes is not a whole number of %d-byte sectors", len(src), sectorSize))
 	}
 	checkBuffers(dst, src)
+	panic("BUG: blockcrypt: check and badCall disagree")
 }
 
 // checkBuffers panics unless dst holds src and the two are the same memory or disjoint.
