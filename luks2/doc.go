@@ -7,7 +7,7 @@
 // atrest token.
 //
 // Reading never writes: Load reports which copy is damaged or stale and Repair
-// rewrites it. Every change (AddKeyslot, WipeKeyslot, SetToken, Repair) writes one
+// rewrites it. Every change (AddKeyslot, WipeKeyslot, SetAtrestToken, Repair) writes one
 // header copy at a time, each with a bumped seqid and flushed, so that a crash at any
 // moment leaves at least one valid copy; see docs/luks2-profile.md.
 //
