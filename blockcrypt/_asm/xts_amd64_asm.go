@@ -491,6 +491,13 @@ func kernel(s shape, decrypt bool, poly Mem) {
 	Label(name + "_next")
 	SUBQ(unit, n)
 	JNZ(LabelRef(name + "_unit"))
+	if s.resident {
+		Comment("Leave no round keys in registers 16..30 (VZEROUPPER does not reach them).")
+		for r := 0; r < 15; r++ {
+			x := xmm(s.vec(16 + r))
+			VPXORQ(x, x, x)
+		}
+	}
 	VZEROUPPER()
 	RET()
 }
