@@ -308,6 +308,11 @@ func TestExpandKeyAsm(t *testing.T) {
 		fillRandom(rng, key[:])
 		var enc, dec [ksScheduleSz]byte
 		expandKeyAsm(&key, &enc, &dec)
+		var encOnly [ksScheduleSz]byte
+		expandKeyAsm(&key, &encOnly, nil) // the tweak key's form: no decryption schedule
+		if encOnly != enc {
+			t.Fatalf("key %x: the schedule without decryption keys differs", key)
+		}
 		want := referenceExpand(key)
 		for r := range 15 {
 			for copyN := range 4 {

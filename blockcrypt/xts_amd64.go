@@ -103,10 +103,8 @@ func asmNew(k kernel) func(key1, key2 []byte) crypter {
 		off := int(-uintptr(unsafe.Pointer(&c.mem[0])) & (ksAlign - 1))
 		s := c.mem[off : off+ksSize]
 		c.ks = &s[0]
-		var unused [ksScheduleSz]byte // the decryption schedule of key2 is not needed
 		expandKeyAsm((*[32]byte)(key1), (*[ksScheduleSz]byte)(s[0:]), (*[ksScheduleSz]byte)(s[ksScheduleSz:]))
-		expandKeyAsm((*[32]byte)(key2), (*[ksScheduleSz]byte)(s[2*ksScheduleSz:]), &unused)
-		clear(unused[:])
+		expandKeyAsm((*[32]byte)(key2), (*[ksScheduleSz]byte)(s[2*ksScheduleSz:]), nil)
 		return c
 	}
 }

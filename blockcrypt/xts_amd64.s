@@ -212,6 +212,8 @@ TEXT ·expandKeyAsm(SB), NOSPLIT, $0-24
 	MOVOU           X0, 912(CX)
 	MOVOU           X0, 928(CX)
 	MOVOU           X0, 944(CX)
+	TESTQ           DX, DX
+	JZ              expandKeyAsm_done
 	MOVOU           896(CX), X0
 	MOVOU           X0, (DX)
 	MOVOU           X0, 16(DX)
@@ -300,10 +302,12 @@ TEXT ·expandKeyAsm(SB), NOSPLIT, $0-24
 	MOVOU           X0, 912(DX)
 	MOVOU           X0, 928(DX)
 	MOVOU           X0, 944(DX)
-	PXOR            X0, X0
-	PXOR            X1, X1
-	PXOR            X2, X2
-	PXOR            X3, X3
+
+expandKeyAsm_done:
+	PXOR X0, X0
+	PXOR X1, X1
+	PXOR X2, X2
+	PXOR X3, X3
 	RET
 
 // func cpuid(eaxArg uint32, ecxArg uint32) (eax uint32, ebx uint32, ecx uint32, edx uint32)

@@ -5,7 +5,8 @@
 package blockcrypt
 
 // expandKeyAsm expands an AES-256 key into the encryption and decryption
-// schedules, each round key stored four times. Needs AES-NI only.
+// schedules, each round key stored four times; dec may be nil (the tweak key
+// needs no decryption schedule). Needs AES-NI only.
 //
 //go:noescape
 func expandKeyAsm(key *[32]byte, enc *[960]byte, dec *[960]byte)

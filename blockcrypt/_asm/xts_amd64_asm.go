@@ -2,31 +2,43 @@
 // (blockcrypt/xts_stubs_amd64.go) with avo. It lives in its own module so that avo never
 // enters atrest's go.mod, as crypto/internal/fips140/aes/_asm does in the Go tree.
 //
-// Regenerate from blockcrypt/ with `go generate` (see the go:generate line in
-// xts_amd64.go), or from this directory with:
+// Regenerate with `go generate ./blockcrypt` from the repository root (the go:generate
+// line in blockcrypt/xts_amd64.go), or from this directory with:
 //
 //	go run . -out ../xts_amd64.s -stubs ../xts_stubs_amd64.go -pkg blockcrypt
 //
 // # Design
 //
-// One XTS kernel is generated per (shape, direction). A shape fixes W, the AES blocks per
-// vector register (1 for xmm, 2 for ymm, 4 for zmm), ND, the data registers processed per
-// loop iteration (so B = W*ND blocks are in flight), and whether the 15 round keys of
-// key1 sit in registers (needs the 32 vector registers of AVX-512) or are read as memory
-// operands from a schedule in which every round key is stored four times in a row, so a
-// 16-, 32- or 64-byte load of it is a broadcast.
+// One XTS kernel is generated per shape and direction. A shape fixes W, the AES blocks
+// per vector register (1 for xmm, 2 for ymm, 4 for zmm), ND, the data registers of a
+// group (so B = W*ND blocks are in flight), and whether the 15 round keys of key1 sit in
+// registers 16..30 (AVX-512 only) or are read as memory operands. The key schedule
+// stores every round key four times in a row (a 64-byte slot), so a 16-, 32- or 64-byte
+// load of it is already a broadcast; expandKeyAsm builds it with AESKEYGENASSIST and
+// AESIMC, without tables.
 //
-// Register use in the loop: D[i] holds data, TW[i] the tweaks of those blocks; nothing
-// else is needed, so the 16-register shapes (AES-NI, AVX2 VAES) keep 8 data and 8 tweak
-// registers. After a group is stored, each tweak register is multiplied by x^B, which
-// for B a multiple of 8 is a byte shift of each 128-bit lane plus one carry-less
-// multiplication of the bits shifted out by 0x87 (no table, no branch). At the start of
-// a sector the tweak E_key2(iv) is computed once, and the W*ND tweaks of the first group
-// are derived from it by multiplications by x^k (k < 64) done with 64-bit shifts and the
-// same carry-less reduction, all independent of each other.
+// A kernel takes a run of data units (sectors) of unitBytes each; unit k's tweak is
+// E_key2(raw + k*step). In a run of several units the raw tweaks of 8 units are
+// encrypted together (8 independent AES chains) into a stack buffer; a lone unit
+// encrypts its own, the latency being unavoidable there.
+//
+// In the group loop D[i] holds data and TW[i] the tweaks of those blocks, so the
+// 16-register shapes keep 8 data and 8 tweak registers and nothing else. Round 0 XORs
+// the source with K0 before the tweak, so that one XOR waits for the tweak; where
+// registers are spare the last round uses K14 XOR tweak, which does the final whitening
+// in AESENCLAST. After a group is stored, each tweak register is multiplied by x^B: for
+// B a multiple of 8 that is a byte shift of each 128-bit lane plus one carry-less
+// multiplication of the bits shifted out by 0x87 (no table, no branch). The tweaks of a
+// unit's first group are derived from E_key2(raw) by multiplying it by x^k, k < 64, with
+// 64-bit shifts (per-lane counts for ymm and zmm) and the same reduction, all in
+// parallel.
 //
 // A data unit whose length is not a multiple of 16*B (only the raw-tweak known-answer
 // entry point sees those) ends with a one-block-at-a-time loop on the low lane of TW[0].
+//
+// Shapes measured on AMD Zen 4 and dropped: ymm with the keys in AVX-512VL registers
+// (B=16) and zmm with 8 data registers (B=32) were 5-10% slower than the zmm shape
+// kept; xmm with 16 blocks in flight (AVX-512 registers) was no faster than 8.
 package main
 
 import (
@@ -106,7 +118,8 @@ func expandKey() {
 	TEXT("expandKeyAsm", NOSPLIT, "func(key *[32]byte, enc, dec *[15 * 64]byte)")
 	Pragma("noescape")
 	Doc("expandKeyAsm expands an AES-256 key into the encryption and decryption",
-		"schedules, each round key stored four times. Needs AES-NI only.")
+		"schedules, each round key stored four times; dec may be nil (the tweak key",
+		"needs no decryption schedule). Needs AES-NI only.")
 	key := Load(Param("key"), GP64())
 	enc := Load(Param("enc"), GP64())
 	dec := Load(Param("dec"), GP64())
@@ -143,6 +156,8 @@ func expandKey() {
 		}
 	}
 	// Decryption: dec[0] = enc[14], dec[i] = InvMixColumns(enc[14-i]), dec[14] = enc[0].
+	TESTQ(dec, dec)
+	JZ(LabelRef("expandKeyAsm_done"))
 	MOVOU(Mem{Base: enc, Disp: 14 * slot}, X0)
 	store(X0, dec, 0)
 	for i := 1; i < 14; i++ {
@@ -152,6 +167,7 @@ func expandKey() {
 	}
 	MOVOU(Mem{Base: enc}, X0)
 	store(X0, dec, 14)
+	Label("expandKeyAsm_done")
 	// Leave no key material in the registers used.
 	for _, x := range []Register{X0, X1, X2, X3} {
 		PXOR(x, x)
