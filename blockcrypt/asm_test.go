@@ -35,6 +35,8 @@ func asmImpls(t testing.TB) []*implementation {
 func TestAsmSelection(t *testing.T) {
 	want := "purego"
 	switch {
+	case hasVAES256 && preferYMM:
+		want = "vaes256"
 	case hasVAES512:
 		want = "vaes512"
 	case hasVAES256:
@@ -56,6 +58,28 @@ func TestAsmSelection(t *testing.T) {
 		}
 	}
 	t.Logf("assembly implementations available here: %v", Implementations())
+}
+
+// TestZmmDownclocks checks the CPU signatures of the ymm preference: CPUID leaf 1 EAX
+// values of Ice Lake server (family 6, model 0x6a), Tiger Lake (0x8c), Sapphire Rapids
+// (0x8f, not listed), AMD Zen 4 (family 0x19, not Intel's family 6) and Skylake-X (0x55).
+func TestZmmDownclocks(t *testing.T) {
+	for _, c := range []struct {
+		eax  uint32
+		want bool
+	}{
+		{0x000606a6, true},  // Ice Lake SP
+		{0x000806c1, true},  // Tiger Lake
+		{0x00050654, true},  // Skylake-X
+		{0x000806f8, false}, // Sapphire Rapids
+		{0x00a10f11, false}, // AMD Zen 4 (EPYC 9004)
+		{0x000906ea, false}, // Coffee Lake (no AVX-512)
+	} {
+		if got := zmmDownclocks(c.eax); got != c.want {
+			t.Errorf("zmmDownclocks(%#08x) = %v, want %v", c.eax, got, c.want)
+		}
+	}
+	t.Logf("this CPU: prefer ymm %v", preferYMM)
 }
 
 // asmCase is one differential comparison: a run of sectors (or a raw data unit) at given

@@ -22,14 +22,14 @@ import (
 //	         blocks in flight, round keys as memory operands
 //	aesni    AES-NI + PCLMULQDQ in VEX form (needs AVX) on xmm, 8 blocks in flight
 //
-// NewCipher takes the first available, in that order. Measured on AMD Zen 4 (2 vCPU EPYC,
+// NewCipher takes the first available, in that order, except on the Intel models that
+// lower their clock for 512-bit vector work, where vaes256 goes first (preferYMM, the
+// list the Linux kernel uses for the same choice). Measured on AMD Zen 4 (2 vCPU EPYC,
 // best of 300 interleaved trials), encrypting one 4096-byte sector per call: vaes512
-// 12.4 GB/s, vaes256 10.8, aesni 5.8; also tried there and dropped: ymm with the keys
-// in AVX-512VL registers (11.2) and zmm with 8 registers (32 blocks) in flight (11.8).
-// Zen 4 issues one zmm VAESENC per cycle and two ymm ones, so both widths have the
-// same peak; the zmm kernel gets closer to it with half the instructions. Intel CPUs
-// that lower their clock for 512-bit work may prefer vaes256 (the Linux kernel chooses
-// ymm there); that is not measured here, so AVX-512 always means vaes512.
+// 13.5 GB/s, vaes256 11.2, aesni 5.9; also tried there and dropped: ymm with the keys in
+// AVX-512VL registers and zmm with 8 registers (32 blocks) in flight, both 5-10% below
+// vaes512. Zen 4 issues one zmm VAESENC per cycle and two ymm ones, so both widths have
+// the same peak; the zmm kernel gets closer to it with half the instructions.
 //
 // All of them need the OS to save the vector state they use; golang.org/x/sys/cpu checks
 // XCR0 for AVX and AVX-512. x/sys/cpu reports VAES and VPCLMULQDQ only together with
@@ -49,14 +49,48 @@ var (
 	hasAVX512  = cpu.X86.HasAVX512F && cpu.X86.HasAVX512VL && cpu.X86.HasAVX512BW &&
 		cpu.X86.HasAVX512VAES && cpu.X86.HasAVX512VPCLMULQDQ
 	hasVAES512 = hasVAES256 && hasAVX512
+
+	preferYMM = func() bool {
+		_, b, c, d := cpuid(0, 0)
+		if b != 0x756e6547 || d != 0x49656e69 || c != 0x6c65746e { // "GenuineIntel"
+			return false
+		}
+		eax, _, _, _ := cpuid(1, 0)
+		return zmmDownclocks(eax)
+	}()
 )
 
-// asmImplementations lists the assembly implementations, best first.
-var asmImplementations = []*implementation{
-	{name: "vaes512", available: hasVAES512, newCrypter: asmNew(kernelVAES512)},
-	{name: "vaes256", available: hasVAES256, newCrypter: asmNew(kernelVAES256)},
-	{name: "aesni", available: hasAESNI, newCrypter: asmNew(kernelAESNI)},
+// zmmDownclocks reports whether the Intel CPU with this CPUID leaf 1 EAX signature is
+// one of those that lower their clock when 512-bit registers are used: Skylake-X, Ice
+// Lake (client, server, D, NNPI) and Tiger Lake. Rocket Lake, Sapphire Rapids and later
+// are not. The list is the Linux kernel's zmm exclusion list (X86_FEATURE_PREFER_YMM,
+// arch/x86/kernel/cpu/intel.c), with the model numbers of its intel-family.h.
+func zmmDownclocks(signature uint32) bool {
+	family := signature >> 8 & 0xf
+	model := signature>>4&0xf | signature>>12&0xf0 // extended model in bits 16..19
+	if family != 6 {
+		return false
+	}
+	switch model {
+	case 0x55, // Skylake-X
+		0x6a, 0x6c, // Ice Lake X, D
+		0x7d, 0x7e, 0x9d, // Ice Lake, Ice Lake L, Ice Lake NNPI
+		0x8c, 0x8d: // Tiger Lake L, Tiger Lake
+		return true
+	}
+	return false
 }
+
+// asmImplementations lists the assembly implementations, best first for this CPU.
+var asmImplementations = func() []*implementation {
+	vaes512 := &implementation{name: "vaes512", available: hasVAES512, newCrypter: asmNew(kernelVAES512)}
+	vaes256 := &implementation{name: "vaes256", available: hasVAES256, newCrypter: asmNew(kernelVAES256)}
+	aesni := &implementation{name: "aesni", available: hasAESNI, newCrypter: asmNew(kernelAESNI)}
+	if preferYMM {
+		return []*implementation{vaes256, vaes512, aesni}
+	}
+	return []*implementation{vaes512, vaes256, aesni}
+}()
 
 func init() {
 	// register prepends, so register worst first.
