@@ -42,9 +42,13 @@ var (
 )
 
 // Device is a blockdev.Device whose contents are stored encrypted in a region of a lower
-// device. Reads and writes of any offset and length work; see locks.go for what
-// concurrent calls on the same sector can expect. It is safe for concurrent use; Close
-// waits for the calls in progress.
+// device. Reads and writes of any offset and length work. The whole sectors of a request
+// go straight through: a read with one lower read into the caller's buffer, decrypted
+// there; a write encrypted into pooled buffers (never in the caller's) and written with
+// one lower write per MiB. A partial sector at either end is a read-modify-write under
+// its sector lock; see locks.go for what concurrent calls on the same sector can expect.
+//
+// It is safe for concurrent use; Close waits for the calls in progress.
 type Device struct {
 	lower         blockdev.Device
 	c             *Cipher
