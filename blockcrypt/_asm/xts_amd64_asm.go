@@ -452,22 +452,32 @@ func kernel(s shape, decrypt bool, poly Mem) {
 		}
 		vxor(TW[i], D[i], D[i])
 	}
-	for r := 1; r < 14; r++ {
+	if lastK := 2 * s.nd; s.resident && lastK+2*s.nd <= 16 {
+		// Spare registers: the last round key XOR the tweak, so that AESENCLAST does the
+		// final whitening, computed before the rounds; the tweaks for the next group are
+		// then computed while the rounds run (in registers lastK+nd.., free here).
 		for i := range D {
-			enc(key(r), D[i], D[i])
+			vxor(key(14), TW[i], s.vec(lastK+i))
 		}
-	}
-	if spare := 2 * s.nd; s.resident && spare+s.nd <= 16 {
-		// Spare registers: the last round key XOR the tweak, so the last round does the
-		// final whitening too.
-		for i := range D {
-			vxor(key(14), TW[i], s.vec(spare+i))
+		for r := 1; r < 14; r++ {
+			for i := range D {
+				enc(key(r), D[i], D[i])
+			}
+			if r <= len(D) {
+				i := r - 1
+				mulXBytes(TW[i], B/8, s.vec(lastK+s.nd+i), poly)
+			}
 		}
 		for i := range D {
-			encLast(s.vec(spare+i), D[i], D[i])
+			encLast(s.vec(lastK+i), D[i], D[i])
 			vstore(D[i], Mem{Base: dst, Disp: 16 * s.w * i})
 		}
 	} else {
+		for r := 1; r < 14; r++ {
+			for i := range D {
+				enc(key(r), D[i], D[i])
+			}
+		}
 		for i := range D {
 			encLast(key(14), D[i], D[i])
 		}
@@ -475,9 +485,9 @@ func kernel(s shape, decrypt bool, poly Mem) {
 			vxor(TW[i], D[i], D[i])
 			vstore(D[i], Mem{Base: dst, Disp: 16 * s.w * i})
 		}
-	}
-	for i := range D {
-		mulXBytes(TW[i], B/8, D[i], poly)
+		for i := range D {
+			mulXBytes(TW[i], B/8, D[i], poly)
+		}
 	}
 	ADDQ(U32(groupBytes), src)
 	ADDQ(U32(groupBytes), dst)
