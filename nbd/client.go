@@ -415,6 +415,9 @@ func (c *Client) aligned(info exportInfo, off, n int64) error {
 // pieces splits [off, off+n) into requests of at most max bytes and runs fn on each,
 // concurrently when there are several.
 func pieces(off, n int64, max int64, fn func(off, n int64) error) error {
+	if n == 0 {
+		return nil // "The client SHOULD NOT request a ... length of 0"
+	}
 	if n <= max {
 		return fn(off, n)
 	}

@@ -85,7 +85,7 @@ func (c *Client) dialConn(ctx context.Context) (*clientConn, error) {
 		slots: make(chan struct{}, c.opts.MaxInFlight), hdr: make([]byte, requestHeaderLen),
 		pending: make(map[uint64]*call), done: make(chan struct{}),
 	}
-	info, err := cc.negotiate(c.opts.Export)
+	info, err := cc.negotiate(c.addr.Export)
 	if err != nil {
 		nc.Close()
 		if ctx.Err() != nil {

@@ -1,0 +1,470 @@
+package nbd
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/atrest/atrest/blockdev"
+	"github.com/atrest/atrest/blockdev/blockdevtest"
+	"github.com/atrest/atrest/internal/testutil"
+)
+
+// TestClientConformance runs the blockdev conformance suite on the client against
+// atrest's server, over a Faulty device so that Reopen can cut the power.
+func TestClientConformance(t *testing.T) {
+	checkLeaks(t)
+	ts := startServer(t, ServerConfig{})
+	var n atomic.Int32
+	faulty := map[blockdev.Device]*blockdev.Faulty{}
+	names := map[blockdev.Device]string{}
+	var mu sync.Mutex
+	dial := func(t *testing.T, name string, f *blockdev.Faulty) blockdev.Device {
+		c, err := Dial(context.Background(), ts.uri(name), ClientOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		mu.Lock()
+		faulty[c], names[c] = f, name
+		mu.Unlock()
+		return c
+	}
+	blockdevtest.Run(t, blockdevtest.Config{
+		New: func(t *testing.T, size int64) blockdev.Device {
+			name := fmt.Sprintf("e%d", n.Add(1))
+			f := blockdev.NewFaulty(blockdev.NewMem(size))
+			if err := ts.AddExport(Export{Name: name, Device: f, AllowTrim: true}); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { ts.RemoveExport(context.Background(), name) })
+			return dial(t, name, f)
+		},
+		TrimZeroes: true,
+		Reopen: func(t *testing.T, dev blockdev.Device) blockdev.Device {
+			mu.Lock()
+			f, name := faulty[dev], names[dev]
+			mu.Unlock()
+			dev.Close()
+			if err := f.PowerCut(); err != nil {
+				t.Fatal(err)
+			}
+			return dial(t, name, f)
+		},
+	})
+}
+
+// waitFile waits for a file that a peer writes once it is ready (a pid file).
+func waitFile(t *testing.T, p string, exited <-chan struct{}) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if fi, err := os.Stat(p); err == nil && fi.Size() > 0 {
+			return
+		}
+		select {
+		case <-exited:
+			t.Fatalf("the server exited before writing %s", p)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s did not appear", p)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// startPeer runs an NBD server program that writes a pid file when it is ready.
+func startPeer(t *testing.T, pidfile string, name string, args ...string) {
+	t.Helper()
+	cmd := exec.Command(name, args...)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-exited
+	})
+	waitFile(t, pidfile, exited)
+}
+
+// TestClientAgainstNbdkit runs the conformance suite against nbdkit's memory plugin and,
+// with Reopen, its file plugin.
+func TestClientAgainstNbdkit(t *testing.T) {
+	nbdkit := testutil.Tool(t, "nbdkit")
+	t.Run("memory", func(t *testing.T) {
+		blockdevtest.Run(t, blockdevtest.Config{
+			New: func(t *testing.T, size int64) blockdev.Device {
+				dir := shortDir(t)
+				sock, pid := filepath.Join(dir, "s"), filepath.Join(dir, "pid")
+				startPeer(t, pid, nbdkit, "-f", "-U", sock, "-P", pid, "memory", fmt.Sprintf("size=%d", size))
+				c, err := Dial(context.Background(), "unix:"+sock, ClientOptions{})
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { c.Close() })
+				return c
+			},
+			TrimZeroes: true,
+		})
+	})
+	t.Run("file", func(t *testing.T) {
+		socks := map[blockdev.Device]string{}
+		var mu sync.Mutex
+		dial := func(t *testing.T, sock string) blockdev.Device {
+			c, err := Dial(context.Background(), "unix:"+sock, ClientOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { c.Close() })
+			mu.Lock()
+			socks[c] = sock
+			mu.Unlock()
+			return c
+		}
+		blockdevtest.Run(t, blockdevtest.Config{
+			New: func(t *testing.T, size int64) blockdev.Device {
+				dir := shortDir(t)
+				img := filepath.Join(dir, "img")
+				os.WriteFile(img, nil, 0o600)
+				os.Truncate(img, size)
+				sock, pid := filepath.Join(dir, "s"), filepath.Join(dir, "pid")
+				startPeer(t, pid, nbdkit, "-f", "-U", sock, "-P", pid, "file", "file="+img)
+				return dial(t, sock)
+			},
+			TrimZeroes: true,
+			Reopen: func(t *testing.T, dev blockdev.Device) blockdev.Device {
+				mu.Lock()
+				sock := socks[dev]
+				mu.Unlock()
+				dev.Close()
+				return dial(t, sock)
+			},
+		})
+	})
+}
+
+// TestClientAgainstQemuNbd runs the conformance suite against qemu-nbd.
+func TestClientAgainstQemuNbd(t *testing.T) {
+	qemuNbd := testutil.Tool(t, "qemu-nbd")
+	blockdevtest.Run(t, blockdevtest.Config{
+		New: func(t *testing.T, size int64) blockdev.Device {
+			dir := shortDir(t)
+			img := filepath.Join(dir, "img")
+			os.WriteFile(img, nil, 0o600)
+			os.Truncate(img, size)
+			sock, pid := filepath.Join(dir, "s"), filepath.Join(dir, "pid")
+			startPeer(t, pid, qemuNbd, "--persistent", "--shared=8", "--discard=unmap", "-f", "raw",
+				"--socket="+sock, "--pid-file="+pid, img)
+			c, err := Dial(context.Background(), "unix:"+sock, ClientOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { c.Close() })
+			return c
+		},
+		TrimZeroes: true,
+	})
+}
+
+// crashDev stands for a server process that dies: once crashed, every call fails.
+type crashDev struct {
+	blockdev.Device
+	crashed atomic.Bool
+}
+
+var errCrashed = errors.New("crashed")
+
+func (d *crashDev) ReadAt(p []byte, off int64) (int, error) {
+	if d.crashed.Load() {
+		return 0, errCrashed
+	}
+	return d.Device.ReadAt(p, off)
+}
+
+func (d *crashDev) WriteAt(p []byte, off int64) (int, error) {
+	if d.crashed.Load() {
+		return 0, errCrashed
+	}
+	return d.Device.WriteAt(p, off)
+}
+
+func (d *crashDev) WriteAtFUA(p []byte, off int64) (int, error) {
+	if d.crashed.Load() {
+		return 0, errCrashed
+	}
+	return blockdev.WriteFUA(d.Device, p, off)
+}
+
+func (d *crashDev) Flush() error {
+	if d.crashed.Load() {
+		return errCrashed
+	}
+	return d.Device.Flush()
+}
+
+// serveOn starts a server for dev on sock (replacing a dead one's socket).
+func serveOn(t *testing.T, sock string, dev blockdev.Device) (*Server, chan error) {
+	t.Helper()
+	l, err := Listen("unix:" + sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := NewServer(ServerConfig{Logf: func(string, ...any) {}})
+	if err := s.AddExport(Export{Device: dev}); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(context.Background(), l) }()
+	return s, done
+}
+
+// TestClientReconnect restarts the server under a running write/verify loop, once
+// cleanly and once as a crash that loses the device's volatile cache: no error reaches
+// the caller, and every write reads back, also those that the crash lost, because the
+// client replays them.
+func TestClientReconnect(t *testing.T) {
+	for _, crash := range []bool{false, true} {
+		t.Run(map[bool]string{false: "shutdown", true: "crash"}[crash], func(t *testing.T) {
+			checkLeaks(t)
+			const size = 8 << 20
+			f := blockdev.NewFaulty(blockdev.NewMem(size))
+			dev := &crashDev{Device: f}
+			sock := filepath.Join(shortDir(t), "s")
+			srv, done := serveOn(t, sock, dev)
+			c, err := Dial(context.Background(), "unix:"+sock, ClientOptions{ReconnectTimeout: 20 * time.Second, Connections: 2})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+
+			const workers = 4
+			var progress atomic.Int64
+			stop := make(chan struct{})
+			errs := make(chan error, workers)
+			models := make([][]byte, workers)
+			var wg sync.WaitGroup
+			for w := range workers {
+				region := int64(size / workers)
+				base := int64(w) * region
+				models[w] = make([]byte, region)
+				wg.Go(func() {
+					rng := rand.New(rand.NewPCG(uint64(w), 1))
+					m := models[w]
+					buf := make([]byte, 64<<10)
+					for i := 0; ; i++ {
+						select {
+						case <-stop:
+							errs <- nil
+							return
+						default:
+						}
+						n := 512 * (1 + rng.IntN(128))
+						off := int64(rng.IntN(int(region)-n)) &^ 511
+						p := buf[:n]
+						for j := range p {
+							p[j] = byte(rng.Uint32())
+						}
+						if _, err := c.WriteAt(p, base+off); err != nil {
+							errs <- fmt.Errorf("write: %w", err)
+							return
+						}
+						copy(m[off:], p)
+						off = int64(rng.IntN(int(region)-n)) &^ 511
+						if _, err := c.ReadAt(p, base+off); err != nil {
+							errs <- fmt.Errorf("read: %w", err)
+							return
+						}
+						if !bytes.Equal(p, m[off:off+int64(n)]) {
+							errs <- fmt.Errorf("worker %d: data at %d differs", w, base+off)
+							return
+						}
+						if i%50 == 49 {
+							if err := c.Flush(); err != nil {
+								errs <- fmt.Errorf("flush: %w", err)
+								return
+							}
+						}
+						progress.Add(1)
+					}
+				})
+			}
+			waitProgress := func(n int64) {
+				deadline := time.Now().Add(30 * time.Second)
+				for progress.Load() < n && time.Now().Before(deadline) {
+					time.Sleep(time.Millisecond)
+				}
+			}
+			waitProgress(300)
+			if crash {
+				dev.crashed.Store(true)
+				if err := f.PowerCut(); err != nil {
+					t.Fatal(err)
+				}
+				srv.Close()
+				dev.crashed.Store(false)
+			} else if err := srv.Shutdown(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			<-done
+			at := progress.Load()
+			srv, done = serveOn(t, sock, dev)
+			waitProgress(at + 300)
+			close(stop)
+			wg.Wait()
+			for range workers {
+				if err := <-errs; err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := c.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			// After a final flush and a power cut, the device holds every write.
+			if err := f.PowerCut(); err != nil {
+				t.Fatal(err)
+			}
+			got := make([]byte, size/workers)
+			for w := range workers {
+				f.ReadAt(got, int64(w)*int64(len(got)))
+				if !bytes.Equal(got, models[w]) {
+					t.Fatalf("region %d differs after the final flush", w)
+				}
+			}
+			if err := srv.Shutdown(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			<-done
+		})
+	}
+}
+
+// TestClientWritesLost: without a replay log, a crash with unflushed writes makes the
+// next Flush fail once with ErrWritesLost.
+func TestClientWritesLost(t *testing.T) {
+	checkLeaks(t)
+	f := blockdev.NewFaulty(blockdev.NewMem(1 << 20))
+	dev := &crashDev{Device: f}
+	sock := filepath.Join(shortDir(t), "s")
+	srv, done := serveOn(t, sock, dev)
+	c, err := Dial(context.Background(), "unix:"+sock, ClientOptions{ReplayBytes: -1, ReconnectTimeout: 10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.WriteAt([]byte("unflushed"), 0); err != nil {
+		t.Fatal(err)
+	}
+	dev.crashed.Store(true)
+	f.PowerCut()
+	srv.Close()
+	<-done
+	dev.crashed.Store(false)
+	srv, done = serveOn(t, sock, dev)
+	defer func() { srv.Shutdown(context.Background()); <-done }()
+	if err := c.Flush(); !errors.Is(err, ErrWritesLost) {
+		t.Fatalf("flush after the crash: %v, want ErrWritesLost", err)
+	}
+	if err := c.Flush(); err != nil {
+		t.Fatalf("second flush: %v", err)
+	}
+}
+
+// TestClientGivesUp: with no server coming back, requests fail with ErrDisconnected
+// after ReconnectTimeout.
+func TestClientGivesUp(t *testing.T) {
+	checkLeaks(t)
+	sock := filepath.Join(shortDir(t), "s")
+	srv, done := serveOn(t, sock, blockdev.NewMem(1<<20))
+	c, err := Dial(context.Background(), "unix:"+sock, ClientOptions{ReconnectTimeout: 300 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	srv.Close()
+	<-done
+	start := time.Now()
+	if _, err := c.ReadAt(make([]byte, 512), 0); !errors.Is(err, ErrDisconnected) {
+		t.Fatalf("read: %v, want ErrDisconnected", err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Fatalf("gave up after %v", d)
+	}
+	// The server comes back: a later call reconnects.
+	srv, done = serveOn(t, sock, blockdev.NewMem(1<<20))
+	defer func() { srv.Shutdown(context.Background()); <-done }()
+	if _, err := c.ReadAt(make([]byte, 512), 0); err != nil {
+		t.Fatalf("read after the server came back: %v", err)
+	}
+}
+
+// TestClientSplitsAndErrors: requests above the server's maximum are split; the
+// server's errors arrive as RemoteError with the right sentinels.
+func TestClientSplitsAndErrors(t *testing.T) {
+	checkLeaks(t)
+	mem := blockdev.NewMem(8 << 20)
+	ts := startServer(t, ServerConfig{MaxRequestSize: 64 << 10, Logf: func(string, ...any) {}},
+		Export{Device: &failDev{Device: mem, failOff: 6 << 20}},
+		Export{Name: "ro", Device: mem, ReadOnly: true},
+		Export{Name: "plain", Device: plainDev{mem}})
+	c, err := Dial(context.Background(), ts.addr, ClientOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if c.Info().MaxPayload != 64<<10 {
+		t.Fatalf("%+v", c.Info())
+	}
+	p := pattern(1<<20+123, 5)
+	if _, err := c.WriteAt(p, 1000); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(p))
+	if _, err := c.ReadAt(got, 1000); err != nil || !bytes.Equal(got, p) {
+		t.Fatalf("split read: %v", err)
+	}
+	_, err = c.ReadAt(make([]byte, 4096), 6<<20)
+	var rerr *RemoteError
+	if !errors.As(err, &rerr) || rerr.Errno != errIO || rerr.Op != "read" {
+		t.Fatalf("read of a failing sector: %v", err)
+	}
+	if err := c.Trim(0, 4096); !errors.Is(err, blockdev.ErrNotSupported) {
+		t.Fatalf("trim on an export without trim: %v", err)
+	}
+	ro, err := Dial(context.Background(), ts.uri("ro"), ClientOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	if _, err := ro.WriteAt([]byte{1}, 0); !errors.Is(err, blockdev.ErrReadOnly) {
+		t.Fatalf("write on read-only: %v (%+v)", err, ro.Info())
+	}
+	pl, err := Dial(context.Background(), ts.uri("plain"), ClientOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pl.Close()
+	if err := pl.WriteZeroes(0, 4096, blockdev.ZeroFast); !errors.Is(err, blockdev.ErrNotFast) {
+		t.Fatalf("fast zero on a device without it: %v", err)
+	}
+	if _, err := Dial(context.Background(), ts.uri("nope"), ClientOptions{}); err == nil {
+		t.Fatal("dial of a missing export succeeded")
+	}
+	if _, err := c.ReadAt(make([]byte, 10), 8<<20-5); err == nil {
+		t.Fatal("read across the end: no io.EOF")
+	}
+	var _ net.Conn
+}
