@@ -26,9 +26,9 @@ import (
 // lower their clock for 512-bit vector work, where vaes256 goes first (preferYMM, the
 // list the Linux kernel uses for the same choice). Measured on AMD Zen 4 (2 vCPU EPYC,
 // best of 300 interleaved trials), encrypting one 4096-byte sector per call: vaes512
-// 13.5 GB/s, vaes256 11.2, aesni 5.9; also tried there and dropped: ymm with the keys in
-// AVX-512VL registers and zmm with 8 registers (32 blocks) in flight, both 5-10% below
-// vaes512. Zen 4 issues one zmm VAESENC per cycle and two ymm ones, so both widths have
+// 14.1 GB/s, vaes256 11.2, aesni 5.9 (OpenSSL 3.0's `speed -evp aes-256-xts`: 6.3-6.8);
+// also tried there and dropped: ymm with the keys in AVX-512VL registers and zmm with 8
+// registers (32 blocks) in flight, both 5-10% below vaes512. Zen 4 issues one zmm VAESENC per cycle and two ymm ones, so both widths have
 // the same peak; the zmm kernel gets closer to it with half the instructions.
 //
 // All of them need the OS to save the vector state they use; golang.org/x/sys/cpu checks
