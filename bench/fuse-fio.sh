@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# fio on atrest's FUSE file (fusefs) against nbdfuse on the same drive, in one run, with
+# the two peers interleaved job by job; prints the medians and the ratio fusefs/nbdfuse.
+#
+# Jobs (bench/fuse/fuse.fio): direct I/O, 1 MiB sequential read and write at depth 8,
+# 4 KiB random read and write at depth 32.
+#
+# MODE=file (now, the default): fusefs over a blockdev.File of IMAGE (bench/fuse/fuseserve)
+#   against nbdfuse over `nbdkit file IMAGE` on a unix socket: the same image, the FUSE
+#   layer compared (nbdfuse pays an NBD hop on top that fusefs-over-File does not).
+# MODE=nbd (once atrest's NBD client exists): both peers on the export NBD_URI (for
+#   instance `atrest serve`'s nbd+unix:///vol1?socket=/run/atrest/nbd.sock): fusefs over
+#   the NBD client against nbdfuse over the same server. The script is ready for it; the
+#   fusefs side waits for fuseserve's -nbd flag.
+#
+# With EXT4=1 (default) it also runs the jobs on a file in ext4, mounted on a loop device
+# (direct I/O) over each peer's FUSE file; each peer then has its own image (two file
+# systems cannot share one).
+#
+# Environment: MODE, NBD_URI, IMAGE_DIR=/dev/shm (tmpfs: the drive costs nothing),
+# SIZE=2G, EXT4_SIZE=1G (fio file in ext4), RUNTIME=10 (seconds per job), REPS=3,
+# IOENGINE=libaio, EXT4=1, JSON_DIR (keep fio's JSON output there).
+# Needs root, fio, nbdkit, nbdfuse (libnbd-bin), fuse3, e2fsprogs, util-linux, jq, Go.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH=/usr/local/go/bin:$PATH
+
+MODE=${MODE:-file}
+IMAGE_DIR=${IMAGE_DIR:-/dev/shm}
+SIZE=${SIZE:-2G}
+EXT4_SIZE=${EXT4_SIZE:-1G}
+RUNTIME=${RUNTIME:-10}
+REPS=${REPS:-3}
+IOENGINE=${IOENGINE:-libaio}
+EXT4=${EXT4:-1}
+JOBS=(seqread-1m-qd8 seqwrite-1m-qd8 randread-4k-qd32 randwrite-4k-qd32)
+PEERS=(fusefs nbdfuse)
+
+die() { echo "fuse-fio.sh: $*" >&2; exit 1; }
+[ "$(id -u)" -eq 0 ] || die "needs root (FUSE mounts, loop devices)"
+for tool in fio nbdkit nbdfuse fusermount3 losetup mkfs.ext4 jq go; do
+	command -v "$tool" >/dev/null || die "$tool is not installed (scripts/install-deps.sh)"
+done
+case $MODE in
+file) ;;
+nbd)
+	[ -n "${NBD_URI:-}" ] || die "MODE=nbd needs NBD_URI"
+	die "MODE=nbd needs atrest's NBD client in bench/fuse/fuseserve (-nbd URI), which does not exist yet"
+	;;
+*) die "unknown MODE=$MODE (file or nbd)" ;;
+esac
+
+work=$(mktemp -d /tmp/atrest-fuse-bench.XXXXXX)
+images=()
+pids=()
+loops=()
+mounts=()
+cleanup() {
+	set +e
+	for m in "${mounts[@]}"; do umount "$m"; done
+	for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null; done
+	for d in "$work"/fusefs "$work"/nbdfuse "$work"/fusefs-ext4 "$work"/nbdfuse-ext4; do
+		mountpoint -q "$d" && { fusermount3 -u "$d" || umount -l "$d"; }
+	done
+	for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+	wait 2>/dev/null
+	rm -f "${images[@]}"
+	rm -rf "$work"
+}
+trap cleanup EXIT
+
+# wait_for CHECK... : runs CHECK until it succeeds, for up to 30 s.
+wait_for() {
+	for _ in $(seq 300); do
+		"$@" && return 0
+		sleep 0.1
+	done
+	die "timed out waiting for: $*"
+}
+
+echo "building bench/fuse/fuseserve" >&2
+go build -o "$work/fuseserve" ./bench/fuse/fuseserve
+
+# new_image: a filled image of SIZE bytes in IMAGE_DIR; sets $img to its path.
+new_image() {
+	img=$(mktemp "$IMAGE_DIR/atrest-fuse-bench.XXXXXX.img")
+	images+=("$img")
+	truncate -s "$SIZE" "$img"
+	# Real data everywhere, so that reads copy bytes instead of zero pages of holes.
+	fio --name=fill --filename="$img" --rw=write --bs=1M --size="$SIZE" --ioengine=psync \
+		--output=/dev/null
+}
+
+# start_fusefs IMAGE DIR: serves IMAGE as DIR/volume and sets $file to its path. (No
+# command substitution here: a background child would keep its pipe open.)
+start_fusefs() {
+	local out=$work/$(basename "$2").out
+	"$work/fuseserve" -image "$1" -dir "$2" >"$out" 2>"$out.err" </dev/null &
+	pids+=($!)
+	wait_for grep -q '^ready ' "$out"
+	file=$(sed -n 's/^ready //p' "$out")
+}
+
+# start_nbdfuse IMAGE DIR: nbdkit serves IMAGE on a socket, nbdfuse mounts it as
+# DIR/volume; sets $file to its path.
+start_nbdfuse() {
+	local sock=$work/$(basename "$2").sock pidfile=$work/$(basename "$2").pid
+	nbdkit --unix "$sock" --pidfile "$pidfile.nbdkit" file file="$1" </dev/null >/dev/null 2>"$pidfile.nbdkit.err"
+	wait_for test -s "$pidfile.nbdkit"
+	pids+=("$(cat "$pidfile.nbdkit")")
+	mkdir -p "$2"
+	nbdfuse -P "$pidfile" "$2/volume" --unix "$sock" </dev/null >/dev/null 2>"$pidfile.err" &
+	pids+=($!)
+	wait_for test -s "$pidfile"
+	file=$2/volume
+}
+
+# ext4_on FILE MOUNTPOINT: loop device with direct I/O over FILE, fresh ext4, mounted.
+ext4_on() {
+	local loop
+	loop=$(losetup --direct-io=on --find --show "$1" </dev/null)
+	loops+=("$loop")
+	mkfs.ext4 -q -F -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 "$loop"
+	mkdir -p "$2"
+	mount -o noatime "$loop" "$2"
+	mounts+=("$2")
+}
+
+# run_job PEER JOB FILE SIZE REP: one fio run; its JSON goes to $work/json.
+run_job() {
+	local json=$work/json/$1.$2.$5.json
+	mkdir -p "$work/json"
+	FILE=$3 SIZE=$4 RUNTIME=$RUNTIME IOENGINE=$IOENGINE \
+		fio --section="$2" --output-format=json bench/fuse/fuse.fio >"$json.raw"
+	# fio may print lines before the JSON (FIELD-NOTES): keep from the first '{'.
+	sed -n '/^{/,$p' "$json.raw" >"$json"
+	local errs
+	errs=$(jq '[.jobs[].error] | add' "$json")
+	[ "$errs" = 0 ] || die "fio $2 on $1 reported errors ($errs)"
+}
+
+# median PEER JOB FIELD: median over the repetitions of a jq expression.
+median() {
+	for f in "$work"/json/"$1"."$2".*.json; do jq "$3" "$f"; done | sort -g |
+		awk '{v[NR]=$1} END {if (NR%2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'
+}
+
+measure() { # measure LABEL FILE_fusefs FILE_nbdfuse SIZE
+	local label=$1 size=$4
+	declare -A files=([fusefs]=$2 [nbdfuse]=$3)
+	for job in "${JOBS[@]}"; do
+		for rep in $(seq "$REPS"); do
+			# Alternate the order so that neither peer always runs on a warmer machine.
+			local order=("${PEERS[@]}")
+			[ $((rep % 2)) = 0 ] && order=("${PEERS[1]}" "${PEERS[0]}")
+			for peer in "${order[@]}"; do
+				echo "$label: $job on $peer, run $rep/$REPS" >&2
+				run_job "$label-$peer" "$job" "${files[$peer]}" "$size" "$rep"
+			done
+		done
+	done
+	printf '\n%s (%s, %ss per run, median of %s, %s)\n' "$label" "$MODE" "$RUNTIME" "$REPS" "$IOENGINE"
+	printf '%-20s %14s %14s %8s\n' job fusefs nbdfuse ratio
+	for job in "${JOBS[@]}"; do
+		local field unit
+		case $job in
+		seq*) field='[.jobs[].read.bw_bytes, .jobs[].write.bw_bytes] | add / 1e6'; unit=MB/s ;;
+		*) field='[.jobs[].read.iops, .jobs[].write.iops] | add'; unit=IOPS ;;
+		esac
+		local a b
+		a=$(median "$label-fusefs" "$job" "$field")
+		b=$(median "$label-nbdfuse" "$job" "$field")
+		printf '%-20s %9.0f %-4s %9.0f %-4s %7.2fx\n' "$job" "$a" "$unit" "$b" "$unit" "$(echo "$a $b" | awk '{print $1/$2}')"
+	done
+}
+
+echo "preparing ${SIZE} image in $IMAGE_DIR" >&2
+new_image
+start_fusefs "$img" "$work/fusefs"
+ffile=$file
+start_nbdfuse "$img" "$work/nbdfuse"
+nfile=$file
+measure "FUSE file" "$ffile" "$nfile" "$SIZE" >"$work/results"
+
+if [ "$EXT4" = 1 ]; then
+	# Each file system needs its own image; the raw peers let go of theirs first.
+	fusermount3 -u "$work/fusefs"
+	fusermount3 -u "$work/nbdfuse"
+	img1=$img
+	new_image
+	start_fusefs "$img1" "$work/fusefs-ext4"
+	ffile=$file
+	start_nbdfuse "$img" "$work/nbdfuse-ext4"
+	nfile=$file
+	ext4_on "$ffile" "$work/mnt-fusefs"
+	ext4_on "$nfile" "$work/mnt-nbdfuse"
+	measure "ext4 on loop on FUSE file" "$work/mnt-fusefs/fio.dat" "$work/mnt-nbdfuse/fio.dat" "$EXT4_SIZE" >>"$work/results"
+fi
+
+if [ -n "${JSON_DIR:-}" ]; then
+	mkdir -p "$JSON_DIR"
+	cp "$work"/json/*.json "$JSON_DIR"/
+fi
+cat "$work/results"
