@@ -25,10 +25,12 @@
 // In the group loop D[i] holds data and TW[i] the tweaks of those blocks, so the
 // 16-register shapes keep 8 data and 8 tweak registers and nothing else. Round 0 XORs
 // the source with K0 before the tweak, so that one XOR waits for the tweak; where
-// registers are spare the last round uses K14 XOR tweak, which does the final whitening
-// in AESENCLAST. After a group is stored, each tweak register is multiplied by x^B: for
-// B a multiple of 8 that is a byte shift of each 128-bit lane plus one carry-less
-// multiplication of the bits shifted out by 0x87 (no table, no branch). The tweaks of a
+// registers are spare (the zmm shape) the last round uses K14 XOR tweak, which does the
+// final whitening in AESENCLAST, and the next group's tweaks are computed while the
+// rounds run (6% faster); otherwise after the group is stored. Each tweak register is
+// multiplied by x^B: for B a multiple of 8 that is a byte shift of each 128-bit lane
+// plus one carry-less multiplication of the bits shifted out by 0x87 (mulXBytes; no
+// table, no branch). The tweaks of a
 // unit's first group are derived from E_key2(raw) by multiplying it by x^k, k < 64, with
 // 64-bit shifts (per-lane counts for ymm and zmm) and the same reduction, all in
 // parallel.
@@ -37,9 +39,10 @@
 // entry point sees those) ends with a one-block-at-a-time loop on the low lane of TW[0].
 //
 // The xmm shape advances its tweaks by doubling instead (mulX, as in the IEEE P1619
-// reference): on Zen 4 the shuffles, shifts and carry-less multiplications of the
-// tweak arithmetic compete with AESENC for the same two ports, and doubling needs two
-// such operations per tweak where mulXBytes needs three (8% faster at 64 KiB).
+// reference), which needs two shuffle or shift operations per tweak where mulXBytes
+// needs three, one a carry-less multiplication: 8% faster at 64 KiB on Zen 4, where
+// these operations seem to take issue slots from AESENC (with the tweak update left
+// out, as an experiment, every shape ran 7-15% faster).
 //
 // Shapes measured on AMD Zen 4 and dropped: ymm with the keys in AVX-512VL registers
 // (B=16) and zmm with 8 data registers (B=32) were 5-10% slower than the zmm shape
@@ -56,7 +59,7 @@ import (
 
 //go:generate go run . -out ../xts_amd64.s -stubs ../xts_stubs_amd64.go -pkg blockcrypt
 
-// Layout of the key schedule (must match keySchedule in xts_amd64.go): three schedules
+// Layout of the key schedule (must match the ks constants in xts_amd64.go): three schedules
 // of 15 round keys, each round key stored 4 times (64 bytes).
 const (
 	slot      = 64
@@ -516,9 +519,7 @@ func kernel(s shape, decrypt bool, poly Mem) {
 		}
 		if s.w == 1 {
 			// One tweak per register: a chain of doublings (the next group's first tweak
-			// is the last one times x), each with two shuffle-unit operations where
-			// mulXBytes has three, one of them a carry-less multiplication, all of which
-			// compete with AESENC for execution ports.
+			// is the last one times x); see the package comment.
 			mulX(TW[0], TW[len(TW)-1], D[0])
 			for i := 1; i < len(TW); i++ {
 				mulX(TW[i], TW[i-1], D[i])
