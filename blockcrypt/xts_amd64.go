@@ -101,7 +101,7 @@ func init() {
 
 // kernel names a pair of generated kernels. They are called directly in a switch, not
 // through func values: a call through a func value makes the tweak argument escape to
-// the heap, an allocation per call that cost a third of the time of a 512-byte sector.
+// the heap, an allocation per call that cost a fifth of the time of a 512-byte sector.
 type kernel uint8
 
 const (
