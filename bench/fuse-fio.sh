@@ -5,19 +5,19 @@
 # Jobs (bench/fuse/fuse.fio): direct I/O, 1 MiB sequential read and write at depth 8,
 # 4 KiB random read and write at depth 32.
 #
-# MODE=file (now, the default): fusefs over a blockdev.File of IMAGE (bench/fuse/fuseserve)
-#   against nbdfuse over `nbdkit file IMAGE` on a unix socket: the same image, the FUSE
-#   layer compared (nbdfuse pays an NBD hop on top that fusefs-over-File does not).
-# MODE=nbd (once atrest's NBD client exists): both peers on the export NBD_URI (for
-#   instance `atrest serve`'s nbd+unix:///vol1?socket=/run/atrest/nbd.sock): fusefs over
-#   the NBD client against nbdfuse over the same server. The script is ready for it; the
-#   fusefs side waits for fuseserve's -nbd flag.
+# MODE=nbd (the default): both peers are NBD clients of the same server: fusefs over
+#   atrest's NBD client (bench/fuse/fuseserve -nbd) against nbdfuse. The server is
+#   `nbdkit file` on a unix socket over an image that this script makes, or the export
+#   NBD_URI if given (e.g. `atrest serve`'s nbd+unix:///vol1?socket=/run/atrest/nbd.sock;
+#   the ext4 part then needs a second, NBD_URI2, since two file systems cannot share one
+#   export).
+# MODE=file: fusefs over a blockdev.File of the image against nbdfuse over `nbdkit file`
+#   of the same image: nbdfuse pays an NBD hop that fusefs does not (the FUSE layer alone).
 #
 # With EXT4=1 (default) it also runs the jobs on a file in ext4, mounted on a loop device
-# (direct I/O) over each peer's FUSE file; each peer then has its own image (two file
-# systems cannot share one).
+# (direct I/O) over each peer's FUSE file; each peer then has its own image.
 #
-# Environment: MODE, NBD_URI, IMAGE_DIR=/dev/shm (tmpfs: the drive costs nothing),
+# Environment: MODE, NBD_URI, NBD_URI2, IMAGE_DIR=/dev/shm (tmpfs: the drive costs nothing),
 # SIZE=2G, EXT4_SIZE=1G (fio file in ext4), RUNTIME=10 (seconds per job), REPS=3,
 # IOENGINE=libaio, EXT4=1, JSON_DIR (keep fio's JSON output there).
 # Needs root, fio, nbdkit, nbdfuse (libnbd-bin), fuse3, e2fsprogs, util-linux, jq, Go.
@@ -25,7 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=/usr/local/go/bin:$PATH
 
-MODE=${MODE:-file}
+MODE=${MODE:-nbd}
 IMAGE_DIR=${IMAGE_DIR:-/dev/shm}
 SIZE=${SIZE:-2G}
 EXT4_SIZE=${EXT4_SIZE:-1G}
@@ -42,13 +42,15 @@ for tool in fio nbdkit nbdfuse fusermount3 losetup mkfs.ext4 jq go; do
 	command -v "$tool" >/dev/null || die "$tool is not installed (scripts/install-deps.sh)"
 done
 case $MODE in
-file) ;;
-nbd)
-	[ -n "${NBD_URI:-}" ] || die "MODE=nbd needs NBD_URI"
-	die "MODE=nbd needs atrest's NBD client in bench/fuse/fuseserve (-nbd URI), which does not exist yet"
-	;;
-*) die "unknown MODE=$MODE (file or nbd)" ;;
+file | nbd) ;;
+*) die "unknown MODE=$MODE (nbd or file)" ;;
 esac
+if [ "$MODE" = file ] && [ -n "${NBD_URI:-}" ]; then
+	die "NBD_URI is for MODE=nbd"
+fi
+if [ -n "${NBD_URI:-}" ] && [ "$EXT4" = 1 ] && [ -z "${NBD_URI2:-}" ]; then
+	die "with NBD_URI, the ext4 part needs a second export NBD_URI2 (or EXT4=0)"
+fi
 
 work=$(mktemp -d /tmp/atrest-fuse-bench.XXXXXX)
 images=()
@@ -91,28 +93,45 @@ new_image() {
 		--output=/dev/null
 }
 
-# start_fusefs IMAGE DIR: serves IMAGE as DIR/volume and sets $file to its path. (No
-# command substitution here: a background child would keep its pipe open.)
+# start_server IMAGE NAME: `nbdkit file` serves IMAGE on a unix socket; sets $uri.
+start_server() {
+	local sock=$work/$2.sock pidfile=$work/$2.nbdkit.pid
+	nbdkit --unix "$sock" --pidfile "$pidfile" file file="$1" </dev/null >/dev/null 2>"$pidfile.err"
+	wait_for test -s "$pidfile"
+	pids+=("$(cat "$pidfile")")
+	uri="nbd+unix:///?socket=$sock"
+}
+
+# start_fusefs SOURCE DIR: serves SOURCE (an image in MODE=file, an NBD URI in MODE=nbd)
+# as DIR/volume and sets $file to its path. (No command substitution around these: a
+# background child would keep its pipe open.)
 start_fusefs() {
-	local out=$work/$(basename "$2").out
-	"$work/fuseserve" -image "$1" -dir "$2" >"$out" 2>"$out.err" </dev/null &
+	local out=$work/$(basename "$2").out src=-image
+	[ "$MODE" = nbd ] && src=-nbd
+	"$work/fuseserve" "$src" "$1" -dir "$2" >"$out" 2>"$out.err" </dev/null &
 	pids+=($!)
 	wait_for grep -q '^ready ' "$out"
 	file=$(sed -n 's/^ready //p' "$out")
 }
 
-# start_nbdfuse IMAGE DIR: nbdkit serves IMAGE on a socket, nbdfuse mounts it as
-# DIR/volume; sets $file to its path.
+# start_nbdfuse URI DIR: nbdfuse mounts the export URI as DIR/volume; sets $file.
 start_nbdfuse() {
-	local sock=$work/$(basename "$2").sock pidfile=$work/$(basename "$2").pid
-	nbdkit --unix "$sock" --pidfile "$pidfile.nbdkit" file file="$1" </dev/null >/dev/null 2>"$pidfile.nbdkit.err"
-	wait_for test -s "$pidfile.nbdkit"
-	pids+=("$(cat "$pidfile.nbdkit")")
+	local pidfile=$work/$(basename "$2").nbdfuse.pid
 	mkdir -p "$2"
-	nbdfuse -P "$pidfile" "$2/volume" --unix "$sock" </dev/null >/dev/null 2>"$pidfile.err" &
+	nbdfuse -P "$pidfile" "$2/volume" "$1" </dev/null >/dev/null 2>"$pidfile.err" &
 	pids+=($!)
 	wait_for test -s "$pidfile"
 	file=$2/volume
+}
+
+# source_for IMAGE NAME: what fusefs serves in this mode; sets $src.
+source_for() {
+	if [ "$MODE" = nbd ]; then
+		start_server "$1" "$2"
+		src=$uri
+	else
+		src=$1
+	fi
 }
 
 # ext4_on FILE MOUNTPOINT: loop device with direct I/O over FILE, fresh ext4, mounted.
@@ -174,23 +193,40 @@ measure() { # measure LABEL FILE_fusefs FILE_nbdfuse SIZE
 	done
 }
 
-echo "preparing ${SIZE} image in $IMAGE_DIR" >&2
-new_image
-start_fusefs "$img" "$work/fusefs"
+if [ -n "${NBD_URI:-}" ]; then
+	src=$NBD_URI
+	nuri=$NBD_URI
+else
+	echo "preparing ${SIZE} image in $IMAGE_DIR" >&2
+	new_image
+	start_server "$img" raw
+	nuri=$uri
+	src=$img
+	[ "$MODE" = nbd ] && src=$uri
+fi
+start_fusefs "$src" "$work/fusefs"
 ffile=$file
-start_nbdfuse "$img" "$work/nbdfuse"
+start_nbdfuse "$nuri" "$work/nbdfuse"
 nfile=$file
 measure "FUSE file" "$ffile" "$nfile" "$SIZE" >"$work/results"
 
 if [ "$EXT4" = 1 ]; then
-	# Each file system needs its own image; the raw peers let go of theirs first.
+	# Each file system needs its own drive; the raw peers let go of theirs first.
 	fusermount3 -u "$work/fusefs"
 	fusermount3 -u "$work/nbdfuse"
-	img1=$img
-	new_image
-	start_fusefs "$img1" "$work/fusefs-ext4"
+	if [ -n "${NBD_URI:-}" ]; then
+		src=$NBD_URI
+		nuri=$NBD_URI2
+	else
+		img1=${img}
+		source_for "$img1" ext4-fusefs
+		new_image
+		start_server "$img" ext4-nbdfuse
+		nuri=$uri
+	fi
+	start_fusefs "$src" "$work/fusefs-ext4"
 	ffile=$file
-	start_nbdfuse "$img" "$work/nbdfuse-ext4"
+	start_nbdfuse "$nuri" "$work/nbdfuse-ext4"
 	nfile=$file
 	ext4_on "$ffile" "$work/mnt-fusefs"
 	ext4_on "$nfile" "$work/mnt-nbdfuse"

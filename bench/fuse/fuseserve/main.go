@@ -1,14 +1,14 @@
-// Command fuseserve exposes one drive image as a fusefs file, for bench/fuse-fio.sh: it
-// mounts, prints "ready PATH" on stdout once the file is usable, and serves until it
-// gets SIGINT or SIGTERM (then unmounts) or until the mount is ended from outside.
+// Command fuseserve exposes a drive image, or an NBD export through atrest's NBD client,
+// as a fusefs file, for bench/fuse-fio.sh: it mounts, prints "ready PATH" on stdout once
+// the file is usable, and serves until it gets SIGINT or SIGTERM (then unmounts) or
+// until the mount is ended from outside.
 //
-//	fuseserve -image /dev/shm/drive.img -dir /run/atrest-bench/fusefs
-//
-// The benchmark's later mode (fusefs over atrest's NBD client against nbdfuse over the
-// same `atrest serve`) adds a -nbd URI flag here once the client exists.
+//	fuseserve -image /dev/shm/drive.img -dir /tmp/bench/fusefs
+//	fuseserve -nbd 'nbd+unix:///?socket=/tmp/bench/nbd.sock' -dir /tmp/bench/fusefs
 package main
 
 import (
+	"context"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -18,26 +18,34 @@ import (
 
 	"github.com/atrest/atrest/blockdev"
 	"github.com/atrest/atrest/fusefs"
+	"github.com/atrest/atrest/nbd"
 )
 
 func main() {
 	image := flag.String("image", "", "drive image (regular file or block device) to expose")
+	uri := flag.String("nbd", "", "NBD export to expose instead, through atrest's NBD client (nbd:// or nbd+unix:// URI)")
 	dir := flag.String("dir", "", "directory to mount the FUSE file system on")
 	name := flag.String("name", "volume", "name of the file in the directory")
 	direct := flag.Bool("direct", false, "open the image with O_DIRECT")
 	flag.Parse()
-	if *image == "" || *dir == "" || flag.NArg() > 0 {
-		fmt.Fprintln(os.Stderr, "usage: fuseserve -image PATH -dir DIR [-name NAME] [-direct]")
+	if (*image == "") == (*uri == "") || *dir == "" || flag.NArg() > 0 {
+		fmt.Fprintln(os.Stderr, "usage: fuseserve (-image PATH [-direct] | -nbd URI) -dir DIR [-name NAME]")
 		os.Exit(2)
 	}
-	if err := run(*image, *dir, *name, *direct); err != nil {
+	if err := run(*image, *uri, *dir, *name, *direct); err != nil {
 		fmt.Fprintln(os.Stderr, "fuseserve:", err)
 		os.Exit(1)
 	}
 }
 
-func run(image, dir, name string, direct bool) error {
-	dev, err := blockdev.OpenFile(image, blockdev.FileOptions{Direct: direct})
+func run(image, uri, dir, name string, direct bool) error {
+	var dev blockdev.Device
+	var err error
+	if uri != "" {
+		dev, err = nbd.Dial(context.Background(), uri, nbd.ClientOptions{})
+	} else {
+		dev, err = blockdev.OpenFile(image, blockdev.FileOptions{Direct: direct})
+	}
 	if err != nil {
 		return err
 	}
