@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -668,5 +669,73 @@ func TestCloseOnExec(t *testing.T) {
 	}
 	if found == 0 {
 		t.Error("no /dev/fuse descriptor found: the test checks nothing")
+	}
+}
+
+// The I/O flusher test runs this test binary again with ioFlusherEnv set: it calls
+// EnsureIOFlusher (which re-executes it once more) and reports the flag of several
+// threads.
+const ioFlusherEnv = "FUSEFS_IOFLUSHER_CHILD"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(ioFlusherEnv) != "" {
+		os.Exit(ioFlusherChild())
+	}
+	os.Exit(m.Run())
+}
+
+func ioFlusherChild() int {
+	if err := EnsureIOFlusher(); err != nil {
+		fmt.Println("error:", err)
+		return 1
+	}
+	// Threads the runtime starts from here on, and locked goroutines on them.
+	var wg sync.WaitGroup
+	flags := make([]int, 8)
+	for i := range flags {
+		wg.Go(func() {
+			runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+			flags[i], _ = unix.PrctlRetInt(unix.PR_GET_IO_FLUSHER, 0, 0, 0, 0)
+		})
+	}
+	wg.Wait()
+	fmt.Println("flags", flags, "reexec", os.Getenv(reexecEnv))
+	return 0
+}
+
+// hasCap reports whether the process has capability c in its effective set.
+func hasCap(t *testing.T, c uint) bool {
+	t.Helper()
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		t.Fatal(err)
+	}
+	return data[c/32].Effective&(1<<(c%32)) != 0
+}
+
+func TestEnsureIOFlusher(t *testing.T) {
+	testutil.Root(t)
+	if !hasCap(t, unix.CAP_SYS_RESOURCE) {
+		// Some containers drop CAP_SYS_RESOURCE even for root: then the error must say so.
+		err := EnsureIOFlusher()
+		if !errors.Is(err, syscall.EPERM) || !strings.Contains(err.Error(), "CAP_SYS_RESOURCE") {
+			t.Errorf("EnsureIOFlusher without CAP_SYS_RESOURCE = %v, want EPERM naming the capability", err)
+		}
+		t.Log("no CAP_SYS_RESOURCE here: only the refusal was checked")
+		return
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(exe, "-test.run=^$")
+	cmd.Env = append(os.Environ(), ioFlusherEnv+"=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("child: %v\n%s", err, out)
+	}
+	if got := strings.TrimSpace(string(out)); got != "flags [1 1 1 1 1 1 1 1] reexec 1" {
+		t.Errorf("child reports %q, want every thread flagged after one re-exec", got)
 	}
 }
