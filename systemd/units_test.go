@@ -182,7 +182,7 @@ func TestDaemonUnit(t *testing.T) {
 func TestMountUnit(t *testing.T) {
 	s := settings(t, "atrest-mount@.service")
 	for k, want := range map[string]string{
-		"Unit.Requires":    "atrest.service",
+		"Unit.Wants":       "atrest.service",
 		"Unit.After":       "atrest.service",
 		"Service.Type":     "notify",
 		"Service.ExecStop": "/usr/local/bin/atrest umount %f",
@@ -190,6 +190,10 @@ func TestMountUnit(t *testing.T) {
 		if !slices.Contains(s[k], want) {
 			t.Errorf("atrest-mount@.service: %s = %v, want %s", k, s[k], want)
 		}
+	}
+	// Requires= would stop or restart every mount with the daemon.
+	if v, ok := s["Unit.Requires"]; ok {
+		t.Errorf("atrest-mount@.service: Requires=%v; a daemon restart must not unmount the volumes", v)
 	}
 	if !slices.ContainsFunc(s["Service.ExecStart"], func(v string) bool {
 		return strings.HasPrefix(v, "/usr/local/bin/atrest mount ") && strings.HasSuffix(v, " %f")
