@@ -19,6 +19,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/atrest/atrest/blockcrypt"
 	"github.com/atrest/atrest/blockdev"
 	"github.com/atrest/atrest/internal/testutil"
 	"golang.org/x/sys/unix"
@@ -565,18 +566,55 @@ func TestAsyncDirectIO(t *testing.T) {
 }
 
 // TestFioVerify writes random blocks of mixed sizes through the FUSE file with direct
-// I/O and has fio verify every one with crc32c.
+// I/O and has fio verify every one with crc32c, over memory, a File drive and
+// blockcrypt over a File drive.
 func TestFioVerify(t *testing.T) {
 	fio := testutil.Tool(t, "fio")
-	s := mount(t, Options{}, File{"vol", newProbe(64 << 20)})
-	out, err := runFio(fio, "--name=verify", "--filename="+s.Path("vol"), "--rw=randwrite",
-		"--bsrange=4k-1m", "--direct=1", "--ioengine=libaio", "--iodepth=16", "--size=64m",
-		"--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--randrepeat=0")
-	if err != nil {
-		t.Fatalf("fio: %v\n%s", err, out)
+	const size = 64 << 20
+	fileDrive := func(t *testing.T) blockdev.Device {
+		p := filepath.Join(t.TempDir(), "drive.img")
+		if err := os.WriteFile(p, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Truncate(p, size+16<<20); err != nil {
+			t.Fatal(err)
+		}
+		d, err := blockdev.OpenFile(p, blockdev.FileOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d
 	}
-	if !strings.Contains(out, "err= 0") {
-		t.Errorf("fio reports errors:\n%s", out)
+	for _, c := range []struct {
+		name string
+		dev  func(t *testing.T) blockdev.Device
+	}{
+		{"mem", func(t *testing.T) blockdev.Device { return blockdev.NewMem(size) }},
+		{"file", fileDrive},
+		{"encrypted file", func(t *testing.T) blockdev.Device {
+			lower := fileDrive(t)
+			d, err := blockcrypt.New(lower, blockcrypt.Config{Key: random(blockcrypt.KeySize, 9), Offset: 16 << 20})
+			if err != nil {
+				lower.Close()
+				t.Fatal(err)
+			}
+			return d
+		}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dev := c.dev(t)
+			t.Cleanup(func() { dev.Close() })
+			s := mount(t, Options{}, File{"vol", dev})
+			out, err := runFio(fio, "--name=verify", "--filename="+s.Path("vol"), "--rw=randwrite",
+				"--bsrange=4k-1m", "--direct=1", "--ioengine=libaio", "--iodepth=16", "--size=64m",
+				"--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--randrepeat=0")
+			if err != nil {
+				t.Fatalf("fio: %v\n%s", err, out)
+			}
+			if !strings.Contains(out, "err= 0") {
+				t.Errorf("fio reports errors:\n%s", out)
+			}
+		})
 	}
 }
 
