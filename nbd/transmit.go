@@ -45,6 +45,8 @@ type serverConn struct {
 	connBytes *semaphore
 	connReqs  *semaphore
 	replies   chan *reply
+	jobs      chan job      // to idle workers; unbuffered
+	quit      chan struct{} // closed when the reader stopped: idle workers exit
 	workers   sync.WaitGroup
 	dirty     atomic.Bool // a write was answered since the last flush
 }
@@ -95,8 +97,11 @@ func (c *serverConn) serve() {
 	writerDone := make(chan struct{})
 	go c.writer(writerDone)
 
+	c.jobs = make(chan job)
+	c.quit = make(chan struct{})
 	c.readRequests()
 
+	close(c.quit)
 	c.workers.Wait()
 	close(c.replies)
 	<-writerDone
@@ -334,17 +339,49 @@ func (c *serverConn) queue(r *reply) bool {
 	return true
 }
 
+// job is a validated request handed to a worker.
+type job struct {
+	req   request
+	buf   []byte // WRITE payload
+	bytes int64  // semaphore bytes held for it
+}
+
+// workerIdle is how long an idle worker waits for another job before it exits.
+const workerIdle = 2 * time.Second
+
 // start runs r in a worker; the worker owns buf (the WRITE payload) and the slot and
-// bytes taken for it, which go back once its reply is sent.
+// bytes taken for it, which go back once its reply is sent. An idle worker takes the
+// job if there is one; otherwise a new worker starts. Workers are bounded by the request
+// slots (one per job) and stay a while after their job, so that a busy connection
+// reuses goroutines whose stacks have already grown.
 func (c *serverConn) start(r *request, buf []byte, n int64) {
-	req := *r
+	j := job{req: *r, buf: buf, bytes: n}
+	select {
+	case c.jobs <- j:
+		return
+	default:
+	}
 	c.workers.Add(1)
-	go func() {
-		defer c.workers.Done()
-		rep := &reply{cookie: req.cookie, cmd: req.typ, slot: true, bytes: n}
-		c.execute(&req, buf, rep)
+	go c.worker(j)
+}
+
+func (c *serverConn) worker(j job) {
+	defer c.workers.Done()
+	idle := time.NewTimer(workerIdle)
+	defer idle.Stop()
+	for {
+		rep := &reply{cookie: j.req.cookie, cmd: j.req.typ, slot: true, bytes: j.bytes}
+		c.execute(&j.req, j.buf, rep)
 		c.replies <- rep
-	}()
+		idle.Reset(workerIdle)
+		select {
+		case j = <-c.jobs:
+		case <-c.quit:
+			return
+		case <-idle.C:
+			return
+		}
+	}
 }
 
 // execute runs a validated request on the device and fills in its reply.

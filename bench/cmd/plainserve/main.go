@@ -1,0 +1,132 @@
+// Command plainserve is a benchmark helper: it serves image files over NBD through
+// atrest's nbd server, unencrypted, so that bench/nbd-fio.sh can set atrest's
+// encrypted export against the same server code without the encryption. With -encrypt
+// it puts blockcrypt (XTS-AES-256, a random key, 4096-byte sectors) over each file, a
+// stand-in for `atrest serve` until that command is wired to the keystore.
+//
+//	plainserve -listen unix:/tmp/bench/plain.sock [-listen tcp:127.0.0.1:10809] [-encrypt] FILE...
+//
+// One file is the default export ""; several are exported under their base names. It
+// prints "ready" on stdout (and tells systemd READY=1) once it accepts connections, and
+// stops cleanly on SIGINT or SIGTERM. It is not part of atrest: keys are thrown away.
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime/pprof"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/atrest/atrest/blockcrypt"
+	"github.com/atrest/atrest/blockdev"
+	"github.com/atrest/atrest/nbd"
+)
+
+type listFlag []string
+
+func (l *listFlag) String() string     { return strings.Join(*l, ",") }
+func (l *listFlag) Set(s string) error { *l = append(*l, s); return nil }
+
+func main() {
+	var listens listFlag
+	flag.Var(&listens, "listen", "unix:PATH or tcp:HOST:PORT (repeatable)")
+	encrypt := flag.Bool("encrypt", false, "serve through blockcrypt with a random key")
+	direct := flag.Bool("direct", false, "open the files with O_DIRECT")
+	trim := flag.Bool("trim", false, "allow discards")
+	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile to this file until the server stops")
+	flag.Parse()
+	if *cpuprofile != "" {
+		f, err := os.Create(*cpuprofile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "plainserve:", err)
+			os.Exit(1)
+		}
+		pprof.StartCPUProfile(f)
+		defer pprof.StopCPUProfile()
+	}
+	if err := run(listens, flag.Args(), *encrypt, *direct, *trim); err != nil {
+		fmt.Fprintln(os.Stderr, "plainserve:", err)
+		pprof.StopCPUProfile()
+		os.Exit(1)
+	}
+}
+
+func run(listens, files []string, encrypt, direct, trim bool) error {
+	if len(listens) == 0 || len(files) == 0 {
+		return fmt.Errorf("usage: plainserve -listen SPEC [-listen SPEC] [-encrypt] FILE...")
+	}
+	var ls []net.Listener
+	for _, spec := range listens {
+		l, err := nbd.Listen(spec)
+		if err != nil {
+			return err
+		}
+		ls = append(ls, l)
+	}
+	var ready atomic.Int32
+	srv := nbd.NewServer(nbd.ServerConfig{
+		Ready: func(net.Addr) {
+			if int(ready.Add(1)) == len(ls) {
+				fmt.Println("ready")
+				nbd.Notify("READY=1")
+			}
+		},
+		Logf: func(format string, args ...any) { fmt.Fprintf(os.Stderr, format+"\n", args...) },
+	})
+	var devs []blockdev.Device
+	defer func() {
+		for _, d := range devs {
+			d.Close()
+		}
+	}()
+	for _, path := range files {
+		f, err := blockdev.OpenFile(path, blockdev.FileOptions{Direct: direct})
+		if err != nil {
+			return err
+		}
+		var dev blockdev.Device = f
+		if encrypt {
+			key := make([]byte, 64)
+			rand.Read(key)
+			c, err := blockcrypt.New(f, blockcrypt.Config{Key: key, AllowDiscards: trim})
+			clear(key)
+			if err != nil {
+				f.Close()
+				return fmt.Errorf("%s: %w", path, err)
+			}
+			dev = c
+		}
+		devs = append(devs, dev)
+		name := ""
+		if len(files) > 1 {
+			name = filepath.Base(path)
+		}
+		if err := srv.AddExport(nbd.Export{Name: name, Description: path, Device: dev, AllowTrim: trim}); err != nil {
+			return err
+		}
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	errc := make(chan error, len(ls))
+	for _, l := range ls {
+		go func() { errc <- srv.Serve(context.Background(), l) }()
+	}
+	select {
+	case <-ctx.Done():
+	case err := <-errc:
+		return err
+	}
+	nbd.Notify("STOPPING=1")
+	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	return srv.Shutdown(sctx)
+}
