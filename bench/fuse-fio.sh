@@ -179,6 +179,11 @@ measure() { # measure LABEL FILE_fusefs FILE_nbdfuse SIZE
 		done
 	done
 	printf '\n%s (%s, %ss per run, median of %s, %s)\n' "$label" "$MODE" "$RUNTIME" "$REPS" "$IOENGINE"
+	if [ "$MODE" = nbd ]; then
+		printf 'fusefs: atrest NBD client + fusefs; nbdfuse: libnbd + libfuse; one NBD server: %s\n' "${NBD_URI:-nbdkit file over an image in $IMAGE_DIR}"
+	else
+		printf 'fusefs: fusefs over a blockdev.File of the image; nbdfuse: over nbdkit file of the same image (one NBD hop more)\n'
+	fi
 	printf '%-20s %14s %14s %8s\n' job fusefs nbdfuse ratio
 	for job in "${JOBS[@]}"; do
 		local field unit
