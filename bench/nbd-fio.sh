@@ -106,7 +106,10 @@ done
 mkdir -p "$work/json"
 run_job() { # PEER JOB REP
 	local json=$work/json/$1.$2.$3.json
-	URI=${uris[$1]} SIZE=$bytes RUNTIME=$RUNTIME fio --section="$2" --output-format=json bench/nbd/nbd.fio >"$json.raw"
+	# One retry: on a shared machine a run may be cut short (fio killed by a signal).
+	URI=${uris[$1]} SIZE=$bytes RUNTIME=$RUNTIME fio --section="$2" --output-format=json bench/nbd/nbd.fio >"$json.raw" ||
+		URI=${uris[$1]} SIZE=$bytes RUNTIME=$RUNTIME fio --section="$2" --output-format=json bench/nbd/nbd.fio >"$json.raw" ||
+		die "fio $2 on $1 failed twice"
 	# fio prints "fio: connected to NBD server" before the JSON (FIELD-NOTES).
 	sed -n '/^{/,$p' "$json.raw" >"$json"
 	rm -f "$json.raw"

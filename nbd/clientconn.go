@@ -368,7 +368,11 @@ func (cc *clientConn) complete(cl *call, rerr *RemoteError) {
 			// disconnect": the request is retried on a new connection.
 			cl.err = errConnLost
 			close(cl.done)
-			go cc.disconnect()
+			cc.c.bg.Add(1) // the reader, which calls this, is counted: Add is safe
+			go func() {
+				defer cc.c.bg.Done()
+				cc.disconnect()
+			}()
 			return
 		}
 		cl.err = rerr

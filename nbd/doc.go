@@ -36,10 +36,33 @@
 // constraints" allows a server to disconnect for. A request with a bad magic loses the
 // framing and ends the connection.
 //
+// Limits (ServerConfig): the maximum payload (32 MiB), payload bytes in flight per
+// connection (128 MiB) and in all (512 MiB), requests in flight per connection (128) and
+// in all (1024), connections (256), options per handshake (64), option length (the
+// largest legal NBD_OPT_GO) and the handshake time (30 s). A reader blocked by a limit
+// stops reading, so TCP flow control pushes back on the client.
+//
+// Shutdown order, for `atrest serve` on SIGTERM: Notify("STOPPING=1"), Shutdown(ctx)
+// (listeners closed, connections drained, every export flushed), then close the
+// devices, which the server never closes. RemoveExport does the same for one export
+// (e.g. a drive that is going away) while the others keep serving.
+//
 // # Client
 //
 // Dial returns a *Client, a blockdev.Device with every optional capability: pipelined
 // requests demultiplexed by cookie, structured replies, several connections with
 // CAN_MULTI_CONN, requests split at the server's maximum payload, and reconnection with
-// a replay log (see Client).
+// a replay log (see Client). It honours the server's minimum block size, which it asks
+// for: with a server that advertises more than 1, an unaligned request fails with
+// blockdev.ErrNotSupported instead of being sent (atrest's server, nbdkit and qemu-nbd
+// on files advertise 1).
+//
+// Durability across reconnects: the kernel's nbd client resends requests after a
+// reconnect and reports a later flush as a success, even when the server crashed and lost
+// writes it had answered. This client keeps those writes (the replay log, 64 MiB by
+// default, emptied by every successful Flush and by a Flush of its own when full) and
+// sends them again, in order, on the new connection before anything else, so a Flush
+// that succeeds after a reconnect covers them. Without the log a Flush reports
+// ErrWritesLost once instead. A write is never acknowledged twice nor reordered against a
+// later one: replays precede every retried and new request.
 package nbd

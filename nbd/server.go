@@ -126,6 +126,7 @@ type Server struct {
 	listeners map[net.Listener]struct{}
 	conns     map[*serverConn]struct{}
 	nconns    int
+	accepted  uint64
 	closing   bool
 	connsWG   sync.WaitGroup
 }
@@ -202,6 +203,19 @@ func (s *Server) RemoveExport(ctx context.Context, name string) error {
 	}
 	s.mu.Unlock()
 	return s.stopConns(ctx, conns)
+}
+
+// ServerStats are counters of a Server, for status lines and tests.
+type ServerStats struct {
+	Connections int    // open now, handshakes included
+	Accepted    uint64 // since NewServer
+}
+
+// Stats returns the server's counters.
+func (s *Server) Stats() ServerStats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return ServerStats{Connections: s.nconns, Accepted: s.accepted}
 }
 
 // Exports returns the names of the exports, sorted.
@@ -320,6 +334,7 @@ func (s *Server) startConn(ctx context.Context, nc net.Conn) *serverConn {
 	c := newServerConn(s, nc)
 	s.conns[c] = struct{}{}
 	s.nconns++
+	s.accepted++
 	s.connsWG.Add(1)
 	s.mu.Unlock()
 	go func() {
