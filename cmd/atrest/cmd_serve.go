@@ -6,16 +6,19 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/atrest/atrest/internal/exitcodes"
 	"github.com/atrest/atrest/keystore"
+	"github.com/atrest/atrest/luks2"
 	"github.com/atrest/atrest/nbd"
 )
 
@@ -69,6 +72,11 @@ func init() {
 func runServe(ctx context.Context, o serveOptions) error {
 	logf := func(format string, args ...any) { fmt.Fprintf(o.log, "atrest serve: "+format+"\n", args...) }
 
+	for _, spec := range o.listen {
+		if err := checkListenSpec(spec); err != nil {
+			return err
+		}
+	}
 	ks, err := keystore.Open(o.keystore)
 	if err != nil {
 		return keystoreError(err)
@@ -93,7 +101,7 @@ func runServe(ctx context.Context, o serveOptions) error {
 	for _, p := range paths {
 		d, err := ks.Unlock(p, keystore.UnlockOptions{ReadOnly: o.readOnly, Direct: o.direct})
 		if err != nil {
-			return keystoreError(fmt.Errorf("unlock %s: %w", p, err))
+			return unlockError(ks, p, err)
 		}
 		drives = append(drives, d)
 		for _, other := range drives[:len(drives)-1] {
@@ -121,7 +129,7 @@ func runServe(ctx context.Context, o serveOptions) error {
 
 	listeners, err := serveListeners(o.listen)
 	if err != nil {
-		return fail(exitcodes.Failure, err, "")
+		return listenError(err, o.listen)
 	}
 
 	var wg sync.WaitGroup
@@ -205,12 +213,65 @@ func drivePaths(ks *keystore.Keystore, args []string) ([]string, error) {
 			return nil, usagef("drive pattern %q: %v", a, err)
 		}
 		if len(matches) == 0 {
+			if !hasGlobMeta(a) {
+				return nil, fail(exitcodes.DriveMissing, fmt.Errorf("drive %s does not exist", a), "check the path; a pulled drive must be reattached first")
+			}
 			return nil, fail(exitcodes.DriveMissing, fmt.Errorf("no drive matches %q", a), "")
 		}
 		paths = append(paths, matches...)
 	}
 	slices.Sort(paths)
 	return slices.Compact(paths), nil
+}
+
+// hasGlobMeta reports whether a DRIVE argument is a pattern rather than a path
+// (filepath.Match's special characters).
+func hasGlobMeta(s string) bool { return strings.ContainsAny(s, `*?[\`) }
+
+// unlockError maps a failure to unlock the drive at path to an exit code and a hint.
+func unlockError(ks *keystore.Keystore, path string, err error) error {
+	if !strings.Contains(err.Error(), path) { // the keystore's errors mostly name it
+		err = fmt.Errorf("unlock %s: %w", path, err)
+	}
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return fail(exitcodes.DriveMissing, err, "reattach the drive, or name the drives to serve on the command line")
+	case errors.Is(err, luks2.ErrWrongKey):
+		return fail(exitcodes.Key, err, fmt.Sprintf("the master key of %s does not open this drive: is --keystore this cluster's current keystore (a backup from before a key rotation holds a retired key)?", ks.Dir()))
+	}
+	return keystoreError(err)
+}
+
+// checkListenSpec checks the form of a --listen value before anything is opened;
+// nbd.Listen reports what only listening can tell (a socket in use, a bad address).
+func checkListenSpec(spec string) error {
+	network, addr, _ := strings.Cut(spec, ":")
+	if (network != "unix" && network != "tcp") || addr == "" {
+		return usagef("--listen %q: want unix:PATH or tcp:HOST[:PORT] (e.g. unix:%s or tcp:127.0.0.1:%d)", spec, defaultSocket, nbd.DefaultPort)
+	}
+	return nil
+}
+
+// listenError maps a failure to listen to an exit code: an address or socket that
+// another process serves is Busy.
+func listenError(err error, specs []string) error {
+	if errors.Is(err, syscall.EADDRINUSE) {
+		return fail(exitcodes.Busy, err, "another process listens there: stop it or choose another --listen address")
+	}
+	if len(specs) == 0 {
+		specs = []string{"unix:" + defaultSocket}
+	}
+	for _, spec := range specs {
+		// nbd.Listen refuses a unix socket that a live server answers on (and
+		// removes a stale one); tell that case apart by asking the socket.
+		if path, ok := strings.CutPrefix(spec, "unix:"); ok && strings.Contains(err.Error(), path) {
+			if c, derr := net.DialTimeout("unix", path, time.Second); derr == nil {
+				c.Close()
+				return fail(exitcodes.Busy, err, "another 'atrest serve' (or another NBD server) already serves "+path+": stop it first, or choose another --listen path")
+			}
+		}
+	}
+	return fail(exitcodes.Failure, err, "")
 }
 
 // exportNames gives each drive's export names: its volume's name, and also "" (the
