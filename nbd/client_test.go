@@ -180,40 +180,63 @@ func TestClientAgainstQemuNbd(t *testing.T) {
 	})
 }
 
-// crashDev stands for a server process that dies: once crashed, every call fails.
+// crashDev helps stand for a server process that dies: while crashed, Flush hangs
+// and then fails without reaching the device, so that nothing the dying server does
+// makes the cache durable; the test closes the connections, cuts the power under the
+// device, and revives it for the next server.
 type crashDev struct {
 	blockdev.Device
-	crashed atomic.Bool
+	mu      sync.Mutex
+	revived chan struct{} // non-nil while crashed
 }
 
 var errCrashed = errors.New("crashed")
 
-func (d *crashDev) ReadAt(p []byte, off int64) (int, error) {
-	if d.crashed.Load() {
-		return 0, errCrashed
-	}
-	return d.Device.ReadAt(p, off)
-}
-
-func (d *crashDev) WriteAt(p []byte, off int64) (int, error) {
-	if d.crashed.Load() {
-		return 0, errCrashed
-	}
-	return d.Device.WriteAt(p, off)
-}
-
-func (d *crashDev) WriteAtFUA(p []byte, off int64) (int, error) {
-	if d.crashed.Load() {
-		return 0, errCrashed
-	}
-	return blockdev.WriteFUA(d.Device, p, off)
-}
-
 func (d *crashDev) Flush() error {
-	if d.crashed.Load() {
+	d.mu.Lock()
+	ch := d.revived
+	d.mu.Unlock()
+	if ch != nil {
+		<-ch
 		return errCrashed
 	}
 	return d.Device.Flush()
+}
+
+// crash kills srv the way a crash would: its connections drop (the client notices),
+// and the device loses its volatile cache. It returns once srv is gone.
+func crash(t *testing.T, srv *Server, done <-chan error, dev *crashDev, f *blockdev.Faulty, c *Client) {
+	t.Helper()
+	dev.mu.Lock()
+	dev.revived = make(chan struct{})
+	dev.mu.Unlock()
+	closed := make(chan struct{})
+	go func() {
+		srv.Close() // its final flush hangs until the revival, then fails
+		close(closed)
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c.mu.Lock()
+		st := c.state
+		c.mu.Unlock()
+		if st != stateUp {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the client did not notice the crash")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if err := f.PowerCut(); err != nil {
+		t.Fatal(err)
+	}
+	dev.mu.Lock()
+	close(dev.revived)
+	dev.revived = nil
+	dev.mu.Unlock()
+	<-closed
+	<-done
 }
 
 // serveOn starts a server for dev on sock (replacing a dead one's socket).
@@ -237,8 +260,8 @@ func serveOn(t *testing.T, sock string, dev blockdev.Device) (*Server, chan erro
 // the caller, and every write reads back, also those that the crash lost, because the
 // client replays them.
 func TestClientReconnect(t *testing.T) {
-	for _, crash := range []bool{false, true} {
-		t.Run(map[bool]string{false: "shutdown", true: "crash"}[crash], func(t *testing.T) {
+	for _, crashIt := range []bool{false, true} {
+		t.Run(map[bool]string{false: "shutdown", true: "crash"}[crashIt], func(t *testing.T) {
 			checkLeaks(t)
 			const size = 8 << 20
 			f := blockdev.NewFaulty(blockdev.NewMem(size))
@@ -309,17 +332,14 @@ func TestClientReconnect(t *testing.T) {
 				}
 			}
 			waitProgress(300)
-			if crash {
-				dev.crashed.Store(true)
-				if err := f.PowerCut(); err != nil {
+			if crashIt {
+				crash(t, srv, done, dev, f, c)
+			} else {
+				if err := srv.Shutdown(context.Background()); err != nil {
 					t.Fatal(err)
 				}
-				srv.Close()
-				dev.crashed.Store(false)
-			} else if err := srv.Shutdown(context.Background()); err != nil {
-				t.Fatal(err)
+				<-done
 			}
-			<-done
 			at := progress.Load()
 			srv, done = serveOn(t, sock, dev)
 			waitProgress(at + 300)
@@ -368,11 +388,7 @@ func TestClientWritesLost(t *testing.T) {
 	if _, err := c.WriteAt([]byte("unflushed"), 0); err != nil {
 		t.Fatal(err)
 	}
-	dev.crashed.Store(true)
-	f.PowerCut()
-	srv.Close()
-	<-done
-	dev.crashed.Store(false)
+	crash(t, srv, done, dev, f, c)
 	srv, done = serveOn(t, sock, dev)
 	defer func() { srv.Shutdown(context.Background()); <-done }()
 	if err := c.Flush(); !errors.Is(err, ErrWritesLost) {
