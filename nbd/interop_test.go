@@ -247,7 +247,7 @@ func TestFioVerify(t *testing.T) {
 	ts := startServer(t, ServerConfig{}, Export{Device: blockdev.NewMem(64 << 20)})
 	out, errOut, err := run(t, 120*time.Second, fio, "--name=verify", "--ioengine=nbd", "--uri="+ts.uri(""),
 		"--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=64M", "--verify=crc32c",
-		"--verify_fatal=1", "--output-format=json")
+		"--verify_fatal=1", "--verify_state_save=0", "--output-format=json")
 	if err != nil {
 		t.Fatalf("fio: %v\n%s\n%s", err, out, errOut)
 	}
