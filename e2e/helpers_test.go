@@ -290,6 +290,29 @@ func (n *notifySocket) has(state string) bool {
 	return slices.Contains(n.states, state)
 }
 
+// sync returns once every datagram sent before it was called has been recorded: it
+// sends one of its own, which the socket queues behind them, and waits for it.
+func (n *notifySocket) sync(t testing.TB) {
+	t.Helper()
+	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: n.path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	marker := fmt.Sprintf("E2E_SYNC=%d", time.Now().UnixNano())
+	if _, err := c.Write([]byte(marker)); err != nil {
+		t.Fatal(err)
+	}
+	timeout := time.After(30 * time.Second)
+	for !n.has(marker) {
+		select {
+		case <-n.arrived:
+		case <-timeout:
+			t.Fatal("the notify socket's reader is stuck")
+		}
+	}
+}
+
 func (n *notifySocket) all() []string {
 	n.mu.Lock()
 	defer n.mu.Unlock()
@@ -391,9 +414,7 @@ func (d *daemon) waitReady() {
 		select {
 		case <-d.notify.arrived:
 		case <-d.done:
-			if d.notify.has("READY=1") {
-				return
-			}
+			d.notify.sync(d.t)
 			d.t.Fatalf("atrest serve exited (%v) before READY=1:\n%s", d.cmd.ProcessState, d.stderr.String())
 		case <-timeout.C:
 			d.t.Fatalf("atrest serve sent no READY=1 within 60 s (states %q):\n%s", d.notify.all(), d.stderr.String())
@@ -409,6 +430,7 @@ func (d *daemon) wait(timeout time.Duration) result {
 	case <-time.After(timeout):
 		d.t.Fatalf("atrest serve still running %v later:\n%s", timeout, d.stderr.String())
 	}
+	d.notify.sync(d.t) // what it sent before it exited is recorded
 	r := result{stderr: d.stderr.String(), code: d.cmd.ProcessState.ExitCode()}
 	if ws, ok := d.cmd.ProcessState.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
 		r.signal = ws.Signal()
