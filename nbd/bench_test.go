@@ -58,3 +58,29 @@ func BenchmarkRoundTrip(b *testing.B) {
 		c.Close()
 	}
 }
+
+// BenchmarkClientReplayLog measures what the replay log (a copy of every write until the
+// next Flush, and a Flush of its own whenever 64 MiB are held) costs 1 MiB writes.
+func BenchmarkClientReplayLog(b *testing.B) {
+	const size = 256 << 20
+	ts := startServer(b, ServerConfig{Logf: func(string, ...any) {}}, Export{Device: blockdev.NewMem(size)})
+	for _, replay := range []int64{-1, 0} {
+		b.Run(fmt.Sprintf("log=%v", replay == 0), func(b *testing.B) {
+			c, err := Dial(context.Background(), ts.addr, ClientOptions{ReplayBytes: replay})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer c.Close()
+			b.SetBytes(1 << 20)
+			b.SetParallelism(4)
+			b.RunParallel(func(pb *testing.PB) {
+				buf := make([]byte, 1<<20)
+				for i := 0; pb.Next(); i++ {
+					if _, err := c.WriteAt(buf, int64(i%200)<<20); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+		})
+	}
+}
