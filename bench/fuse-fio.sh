@@ -150,7 +150,11 @@ run_job() {
 	local json=$work/json/$1.$2.$5.json
 	mkdir -p "$work/json"
 	FILE=$3 SIZE=$4 RUNTIME=$RUNTIME IOENGINE=$IOENGINE \
-		fio --section="$2" --output-format=json bench/fuse/fuse.fio >"$json.raw"
+		fio --section="$2" --output-format=json bench/fuse/fuse.fio >"$json.raw" 2>"$json.err" || {
+		local rc=$?
+		tail -n 20 "$json.raw" "$json.err" "$work"/*.err >&2
+		die "fio $2 on $1 failed (exit $rc)"
+	}
 	# fio may print lines before the JSON (FIELD-NOTES): keep from the first '{'.
 	sed -n '/^{/,$p' "$json.raw" >"$json"
 	local errs

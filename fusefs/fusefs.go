@@ -22,6 +22,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -78,6 +79,8 @@ type Server struct {
 	srv   *fuse.Server
 	dir   string
 	names map[string]bool
+	done  chan struct{} // closed when the serve loop has ended
+	mu    sync.Mutex    // serializes Unmount (go-fuse's is not safe for concurrent use)
 }
 
 // Mount mounts a FUSE file system at dir (created with mode 0700 if missing) that holds
@@ -207,7 +210,9 @@ func Mount(dir string, files []File, opts Options) (*Server, error) {
 		_ = srv.Unmount()
 		return nil, fmt.Errorf("fusefs: mount %s: waiting for the kernel: %w", dir, err)
 	}
-	return &Server{srv: srv, dir: dir, names: names}, nil
+	s := &Server{srv: srv, dir: dir, names: names, done: make(chan struct{})}
+	go func() { srv.Wait(); close(s.done) }()
+	return s, nil
 }
 
 // Dir returns the absolute path of the mounted directory.
@@ -223,13 +228,30 @@ func (s *Server) Path(name string) string {
 
 // Wait returns when the mount has ended (Unmount, or umount(8) from outside) and no
 // request is being served any more.
-func (s *Server) Wait() { s.srv.Wait() }
+func (s *Server) Wait() { <-s.done }
 
 // Unmount unmounts the directory; Wait returns afterwards. It fails with EBUSY while a
 // file is open or attached to a loop device: detach first. It may be called again
-// after a failure, and after success it does nothing.
+// after a failure; once the mount has ended, by Unmount or from outside, it does
+// nothing.
 func (s *Server) Unmount() error {
-	if err := s.srv.Unmount(); err != nil {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	select {
+	case <-s.done:
+		return nil
+	default:
+	}
+	err := s.srv.Unmount()
+	if errors.Is(err, syscall.EINVAL) {
+		// No longer a mount point: ended from outside, the serve loop is exiting.
+		select {
+		case <-s.done:
+			return nil
+		case <-time.After(5 * time.Second):
+		}
+	}
+	if err != nil {
 		return fmt.Errorf("fusefs: unmount %s: %w", s.dir, err)
 	}
 	return nil

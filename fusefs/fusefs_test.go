@@ -663,6 +663,26 @@ func TestUnmountWhileOpen(t *testing.T) {
 	}
 }
 
+func TestUnmountedFromOutside(t *testing.T) {
+	requireFUSE(t)
+	s, err := Mount(filepath.Join(t.TempDir(), "fuse"), []File{{"vol", newProbe(1 << 20)}}, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Unmount(s.Dir(), 0); err != nil {
+		s.Unmount()
+		t.Fatal(err)
+	}
+	s.Wait()
+	start := time.Now()
+	if err := s.Unmount(); err != nil {
+		t.Errorf("Unmount after umount(2) from outside: %v", err)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("Unmount after umount(2) from outside took %v", d)
+	}
+}
+
 func TestMountErrors(t *testing.T) {
 	dir := t.TempDir()
 	dev := blockdev.NewMem(4096)
