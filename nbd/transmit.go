@@ -21,9 +21,10 @@ import (
 //     pooled buffers and starts one worker goroutine per request, after taking a
 //     request slot and the payload bytes from the connection's and the server's
 //     semaphores, so both the workers and the buffered bytes are bounded;
-//   - the workers run the request on the Device and queue the reply;
-//   - the writer sends queued replies, several per writev, header and payload without
-//     a copy, and then gives the buffers and semaphore units back.
+//   - the workers run the request on the Device and send the reply (see send: the first
+//     goroutine to find the connection idle writes everything queued, several replies
+//     per writev, header and payload without a copy, then gives the buffers and
+//     semaphore units back).
 //
 // Replies therefore go out in completion order, not request order ("Transmission").
 type serverConn struct {
@@ -44,11 +45,22 @@ type serverConn struct {
 
 	connBytes *semaphore
 	connReqs  *semaphore
-	replies   chan *reply
 	jobs      chan job      // to idle workers; unbuffered
 	quit      chan struct{} // closed when the reader stopped: idle workers exit
 	workers   sync.WaitGroup
 	dirty     atomic.Bool // a write was answered since the last flush
+
+	// Replies: whoever queues a reply while nobody is writing becomes the writer and
+	// sends everything queued, several replies per writev, until the queue is empty;
+	// the others only queue. So an idle connection answers without waking another
+	// goroutine, and a busy one batches.
+	wmu     sync.Mutex
+	pending []*reply // under wmu
+	spare   []*reply // under wmu: the other half of the double buffer
+	writing bool     // under wmu
+	broken  bool     // only the writer touches it
+	bufs    net.Buffers
+	scratch []byte
 }
 
 func newServerConn(s *Server, nc net.Conn) *serverConn {
@@ -93,18 +105,12 @@ func (c *serverConn) serve() {
 	c.dev = e.Device
 	c.connBytes = newSemaphore(c.s.cfg.MaxConnBytes)
 	c.connReqs = newSemaphore(int64(c.s.cfg.MaxConnRequests))
-	c.replies = make(chan *reply, c.s.cfg.MaxConnRequests+16)
-	writerDone := make(chan struct{})
-	go c.writer(writerDone)
-
 	c.jobs = make(chan job)
 	c.quit = make(chan struct{})
 	c.readRequests()
 
 	close(c.quit)
-	c.workers.Wait()
-	close(c.replies)
-	<-writerDone
+	c.workers.Wait() // every reply has been sent (or dropped on a broken connection)
 	if c.dirty.Load() {
 		// Not required by the protocol (a client flushes what it needs durable), but a
 		// disconnecting client's writes cost one flush to make safe.
@@ -333,9 +339,15 @@ func (c *serverConn) release(n int64) {
 	c.releaseSlot()
 }
 
-// queue hands a reply to the writer; it returns false if the connection is gone.
+// queue answers a request refused by the reader. The reply takes a request slot, like
+// the others, so that a client that sends bad requests without reading the answers
+// cannot make the queue grow; it returns false if the connection is ending.
 func (c *serverConn) queue(r *reply) bool {
-	c.replies <- r
+	if !c.acquire(0) {
+		return false
+	}
+	r.slot = true
+	c.send(r)
 	return true
 }
 
@@ -372,7 +384,7 @@ func (c *serverConn) worker(j job) {
 	for {
 		rep := &reply{cookie: j.req.cookie, cmd: j.req.typ, slot: true, bytes: j.bytes}
 		c.execute(&j.req, j.buf, rep)
-		c.replies <- rep
+		c.send(rep)
 		idle.Reset(workerIdle)
 		select {
 		case j = <-c.jobs:
@@ -477,67 +489,67 @@ func errnoFor(err error, cmd uint16) uint32 {
 	}
 }
 
-// writer sends replies until c.replies is closed, batching what is queued into one
-// writev. After a write error it keeps draining, so that workers never block.
-func (c *serverConn) writer(done chan<- struct{}) {
-	defer close(done)
-	var (
-		batch   []*reply
-		bufs    net.Buffers
-		scratch []byte
-		broken  bool
-	)
-	for r := range c.replies {
-		batch = append(batch[:0], r)
-	more:
-		for len(batch) < 64 {
-			select {
-			case r, ok := <-c.replies:
-				if !ok {
-					break more
-				}
-				batch = append(batch, r)
-			default:
-				break more
-			}
+// send queues r and, if nobody is writing, writes the queue until it is empty.
+func (c *serverConn) send(r *reply) {
+	c.wmu.Lock()
+	c.pending = append(c.pending, r)
+	if c.writing {
+		c.wmu.Unlock()
+		return
+	}
+	c.writing = true
+	for len(c.pending) > 0 {
+		batch := c.pending
+		c.pending, c.spare = c.spare[:0], nil
+		c.wmu.Unlock()
+		c.writeBatch(batch)
+		clear(batch)
+		c.wmu.Lock()
+		c.spare = batch[:0]
+	}
+	c.writing = false
+	c.wmu.Unlock()
+}
+
+// writeBatch sends replies with one writev and gives back their buffers and semaphore
+// units. After a write error it only gives back.
+func (c *serverConn) writeBatch(batch []*reply) {
+	if !c.broken {
+		total := 0
+		for _, r := range batch {
+			total += c.replyHeaderLen(r)
 		}
-		if !broken {
-			total := 0
-			for _, r := range batch {
-				total += c.replyHeaderLen(r)
-			}
-			if cap(scratch) < total {
-				scratch = make([]byte, total)
-			}
-			scratch = scratch[:total]
-			bufs = bufs[:0]
-			pos := 0
-			for _, r := range batch {
-				l := c.replyHeaderLen(r)
-				c.encodeReply(scratch[pos:pos+l], r)
-				bufs = append(bufs, scratch[pos:pos+l])
-				if r.data != nil {
-					bufs = append(bufs, r.data)
-				}
-				pos += l
-			}
-			w := bufs
-			if _, err := w.WriteTo(c.nc); err != nil {
-				broken = true
-				if !isClosedConn(err) {
-					c.s.logf("nbd: writing replies to %s: %v", c.nc.RemoteAddr(), err)
-				}
-				_ = c.nc.Close() // wakes the reader
-			}
+		if cap(c.scratch) < total {
+			c.scratch = make([]byte, total)
 		}
-		for i, r := range batch {
+		scratch := c.scratch[:total]
+		c.bufs = c.bufs[:0]
+		pos := 0
+		for _, r := range batch {
+			l := c.replyHeaderLen(r)
+			c.encodeReply(scratch[pos:pos+l], r)
+			c.bufs = append(c.bufs, scratch[pos:pos+l])
 			if r.data != nil {
-				putBuf(r.data)
+				c.bufs = append(c.bufs, r.data)
 			}
-			if r.slot {
-				c.release(r.bytes)
+			pos += l
+		}
+		w := c.bufs
+		if _, err := w.WriteTo(c.nc); err != nil {
+			c.broken = true
+			if !isClosedConn(err) {
+				c.s.logf("nbd: writing replies to %s: %v", c.nc.RemoteAddr(), err)
 			}
-			batch[i] = nil
+			_ = c.nc.Close() // wakes the reader
+		}
+		clear(c.bufs[:cap(c.bufs)])
+	}
+	for _, r := range batch {
+		if r.data != nil {
+			putBuf(r.data)
+		}
+		if r.slot {
+			c.release(r.bytes)
 		}
 	}
 }
