@@ -198,6 +198,9 @@ func (c *serverConn) handle(r *request) bool {
 	badFlags := r.flags&^c.allowedFlags(r.typ) != 0
 	readOnly := c.flags&tflagReadOnly != 0
 	maxReq := uint32(c.s.cfg.MaxRequestSize)
+	refuse := func(errno uint32, msg string) bool {
+		return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errno, msg: msg})
+	}
 	switch r.typ {
 	case cmdWrite:
 		var errno uint32
@@ -223,7 +226,7 @@ func (c *serverConn) handle(r *request) bool {
 			if _, err := io.CopyN(io.Discard, c.br, int64(r.length)); err != nil {
 				return false
 			}
-			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errno, msg: msg})
+			return refuse(errno, msg)
 		}
 		if !c.acquire(int64(r.length)) {
 			return false
@@ -240,7 +243,7 @@ func (c *serverConn) handle(r *request) bool {
 	case cmdRead:
 		switch {
 		case badFlags:
-			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errInval, msg: "invalid flags for a read"})
+			return refuse(errInval, "invalid flags for a read")
 		case r.length > maxReq:
 			// With structured replies a large read "MAY be rejected up front with
 			// NBD_EOVERFLOW"; with simple replies it "will fail" (EINVAL).
@@ -248,9 +251,9 @@ func (c *serverConn) handle(r *request) bool {
 			if c.structured {
 				errno = errOverflow
 			}
-			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errno, msg: "read larger than the maximum payload size"})
+			return refuse(errno, "read larger than the maximum payload size")
 		case !c.rangeOK(r.offset, uint64(r.length)):
-			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errInval, msg: "read beyond the end of the export"})
+			return refuse(errInval, "read beyond the end of the export")
 		}
 		if !c.acquire(int64(r.length)) {
 			return false
@@ -260,40 +263,40 @@ func (c *serverConn) handle(r *request) bool {
 
 	case cmdFlush:
 		if badFlags || r.offset != 0 || r.length != 0 {
-			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errInval, msg: "flush with flags, offset or length"})
+			return refuse(errInval, "flush with flags, offset or length")
 		}
 	case cmdTrim:
 		switch {
 		case readOnly:
-			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errPerm, msg: "read-only export"})
+			return refuse(errPerm, "read-only export")
 		case c.flags&tflagSendTrim == 0:
-			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errInval, msg: "trim is not enabled on this export"})
+			return refuse(errInval, "trim is not enabled on this export")
 		case badFlags:
-			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errInval, msg: "invalid flags for a trim"})
+			return refuse(errInval, "invalid flags for a trim")
 		case !c.rangeOK(r.offset, uint64(r.length)):
-			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errInval, msg: "trim beyond the end of the export"})
+			return refuse(errInval, "trim beyond the end of the export")
 		}
 	case cmdWriteZeroes:
 		switch {
 		case readOnly:
-			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errPerm, msg: "read-only export"})
+			return refuse(errPerm, "read-only export")
 		case badFlags:
-			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errInval, msg: "invalid flags for write-zeroes"})
+			return refuse(errInval, "invalid flags for write-zeroes")
 		case !c.rangeOK(r.offset, uint64(r.length)):
-			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errNoSpc, msg: "write-zeroes beyond the end of the export"})
+			return refuse(errNoSpc, "write-zeroes beyond the end of the export")
 		}
 	case cmdCache:
 		switch {
 		case badFlags:
-			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errInval, msg: "invalid flags for cache"})
+			return refuse(errInval, "invalid flags for cache")
 		case !c.rangeOK(r.offset, uint64(r.length)):
-			return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errInval, msg: "cache beyond the end of the export"})
+			return refuse(errInval, "cache beyond the end of the export")
 		}
 		// Advertised, and allowed to have no effect: the device has no cache to fill.
 		return c.queue(&reply{cookie: r.cookie, cmd: r.typ})
 	default:
 		// NBD_CMD_BLOCK_STATUS (no metadata context can be negotiated) and unknown commands.
-		return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errInval, msg: "unsupported command"})
+		return refuse(errInval, "unsupported command")
 	}
 	if !c.acquire(0) {
 		return false
