@@ -484,3 +484,71 @@ func TestClientSplitsAndErrors(t *testing.T) {
 	}
 	var _ net.Conn
 }
+
+// closingDev answers its first reads with ErrClosed, which the server sends as
+// ESHUTDOWN.
+type closingDev struct {
+	blockdev.Device
+	left atomic.Int32
+}
+
+func (d *closingDev) ReadAt(p []byte, off int64) (int, error) {
+	if d.left.Add(-1) >= 0 {
+		return 0, blockdev.ErrClosed
+	}
+	return d.Device.ReadAt(p, off)
+}
+
+// TestClientShutdownErrno: an ESHUTDOWN answer makes the client disconnect softly and
+// send the request again on a new connection.
+func TestClientShutdownErrno(t *testing.T) {
+	checkLeaks(t)
+	dev := &closingDev{Device: blockdev.NewMem(1 << 20)}
+	dev.left.Store(2)
+	ts := startServer(t, ServerConfig{}, Export{Device: dev})
+	c, err := Dial(context.Background(), ts.addr, ClientOptions{Connections: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	before := ts.Stats().Accepted
+	if _, err := c.ReadAt(make([]byte, 512), 0); err != nil {
+		t.Fatalf("read: %v", err)
+	}
+	if n := ts.Stats().Accepted - before; n != 2 {
+		t.Fatalf("%d new connections, want 2 (one per ESHUTDOWN)", n)
+	}
+}
+
+// TestClientCloseWhileReconnecting: Close returns promptly while a reconnect waits for a
+// server that does not come back, and the waiting call fails with ErrClosed.
+func TestClientCloseWhileReconnecting(t *testing.T) {
+	checkLeaks(t)
+	sock := filepath.Join(shortDir(t), "s")
+	srv, done := serveOn(t, sock, blockdev.NewMem(1<<20))
+	c, err := Dial(context.Background(), "unix:"+sock, ClientOptions{ReconnectTimeout: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.Close()
+	<-done
+	errc := make(chan error, 1)
+	go func() {
+		_, err := c.ReadAt(make([]byte, 512), 0)
+		errc <- err
+	}()
+	time.Sleep(50 * time.Millisecond) // let the read wait for the reconnect
+	start := time.Now()
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-errc; !errors.Is(err, blockdev.ErrClosed) {
+		t.Fatalf("waiting read: %v, want ErrClosed", err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Fatalf("Close took %v", d)
+	}
+	if err := c.Close(); !errors.Is(err, blockdev.ErrClosed) {
+		t.Fatalf("second Close: %v", err)
+	}
+}

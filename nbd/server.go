@@ -112,7 +112,7 @@ type export struct {
 }
 
 // ErrServerClosed is returned by Serve after Shutdown or Close.
-var ErrServerClosed = errors.New("nbd: server closed")
+var ErrServerClosed = errors.New("nbd server closed")
 
 // Server serves blockdev.Devices over NBD. All its methods are safe for concurrent use.
 type Server struct {
