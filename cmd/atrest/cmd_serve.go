@@ -132,13 +132,17 @@ func runServe(ctx context.Context, o serveOptions) error {
 		return listenError(err, o.listen)
 	}
 
+	// Serve gets a context that SIGTERM does not cancel: when its context ends, Serve
+	// closes every connection at once, and requests the drives already executed would
+	// go unanswered. The stop is Shutdown's below: stop reading, answer, flush.
+	serveCtx := context.WithoutCancel(ctx)
 	var wg sync.WaitGroup
 	serveErr := make(chan error, len(listeners))
 	for _, l := range listeners {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := srv.Serve(ctx, l); err != nil && !errors.Is(err, nbd.ErrServerClosed) && !errors.Is(err, context.Canceled) {
+			if err := srv.Serve(serveCtx, l); err != nil && !errors.Is(err, nbd.ErrServerClosed) {
 				serveErr <- fmt.Errorf("serve on %s: %w", l.Addr(), err)
 			}
 		}()
