@@ -166,12 +166,13 @@ func firstDiff(got, want []byte) string {
 	return "equal"
 }
 
-// TestServeSIGTERMInFlight sends SIGTERM while fio keeps 32 requests in flight, four
-// writers of the project's client write and flush 64 KiB blocks, and another client
-// sits idle. The daemon must drain, flush and exit 0 (not wait out --drain-timeout); the clients see their connections end (fio exits, it does
-// not hang). After a restart every block holds the last version whose write was
-// acknowledged, or the one write per writer that was in flight when the connection
-// ended: nothing acknowledged is lost, nothing is torn.
+// TestServeSIGTERMInFlight sends SIGTERM while fio keeps 32 requests in flight, 16
+// writers of the project's client write 1 MiB blocks (flushing now and then) on one
+// connection, and another client sits idle. The daemon must drain, flush and exit 0
+// promptly (not wait out --drain-timeout); fio sees its connection end and exits
+// instead of hanging. After a restart every block holds the last version whose write
+// was acknowledged; a write that failed (in flight when the connection ended) must not
+// have landed, since a drain answers every request the daemon read.
 func TestServeSIGTERMInFlight(t *testing.T) {
 	t.Parallel()
 	fio := testutil.Tool(t, "fio")
@@ -210,9 +211,9 @@ func TestServeSIGTERMInFlight(t *testing.T) {
 	t.Cleanup(func() { cancel(); <-fioDone })
 
 	const (
-		writers   = 4
-		blockSize = 64 << 10
-		blocks    = 64 // per writer: 4 MiB each, from 32 MiB on
+		writers   = 16
+		blockSize = 1 << 20 // large enough that some are always being encrypted
+		blocks    = 2       // per writer: 2 MiB each, from 32 MiB on
 	)
 	blockOff := func(w, b int) int64 { return 32<<20 + int64(w*blocks+b)*blockSize }
 	blockData := func(w, b int, ver uint64) []byte { return randomBytes(blockSize, uint64(w)<<48|uint64(b)<<32|ver) }
@@ -225,6 +226,9 @@ func TestServeSIGTERMInFlight(t *testing.T) {
 		once      sync.Once
 		wg        sync.WaitGroup
 	)
+	// One connection: its replies come in order before the end of the stream, so a
+	// write that fails was not answered. (With several, the client drops them all when
+	// one ends, replies on the others unread.)
 	cl := d.dial("vol")
 	idle := d.dial("vol") // a connection with nothing to do must not hold up the stop
 	defer idle.Close()
@@ -239,7 +243,7 @@ func TestServeSIGTERMInFlight(t *testing.T) {
 					return
 				}
 				acked[w][b] = ver
-				if writesOK.Add(1) >= 400 {
+				if writesOK.Add(1) >= 100 {
 					once.Do(func() { close(enough) })
 				}
 				if i%8 == 7 {
@@ -259,7 +263,7 @@ func TestServeSIGTERMInFlight(t *testing.T) {
 	select {
 	case <-enough:
 	case <-time.After(60 * time.Second):
-		t.Fatal("the writers did not get 400 writes acknowledged in 60 s")
+		t.Fatal("the writers did not get 100 writes acknowledged in 60 s")
 	}
 	took := d.stop()
 	if took >= 10*time.Second {
@@ -291,16 +295,16 @@ func TestServeSIGTERMInFlight(t *testing.T) {
 			switch {
 			case acked[w][b] != 0 && bytes.Equal(buf, blockData(w, b, acked[w][b])):
 			case inflight[w][b] != 0 && bytes.Equal(buf, blockData(w, b, inflight[w][b])):
-				newer++ // executed, but its reply never arrived: allowed
+				newer++
+				t.Errorf("writer %d block %d holds version %d, whose write failed: the daemon executed it and closed the connection without answering (no drain)", w, b, inflight[w][b])
 			default:
 				lost++
 				t.Errorf("writer %d block %d: neither the acknowledged version %d nor the in-flight %d", w, b, acked[w][b], inflight[w][b])
 			}
 		}
 	}
-	t.Logf("after restart: every acknowledged block intact (%d blocks hold the write that was in flight)", newer)
-	if lost > 0 {
-		t.Fatalf("%d blocks lost an acknowledged write", lost)
+	if lost > 0 || newer > 0 {
+		t.Fatalf("%d blocks lost an acknowledged write, %d hold an unanswered one", lost, newer)
 	}
 	cl.Close()
 	d.stop()

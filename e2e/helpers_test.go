@@ -438,16 +438,30 @@ func (d *daemon) wait(timeout time.Duration) result {
 	return r
 }
 
-// stop sends SIGTERM and checks a clean stop: STOPPING=1, the drain-and-flush log lines,
-// exit status 0 (and, under -race, no data race reported). It returns how long it took.
+// stop sends SIGTERM and checks a clean stop (see stopped). It returns how long it took.
 func (d *daemon) stop() time.Duration {
+	d.t.Helper()
+	start := d.term()
+	d.stopped()
+	return time.Since(start)
+}
+
+// term sends SIGTERM and returns when.
+func (d *daemon) term() time.Time {
 	d.t.Helper()
 	start := time.Now()
 	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		d.t.Fatal(err)
 	}
+	return start
+}
+
+// stopped waits for the daemon to end after SIGTERM and checks a clean stop:
+// STOPPING=1, the drain-and-flush log lines, exit status 0 (and, under -race, no data
+// race reported), the socket it made removed.
+func (d *daemon) stopped() {
+	d.t.Helper()
 	r := d.wait(60 * time.Second)
-	took := time.Since(start)
 	if r.code != 0 {
 		d.t.Fatalf("atrest serve exited with %d (signal %v) after SIGTERM, want 0:\n%s", r.code, r.signal, r.stderr)
 	}
@@ -465,7 +479,6 @@ func (d *daemon) stop() time.Duration {
 	if _, err := os.Lstat(d.sock); d.ownsSocket && !errors.Is(err, os.ErrNotExist) {
 		d.t.Fatalf("socket %s left behind after a clean stop (%v)", d.sock, err)
 	}
-	return took
 }
 
 // kill sends SIGKILL and waits for the process to die of it.
