@@ -243,14 +243,14 @@ func TestServeSIGTERMInFlight(t *testing.T) {
 					return
 				}
 				acked[w][b] = ver
-				if writesOK.Add(1) >= 100 {
-					once.Do(func() { close(enough) })
-				}
-				if i%8 == 7 {
+				writesOK.Add(1)
+				if i%4 == 3 {
 					if err := cl.Flush(); err != nil {
 						return
 					}
-					flushesOK.Add(1)
+					if flushesOK.Add(1) >= 32 && writesOK.Load() >= 100 {
+						once.Do(func() { close(enough) })
+					}
 				}
 			}
 		}()
@@ -263,7 +263,7 @@ func TestServeSIGTERMInFlight(t *testing.T) {
 	select {
 	case <-enough:
 	case <-time.After(60 * time.Second):
-		t.Fatal("the writers did not get 100 writes acknowledged in 60 s")
+		t.Fatal("the writers did not get 100 writes and 32 flushes acknowledged in 60 s")
 	}
 	took := d.stop()
 	if took >= 10*time.Second {

@@ -82,6 +82,11 @@ func cleanEnv(extra ...string) []string {
 		}
 		return false
 	})
+	if raceBuild {
+		// A -race binary sleeps a second before it exits (to let racing goroutines
+		// report); 50 ms is enough here and saves a second per atrest run.
+		env = append(env, "GORACE=atexit_sleep_ms=50")
+	}
 	return append(env, extra...)
 }
 
