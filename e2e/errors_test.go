@@ -55,7 +55,7 @@ func TestServeErrors(t *testing.T) {
 		mine := c.format("mine", "32M")
 		other := newClusterIn(t, c.dir, "other-keystore")
 		foreign := other.format("foreign", "32M")
-		c.refused(exitcodes.Failure, "is not a member of cluster", []string{mine, foreign}, spawnOpts{args: []string{mine, foreign}})
+		c.refused(exitcodes.Key, "is not a member of this cluster", []string{mine, foreign}, spawnOpts{args: []string{mine, foreign}})
 	})
 	t.Run("stale-keystore", func(t *testing.T) {
 		// A keystore restored from a backup taken before a rotation: same cluster,

@@ -22,6 +22,8 @@ var (
 	ErrRegistered = errors.New("drive is already registered")
 	// ErrVolumeExists: the volume name is taken.
 	ErrVolumeExists = errors.New("volume already exists")
+	// ErrForeign is returned when a drive carries no atrest token of this cluster.
+	ErrForeign = errors.New("drive is not a member of this cluster")
 )
 
 // openDrive opens the drive at path read-write (or read-only).

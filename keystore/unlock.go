@@ -85,7 +85,7 @@ func (k *Keystore) tryUnlock(dev blockdev.Device, path string, o UnlockOptions) 
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	if tok == nil || tok.ClusterUUID != k.state.ClusterUUID {
-		return nil, fmt.Errorf("%s: drive %s is not a member of cluster %s (hint: atrest drive adopt)", path, h.UUID(), k.state.ClusterUUID)
+		return nil, fmt.Errorf("%s: drive %s (this is cluster %s): %w", path, h.UUID(), k.state.ClusterUUID, ErrForeign)
 	}
 	keys, err := k.masterKeys()
 	if err != nil {

@@ -49,6 +49,8 @@ func keystoreError(err error) error {
 		return fail(exitcodes.Exists, err, "")
 	case errors.Is(err, keystore.ErrDriveMissing):
 		return fail(exitcodes.DriveMissing, err, "reattach the drive and rerun, or rerun with --force to leave it locked to the old master key for good")
+	case errors.Is(err, keystore.ErrForeign):
+		return fail(exitcodes.Key, err, "a drive of another cluster, or one formatted by cryptsetup: bring it in with 'atrest drive adopt --key-file KEY PATH'")
 	case errors.Is(err, luks2.ErrWrongKey):
 		return fail(exitcodes.Key, err, "check the key file: it must be the one the drive was formatted or last opened with")
 	case errors.Is(err, luks2.ErrDamaged):
