@@ -7,11 +7,13 @@ import (
 	"crypto/aes"
 	"fmt"
 	"os/exec"
+	"runtime"
 	"strconv"
 	"strings"
 	"time"
 
 	"golang.org/x/crypto/xts"
+	"golang.org/x/sys/unix"
 )
 
 // SpeedResult is one throughput measurement of XTS-AES-256 (`atrest speed`).
@@ -40,8 +42,9 @@ var SpeedSizes = []int{512, 4096, 64 << 10}
 // MeasureSpeed measures the XTS throughput on one core of every implementation this CPU
 // can run and of golang.org/x/crypto/xts, encrypting and decrypting buffers of each
 // size in place (sizes below 4096 as 512-byte sectors, others as 4096-byte sectors, which
-// must divide them). Each case runs for about perCase and reports its best of three
-// rounds. It stops early when ctx is done.
+// must divide them). Each case runs for about perCase of CPU time on one locked thread
+// and reports bytes per CPU second, the measure `openssl speed` uses. It stops early
+// when ctx is done.
 func MeasureSpeed(ctx context.Context, sizes []int, perCase time.Duration) ([]SpeedResult, error) {
 	for _, size := range sizes {
 		if size <= 0 || size%512 != 0 || (size > 4096 && size%4096 != 0) {
@@ -106,31 +109,47 @@ func MeasureSpeed(ctx context.Context, sizes []int, perCase time.Duration) ([]Sp
 	return results, nil
 }
 
-// measure runs f (which processes size bytes) for about d and returns the best of three
-// rounds in GB/s.
+// measure runs f (which processes size bytes) for about d of CPU time and returns the
+// throughput in GB/s over that CPU time. Like `openssl speed`, which divides by the user
+// CPU time of its process, it counts the CPU time of the measuring thread rather than
+// wall-clock time, so that both sides of a comparison run on a shared, loaded machine
+// are timed the same way.
 func measure(ctx context.Context, f func(), size int, d time.Duration) (float64, error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
 	f() // warm up caches and the buffer
-	best := 0.0
-	for range 3 {
+	n := 0
+	start, err := threadCPUTime()
+	if err != nil {
+		return 0, err
+	}
+	var elapsed time.Duration
+	for batch := 1; ; batch = min(batch*2, 1<<16) {
 		if err := ctx.Err(); err != nil {
 			return 0, err
 		}
-		round := d / 3
-		n := 0
-		start := time.Now()
-		var elapsed time.Duration
-		for batch := 1; ; batch *= 2 {
-			for range batch {
-				f()
-			}
-			n += batch
-			if elapsed = time.Since(start); elapsed >= round {
-				break
-			}
+		for range batch {
+			f()
 		}
-		best = max(best, float64(n)*float64(size)/elapsed.Seconds()/1e9)
+		n += batch
+		now, err := threadCPUTime()
+		if err != nil {
+			return 0, err
+		}
+		if elapsed = now - start; elapsed >= d {
+			break
+		}
 	}
-	return best, nil
+	return float64(n) * float64(size) / elapsed.Seconds() / 1e9, nil
+}
+
+// threadCPUTime is the CPU time the calling OS thread has used.
+func threadCPUTime() (time.Duration, error) {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_THREAD_CPUTIME_ID, &ts); err != nil {
+		return 0, fmt.Errorf("speed: thread CPU clock: %w", err)
+	}
+	return time.Duration(ts.Nano()), nil
 }
 
 // OpenSSLSpeed runs `openssl speed -evp aes-256-xts` at each size for the given whole
