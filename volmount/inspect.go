@@ -1,0 +1,104 @@
+package volmount
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+)
+
+// Stack is what Inspect finds at a mount point: the file system mounted there, the
+// loop device it is mounted from and the loop device's backing file, and the fusefs
+// mount (type fuse.atrest) that holds that file. Fields are "" for what is absent.
+type Stack struct {
+	Mountpoint string
+	Source     string // the mount's source, such as /dev/loop3
+	FSType     string // "" when nothing is mounted on Mountpoint
+	Loop       string // the loop device of the mount, if it is one
+	File       string // the loop device's backing file
+	FUSEDir    string // the fuse.atrest mount that holds File, if any
+}
+
+// Mounted reports whether a file system is mounted on the mount point.
+func (s Stack) Mounted() bool { return s.FSType != "" }
+
+// Atrest reports whether the mount is a stack of atrest's: a loop device over a file
+// in a fusefs mount.
+func (s Stack) Atrest() bool { return s.Loop != "" && s.FUSEDir != "" }
+
+// Inspect describes what is mounted on mountpoint (an absolute or relative path; not
+// resolved through symbolic links). Nothing mounted is not an error.
+func Inspect(mountpoint string) (Stack, error) {
+	mp, err := filepath.Abs(mountpoint)
+	if err != nil {
+		return Stack{}, fmt.Errorf("inspect %s: %w", mountpoint, err)
+	}
+	s := Stack{Mountpoint: mp}
+	mounts, err := readMounts()
+	if err != nil {
+		return s, fmt.Errorf("inspect %s: %w", mp, err)
+	}
+	m, ok := mountAt(mounts, mp)
+	if !ok {
+		return s, nil
+	}
+	s.Source, s.FSType = m.source, m.fsType
+	if m.major != loopMajor {
+		return s, nil
+	}
+	loops, err := boundLoops()
+	if err != nil {
+		return s, fmt.Errorf("inspect %s: list loop devices: %w", mp, err)
+	}
+	for _, l := range loops {
+		if l.major == m.major && l.minor == m.minor {
+			s.Loop, s.File = l.path(), l.backing
+		}
+	}
+	if s.File != "" {
+		if f, ok := mountAt(mounts, filepath.Dir(s.File)); ok && f.fsType == fuseType {
+			s.FUSEDir = filepath.Dir(s.File)
+		}
+	}
+	return s, nil
+}
+
+// IsFUSEMount reports whether dir is a fusefs mount (type fuse.atrest), alive or dead.
+func IsFUSEMount(dir string) (bool, error) {
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return false, err
+	}
+	mounts, err := readMounts()
+	if err != nil {
+		return false, err
+	}
+	m, ok := mountAt(mounts, dir)
+	return ok && m.fsType == fuseType, nil
+}
+
+// UnmountFUSE ends the fusefs mount on dir, as Teardown does: a dead one (its server
+// gone) is unmounted, a busy one detached lazily. A dir that is not a fusefs mount is
+// left alone.
+func UnmountFUSE(dir string) error {
+	ok, err := IsFUSEMount(dir)
+	if err != nil || !ok {
+		return err
+	}
+	return unmountFUSE(dir)
+}
+
+// QueueLimit reads a number from the request queue of the block device dev (a
+// /dev/NAME path), such as "write_zeroes_max_bytes" or "discard_max_bytes".
+func QueueLimit(dev, name string) (int64, error) {
+	b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "queue", name))
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", dev, err)
+	}
+	v, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("%s: queue/%s: %w", dev, name, err)
+	}
+	return v, nil
+}
