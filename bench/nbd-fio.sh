@@ -16,7 +16,9 @@
 # at depth 8, 4 KiB random read and write at depth 32.
 #
 # Environment: IMAGE_DIR=/dev/shm (tmpfs), SIZE=1G, RUNTIME=10 (seconds per job), REPS=3,
-# PEERS="atrest-enc atrest-plain nbdkit-file nbdkit-luks", JSON_DIR (keep fio's JSON).
+# PEERS="atrest-enc atrest-plain nbdkit-file nbdkit-luks", JSON_DIR (keep fio's JSON),
+# ENC_URI (measure this export, e.g. `atrest serve`'s, as atrest-enc instead of
+# plainserve -encrypt; it must be at least SIZE bytes).
 # Needs fio, nbdkit (with the luks filter), cryptsetup, jq, Go.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -95,7 +97,9 @@ start_nbdkit() { # NAME ARGS...
 }
 for peer in "${PEERS[@]}"; do
 	case $peer in
-	atrest-enc) start_plainserve "$peer" -encrypt ;;
+	atrest-enc)
+		if [ -n "${ENC_URI:-}" ]; then uris[$peer]=$ENC_URI; else start_plainserve "$peer" -encrypt; fi
+		;;
 	atrest-plain) start_plainserve "$peer" ;;
 	nbdkit-file) start_nbdkit "$peer" file file="$drive" ;;
 	nbdkit-luks) start_nbdkit "$peer" --filter=luks file file="$luks" passphrase=+"$keyfile" ;;
