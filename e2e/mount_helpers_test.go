@@ -319,3 +319,51 @@ func markers(data []byte) int { return bytes.Count(data, []byte(plainMarker)) }
 
 // syncAll is sync(1): everything written reaches the drives through the whole stack.
 func syncAll() { syscall.Sync() }
+
+// kernelLog follows the kernel log (/dev/kmsg) from the moment it is opened: the
+// ring buffer of a busy machine is full, so counting lines of dmesg would not do.
+type kernelLog struct {
+	t *testing.T
+	f *os.File
+}
+
+func followKernelLog(t *testing.T) *kernelLog {
+	t.Helper()
+	fd, err := syscall.Open("/dev/kmsg", syscall.O_RDONLY|syscall.O_NONBLOCK|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		testutil.Unavailable(t, "open /dev/kmsg: %v", err)
+	}
+	if _, err := syscall.Seek(fd, 0, 2); err != nil { // SEEK_END: only what comes next
+		syscall.Close(fd)
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fd), "/dev/kmsg")
+	t.Cleanup(func() { f.Close() })
+	return &kernelLog{t: t, f: f}
+}
+
+// errorsOf returns the messages logged since about I/O or file system errors of the
+// block device dev (such as loop3), which the test owns meanwhile, and reads them.
+func (k *kernelLog) errorsOf(dev string) []string {
+	k.t.Helper()
+	var out []string
+	buf := make([]byte, 8192)
+	for {
+		n, err := syscall.Read(int(k.f.Fd()), buf) // one record per read
+		if err == syscall.EPIPE {
+			continue // records were overwritten before we read them
+		}
+		if err != nil || n <= 0 {
+			return out // EAGAIN: no more
+		}
+		_, msg, _ := strings.Cut(string(buf[:n]), ";")
+		msg, _, _ = strings.Cut(msg, "\n")
+		mine := strings.Contains(msg, "("+dev+")") || strings.Contains(msg, "dev "+dev+",") || strings.Contains(msg, dev+":")
+		// "operation not supported" is a refused fast zeroing, which the block layer
+		// redoes by writing zeroes: no error.
+		refused := strings.Contains(msg, "operation not supported error")
+		if mine && !refused && (strings.Contains(msg, "error") || strings.Contains(msg, "Remounting")) {
+			out = append(out, msg)
+		}
+	}
+}
