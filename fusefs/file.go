@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -25,6 +26,24 @@ type fileNode struct {
 	logger  *slog.Logger
 	start   time.Time
 	discard bool
+	trim    func(file string) bool // Options.TrimHoles
+	refuse  atomic.Pointer[zeroWindow]
+}
+
+// zeroWindow is the range of Server.RefuseZeroRange while it runs.
+type zeroWindow struct{ off, end int64 }
+
+// absorbs reports whether a write of data at off is one of zeroes inside the window.
+func (w *zeroWindow) absorbs(data []byte, off int64) bool {
+	if w == nil || off < w.off || off+int64(len(data)) > w.end {
+		return false
+	}
+	for _, b := range data {
+		if b != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 var (
@@ -63,6 +82,9 @@ func (n *fileNode) Write(ctx context.Context, fh fs.FileHandle, data []byte, off
 	if errno != 0 || c == 0 {
 		return 0, errno
 	}
+	if n.refuse.Load().absorbs(data[:c], off) {
+		return uint32(c), 0 // see Server.RefuseZeroRange
+	}
 	if _, err := n.dev.WriteAt(data[:c], off); err != nil {
 		return 0, n.fail("write", off, int64(c), err)
 	}
@@ -99,6 +121,9 @@ func (n *fileNode) Allocate(ctx context.Context, fh fs.FileHandle, off, length u
 		}
 		err = n.punchHole(start, c)
 	case mode&unix.FALLOC_FL_ZERO_RANGE != 0:
+		if n.refuse.Load() != nil {
+			return syscall.EOPNOTSUPP // see Server.RefuseZeroRange
+		}
 		err = blockdev.WriteZeroes(n.dev, start, c, 0)
 	default:
 		return 0 // already allocated
@@ -109,17 +134,24 @@ func (n *fileNode) Allocate(ctx context.Context, fh fs.FileHandle, off, length u
 	return 0
 }
 
-// punchHole implements PUNCH_HOLE|KEEP_SIZE, when discards are on. fallocate(2) promises that the range
-// reads back as zeroes, and the kernel relies on it: a loop device turns both a
-// discard and a WRITE_ZEROES that allows unmapping (ext4's zeroout of inode tables and
-// extents) into this call. So it maps to WriteZeroes with ZeroMayUnmap, never to Trim,
-// whose contents afterwards are unspecified. ZeroFast keeps it cheap: a Device that
-// cannot zero without writing (an encrypted one) answers ErrNotFast, the request fails
-// with EOPNOTSUPP, a discard through the loop device fails (fstrim says "not
-// supported"), and the kernel falls back to writing zero pages for a WRITE_ZEROES.
+// punchHole implements PUNCH_HOLE|KEEP_SIZE, when discards are on. fallocate(2) promises
+// that the range reads back as zeroes, and the kernel relies on it: a loop device turns
+// both a discard and a WRITE_ZEROES that allows unmapping (ext4's zeroout of inode
+// tables and extents) into this call (measured on Linux 6.18: blkdiscard, fstrim,
+// fallocate -p on the loop device and ext4's lazy inode table init all arrive as
+// PUNCH_HOLE|KEEP_SIZE; blkdiscard -z and mke2fs's zeroouts as ZERO_RANGE|KEEP_SIZE).
+// So it maps to WriteZeroes with ZeroMayUnmap, not to Trim, whose contents afterwards
+// are unspecified, unless Options.TrimHoles vouches that the hole is a discard.
+// ZeroFast keeps it cheap: a Device that cannot zero without writing (an encrypted one)
+// answers ErrNotFast, the request fails with EOPNOTSUPP, Linux 6.18's loop driver turns
+// its discards off (queue/discard_max_bytes 0, write-zeroes stay: they fall back to
+// writing zero pages), and fstrim says "not supported".
 func (n *fileNode) punchHole(off, c int64) error {
 	if !n.discard {
 		return fmt.Errorf("punch hole: discards are off: %w", blockdev.ErrNotSupported)
+	}
+	if n.trim != nil && n.trim(n.name) {
+		return blockdev.Trim(n.dev, off, c)
 	}
 	err := blockdev.WriteZeroes(n.dev, off, c, blockdev.ZeroMayUnmap|blockdev.ZeroFast)
 	if errors.Is(err, blockdev.ErrNotFast) {

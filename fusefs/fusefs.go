@@ -70,6 +70,16 @@ type Options struct {
 	// stops sending discards (fstrim says "not supported") and zeroes by writing
 	// zero pages, so the drives never learn which blocks are free.
 	Discard bool
+	// TrimHoles, when set and Discard is on, is asked for each punched hole whether it
+	// is a discard: then it reaches the Device as Trim, after which the range reads
+	// back as whatever the Device holds (noise on an encrypted one), not as zeroes.
+	// The caller vouches for it: it returns true only while nothing can send the file
+	// a punched hole that must read back as zeroes. A loop device sends both its
+	// discards and its unmapping WRITE_ZEROES as punched holes, so `atrest mount`
+	// returns true only while every loop device over the file has write-zeroes turned
+	// off (queue/write_zeroes_max_bytes 0; see Server.RefuseZeroRange). It is called
+	// from the goroutines that serve FUSE, so it must not touch the mount.
+	TrimHoles func(file string) bool
 	// Debug logs every FUSE request to Logger at debug level.
 	Debug bool
 }
@@ -79,6 +89,7 @@ type Server struct {
 	srv   *fuse.Server
 	dir   string
 	names map[string]bool
+	files []*fileNode
 	done  chan struct{} // closed when the serve loop has ended
 	mu    sync.Mutex    // serializes Unmount (go-fuse's is not safe for concurrent use)
 }
@@ -100,9 +111,11 @@ type Server struct {
 //     beyond its end without KEEP_SIZE;
 //   - fallocate ZERO_RANGE: blockdev.WriteZeroes without ZeroMayUnmap;
 //   - fallocate PUNCH_HOLE|KEEP_SIZE: with Options.Discard, blockdev.WriteZeroes with
-//     ZeroMayUnmap|ZeroFast, EOPNOTSUPP when the Device answers ErrNotFast; never
+//     ZeroMayUnmap|ZeroFast, EOPNOTSUPP when the Device answers ErrNotFast; not
 //     Trim, since a punched hole must read back as zeroes and a loop device sends
-//     its WRITE_ZEROES this way too. Without Options.Discard, EOPNOTSUPP;
+//     its WRITE_ZEROES this way too, unless Options.TrimHoles says that the hole is
+//     a discard (then blockdev.Trim, EOPNOTSUPP when the Device cannot trim).
+//     Without Options.Discard, EOPNOTSUPP;
 //   - setattr: the size cannot change (EFBIG to grow, EPERM to shrink, also for
 //     open(O_TRUNC)), nor the owner or mode (EPERM); times are accepted and ignored.
 //
@@ -164,6 +177,7 @@ func Mount(dir string, files []File, opts Options) (*Server, error) {
 			logger:  logger,
 			start:   root.start,
 			discard: opts.Discard,
+			trim:    opts.TrimHoles,
 		})
 	}
 	goFuseLog := slog.NewLogLogger(logger.Handler(), slog.LevelWarn)
@@ -210,7 +224,7 @@ func Mount(dir string, files []File, opts Options) (*Server, error) {
 		_ = srv.Unmount()
 		return nil, fmt.Errorf("fusefs: mount %s: waiting for the kernel: %w", dir, err)
 	}
-	s := &Server{srv: srv, dir: dir, names: names, done: make(chan struct{})}
+	s := &Server{srv: srv, dir: dir, names: names, files: root.files, done: make(chan struct{})}
 	go func() { srv.Wait(); close(s.done) }()
 	return s, nil
 }
@@ -224,6 +238,32 @@ func (s *Server) Path(name string) string {
 		return ""
 	}
 	return filepath.Join(s.dir, name)
+}
+
+// RefuseZeroRange runs fn while the named file answers every fallocate ZERO_RANGE with
+// EOPNOTSUPP, without reaching its Device, and acknowledges without writing them the
+// writes of zeroes that lie inside [off, off+n). It exists to turn write-zeroes off on
+// a loop device over the file without changing a byte: fn zeroes [off, off+n) through
+// the loop device (BLKZEROOUT); the loop device's WRITE_ZEROES arrives as ZERO_RANGE,
+// is refused, and Linux 6.18's loop driver then sets its write_zeroes_max_bytes to 0
+// for good (discards stay on); the block layer falls back to writing zero pages, which
+// this drops. From then on every punched hole from that loop device is a discard. The
+// caller checks the queue limit afterwards (another kernel may behave otherwise) and
+// must make sure nothing else writes to the range while fn runs (before anything uses
+// the loop device). It fails if the Server has no such file.
+func (s *Server) RefuseZeroRange(name string, off, n int64, fn func() error) error {
+	var f *fileNode
+	for _, c := range s.files {
+		if c.name == name {
+			f = c
+		}
+	}
+	if f == nil {
+		return fmt.Errorf("fusefs: no file %q", name)
+	}
+	f.refuse.Store(&zeroWindow{off: off, end: off + n})
+	defer f.refuse.Store(nil)
+	return fn()
 }
 
 // Wait returns when the mount has ended (Unmount, or umount(8) from outside) and no
