@@ -6,6 +6,9 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 // Stack is what Inspect finds at a mount point: the file system mounted there, the
@@ -101,4 +104,31 @@ func QueueLimit(dev, name string) (int64, error) {
 		return 0, fmt.Errorf("%s: queue/%s: %w", dev, name, err)
 	}
 	return v, nil
+}
+
+// ZeroOut zeroes [off, off+n) of the block device dev with BLKZEROOUT, as
+// `blkdiscard -z` does: a WRITE_ZEROES that must not unmap, and zero pages written if
+// the device refuses it.
+func ZeroOut(dev string, off, n int64) error {
+	return rangeIoctl(dev, unix.BLKZEROOUT, off, n)
+}
+
+// Discard discards [off, off+n) of the block device dev with BLKDISCARD, as blkdiscard
+// does. A device without discards answers EOPNOTSUPP.
+func Discard(dev string, off, n int64) error {
+	return rangeIoctl(dev, unix.BLKDISCARD, off, n)
+}
+
+func rangeIoctl(dev string, req uint, off, n int64) error {
+	// A raw open: no runtime poller for a device that this process may serve.
+	fd, err := unix.Open(dev, unix.O_WRONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("%s: %w", dev, err)
+	}
+	defer unix.Close(fd)
+	r := [2]uint64{uint64(off), uint64(n)}
+	if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), uintptr(req), uintptr(unsafe.Pointer(&r[0]))); e != 0 {
+		return fmt.Errorf("%s: ioctl %#x [%d, +%d): %w", dev, req, off, n, e)
+	}
+	return nil
 }

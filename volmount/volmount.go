@@ -40,6 +40,11 @@ type Options struct {
 	Discard bool
 	// BlockSize is the logical block size of the loop device (see AttachOptions).
 	BlockSize int
+	// AfterAttach, if set, runs once the loop device is attached, before anything
+	// reads or writes it (Probe, MakeFS, Mount): the place to adjust the device, such
+	// as turning write-zeroes or discards off (ZeroOut, Discard). An error undoes the
+	// attach and fails Setup.
+	AfterAttach func(loop string) error
 }
 
 // Volume is a mounted stack.
@@ -69,6 +74,11 @@ func Setup(file, mountpoint string, opts Options) (*Volume, error) {
 	// device; releasing it detaches the device (auto-clear), also if we fail.
 	defer l.Release()
 	v := &Volume{File: l.File(), Loop: l.Path(), Mountpoint: mountpoint, FSType: fsType}
+	if opts.AfterAttach != nil {
+		if err := opts.AfterAttach(l.Path()); err != nil {
+			return nil, fmt.Errorf("set up %s: %w", file, err)
+		}
+	}
 	sig, err := Probe(l.Path())
 	if err != nil {
 		return nil, fmt.Errorf("set up %s: %w", file, err)
