@@ -3,8 +3,10 @@ package volmount
 import (
 	"bufio"
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"strings"
@@ -110,8 +112,9 @@ type MkfsOptions struct {
 }
 
 // MakeFS creates a file system of type fsType on dev, but only if Probe finds nothing
-// there: a device that holds any signature fails with an error that names it and
-// wraps ErrNotEmpty. Only ext4 is supported. ext4 is created with 4 KiB blocks and
+// there, nor an ext2/3/4 backup superblock (the remains of a file system whose primary
+// superblock was damaged, which blkid does not see): a device that holds any of these
+// fails with an error that names it and wraps ErrNotEmpty. Only ext4 is supported. ext4 is created with 4 KiB blocks and
 // lazy_itable_init=1 (the kernel zeroes the inode tables in the background after the
 // first mount, so mkfs of a large volume takes seconds), lazy_journal_init=0 (the
 // journal is written now: on an encrypted volume it would otherwise start as noise)
@@ -127,6 +130,11 @@ func MakeFS(dev, fsType string, opts MkfsOptions) error {
 	}
 	if !sig.Empty() {
 		return fmt.Errorf("make a file system on %s: it holds %s: %w", dev, sig, ErrNotEmpty)
+	}
+	if at, err := backupSuperblock(dev); err != nil {
+		return fmt.Errorf("make a file system on %s: %w", dev, err)
+	} else if at != "" {
+		return fmt.Errorf("make a file system on %s: blkid finds nothing, but there is an ext2/3/4 backup superblock at %s: the primary superblock is damaged (e2fsck -b can repair it): %w", dev, at, ErrNotEmpty)
 	}
 	mkfs, err := exec.LookPath("mkfs.ext4")
 	if err != nil {
@@ -150,4 +158,40 @@ func MakeFS(dev, fsType string, opts MkfsOptions) error {
 		return fmt.Errorf("make a file system on %s: mkfs.ext4: %w: %s", dev, err, strings.TrimSpace(string(out)))
 	}
 	return nil
+}
+
+// backupSuperblock looks for the first backup superblock of an ext2/3/4 file system
+// (in block group 1, for block sizes 1, 2 and 4 KiB) on dev, which blkid does not:
+// it only reads the primary one. A file system whose primary superblock was damaged
+// reads as nothing to blkid, but its data is still there and e2fsck can recover it;
+// MakeFS must not format over it. It returns where it found one ("" if nowhere).
+func backupSuperblock(dev string) (string, error) {
+	f, err := os.Open(dev)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	size, err := f.Seek(0, io.SeekEnd)
+	if err != nil {
+		return "", err
+	}
+	for _, c := range []struct {
+		block, blockSize int64
+	}{{8193, 1024}, {16384, 2048}, {32768, 4096}} {
+		off := c.block * c.blockSize
+		sb := make([]byte, 1024)
+		if off+int64(len(sb)) > size {
+			continue
+		}
+		if _, err := f.ReadAt(sb, off); err != nil {
+			return "", fmt.Errorf("read %s at %d: %w", dev, off, err)
+		}
+		magic := binary.LittleEndian.Uint16(sb[0x38:])
+		logBlock := binary.LittleEndian.Uint32(sb[0x18:]) // block size = 1024 << s_log_block_size
+		group := binary.LittleEndian.Uint16(sb[0x5A:])    // s_block_group_nr of this copy
+		if magic == 0xEF53 && int64(1024)<<logBlock == c.blockSize && group == 1 {
+			return fmt.Sprintf("block %d (%d-byte blocks)", c.block, c.blockSize), nil
+		}
+	}
+	return "", nil
 }
