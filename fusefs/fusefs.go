@@ -6,6 +6,21 @@
 // never grow or shrink; fsync maps to Flush, and fallocate to the Device's zeroing and
 // trimming capabilities (see Mount for the exact mapping).
 //
+// Discards through a loop device. A loop device over a file sends both its discards and
+// its WRITE_ZEROES that may unmap (ext4's lazy inode table init, extent zeroouts) as
+// fallocate PUNCH_HOLE|KEEP_SIZE; only WRITE_ZEROES with NOUNMAP (blkdiscard -z,
+// mke2fs) arrives as ZERO_RANGE|KEEP_SIZE (measured on Linux 6.18, where the block
+// layer also refuses FALLOC_FL_WRITE_ZEROES on a loop device: its
+// write_zeroes_unmap_max_hw_bytes is 0). A punched hole must read back as zeroes, and a
+// trimmed range of an encrypted Device reads back as noise, so by default a hole is an
+// unmapping zeroing, which an encrypted Device refuses (then the loop device turns its
+// discards off). Linux 6.18's loop driver turns write-zeroes off for good, keeping
+// discards, when its file answers ZERO_RANGE with EOPNOTSUPP; the block layer then
+// zeroes by writing zero pages, and every punched hole left is a discard.
+// Server.RefuseZeroRange provokes that without changing a byte, and Options.TrimHoles
+// lets holes through as trims while the caller sees write-zeroes off (`atrest mount`
+// does both when the export allows trims).
+//
 // Concurrency: Mount may be called from several goroutines for different directories.
 // A Server's methods (Dir, Path, Wait, Unmount) are safe for concurrent use. The
 // Devices are called from many goroutines at once, as blockdev.Device requires. The
