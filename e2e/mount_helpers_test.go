@@ -146,8 +146,10 @@ func (c *cluster) nothingLeft(mp, file string) {
 	if loops := loopsOver(c.t, file); len(loops) > 0 {
 		c.t.Errorf("loop devices %v still attached to %s", loops, file)
 	}
-	if isMountpoint(c.t, filepath.Dir(file)) {
-		c.t.Errorf("the FUSE mount %s is still there", filepath.Dir(file))
+	if dir := filepath.Dir(file); isMountpoint(c.t, dir) {
+		c.t.Errorf("the FUSE mount %s is still there", dir)
+	} else if strings.HasPrefix(dir, "/run/atrest/fuse/") && fileExists(dir) {
+		c.t.Errorf("the FUSE directory %s was left behind", dir)
 	}
 	if fileExists(stateFile(mp)) {
 		c.t.Errorf("state file %s left behind", stateFile(mp))

@@ -62,7 +62,9 @@ func init() {
 			"With --background it returns once the volume is mounted and serves in a child process.\n" +
 			"'atrest umount MOUNTPOINT' undoes it all, also after a crash.\n\n" +
 			"A volume that reads as noise holds no signature: a freshly formatted drive's data area is\n" +
-			"noise (unless formatted with --wipe), so the first mount creates the file system.",
+			"noise (unless formatted with --wipe), so the first mount creates the file system.\n\n" +
+			"fstrim on the volume reaches the drive as trims if the drive was formatted with\n" +
+			"--allow-discards, and is refused (\"not supported\") otherwise.",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "nbd", Usage: "NBD server: nbd+unix:///EXPORT?socket=PATH, nbd://HOST[:PORT]/EXPORT, unix:PATH or tcp:HOST:PORT (default: unix:" + defaultSocket + ")"},
 			&cli.StringFlag{Name: "export", Usage: "export (volume) name; overrides the one in --nbd (default: the server's default export)"},
@@ -352,6 +354,7 @@ func runMount(ctx context.Context, o mountOptions, ready *readiness) (err error)
 			logf("%v", uerr)
 		}
 		srv.Wait()
+		removeFUSEDir(srv.Dir())
 		closeClient()
 		removeState(mp)
 		return e
@@ -413,6 +416,7 @@ func runMount(ctx context.Context, o mountOptions, ready *readiness) (err error)
 		// Someone ended the FUSE mount (atrest umount without a state file, or by
 		// hand): what was above it is gone or dead.
 		logf("the FUSE mount %s was ended from outside", fuseDir)
+		removeFUSEDir(fuseDir)
 		removeState(mp)
 		if err := closeClient(); err != nil {
 			return fail(exitcodes.IO, err, "")
@@ -523,7 +527,16 @@ func teardownMount(mp, loop string, srv *fusefs.Server, sigs <-chan os.Signal, l
 		return fail(exitcodes.Busy, err, "")
 	}
 	srv.Wait()
+	removeFUSEDir(srv.Dir())
 	return nil
+}
+
+// removeFUSEDir removes a FUSE directory that `atrest mount` made under
+// fusefs.DefaultRoot once it is unmounted and empty; one given with --fuse-dir stays.
+func removeFUSEDir(dir string) {
+	if filepath.Dir(dir) == fusefs.DefaultRoot {
+		os.Remove(dir) // fails, harmlessly, if still mounted or not empty
+	}
 }
 
 // signal tells the parent that the volume is mounted, then lets go of the terminal:

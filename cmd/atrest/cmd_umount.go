@@ -99,6 +99,7 @@ func runUmount(ctx context.Context, o umountOptions) error {
 	if err := volmount.UnmountFUSE(state.FUSEDir); err != nil {
 		return fail(exitcodes.Failure, err, "")
 	}
+	removeFUSEDir(state.FUSEDir)
 	if err := removeState(mp); err != nil {
 		return fail(exitcodes.Failure, err, "")
 	}
@@ -122,6 +123,7 @@ func umountUnrecorded(st volmount.Stack) error {
 		}
 		return fail(exitcodes.Failure, err, "")
 	}
+	removeFUSEDir(st.FUSEDir)
 	return nil
 }
 
