@@ -13,11 +13,18 @@
 #   export).
 # MODE=file: fusefs over a blockdev.File of the image against nbdfuse over `nbdkit file`
 #   of the same image: nbdfuse pays an NBD hop that fusefs does not (the FUSE layer alone).
+# MODE=atrest: the production stack. A keystore and three encrypted drives (SIZE each,
+#   in IMAGE_DIR) served by `atrest serve` on a unix socket. FUSE file: fusefs over
+#   atrest's NBD client as `atrest mount` sets it up (bench/fuse/fuseserve -nbd, with
+#   the client's defaults: replay log on) against nbdfuse, both on the same export, and
+#   a third peer, fusefs-nolog, the same without the client's replay log (to measure its
+#   cost). ext4: a file in the ext4 that `atrest mount` mounts on one drive against ext4
+#   on a loop device (direct I/O) over nbdfuse on another.
 #
 # With EXT4=1 (default) it also runs the jobs on a file in ext4, mounted on a loop device
 # (direct I/O) over each peer's FUSE file; each peer then has its own image.
 #
-# Environment: MODE, NBD_URI, NBD_URI2, IMAGE_DIR=/dev/shm (tmpfs: the drive costs nothing),
+# Environment: MODE (nbd, file, atrest), NBD_URI, NBD_URI2, IMAGE_DIR=/dev/shm (tmpfs: the drive costs nothing),
 # SIZE=2G, EXT4_SIZE=1G (fio file in ext4), RUNTIME=10 (seconds per job), REPS=3,
 # IOENGINE=libaio, EXT4=1, JSON_DIR (keep fio's JSON output there).
 # Needs root, fio, nbdkit, nbdfuse (libnbd-bin), fuse3, e2fsprogs, util-linux, jq, Go.
@@ -34,18 +41,17 @@ REPS=${REPS:-3}
 IOENGINE=${IOENGINE:-libaio}
 EXT4=${EXT4:-1}
 JOBS=(seqread-1m-qd8 seqwrite-1m-qd8 randread-4k-qd32 randwrite-4k-qd32)
-PEERS=(fusefs nbdfuse)
 
 die() { echo "fuse-fio.sh: $*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "needs root (FUSE mounts, loop devices)"
-for tool in fio nbdkit nbdfuse fusermount3 losetup mkfs.ext4 jq go; do
+for tool in fio nbdkit nbdfuse nbdinfo fusermount3 losetup mkfs.ext4 dumpe2fs jq go; do
 	command -v "$tool" >/dev/null || die "$tool is not installed (scripts/install-deps.sh)"
 done
 case $MODE in
-file | nbd) ;;
-*) die "unknown MODE=$MODE (nbd or file)" ;;
+file | nbd | atrest) ;;
+*) die "unknown MODE=$MODE (nbd, file or atrest)" ;;
 esac
-if [ "$MODE" = file ] && [ -n "${NBD_URI:-}" ]; then
+if [ "$MODE" != nbd ] && [ -n "${NBD_URI:-}" ]; then
 	die "NBD_URI is for MODE=nbd"
 fi
 if [ -n "${NBD_URI:-}" ] && [ "$EXT4" = 1 ] && [ -z "${NBD_URI2:-}" ]; then
@@ -59,6 +65,9 @@ loops=()
 mounts=()
 cleanup() {
 	set +e
+	if [ -x "$work/atrest" ] && mountpoint -q "$work/mnt-atrest"; then
+		"$work/atrest" umount "$work/mnt-atrest"
+	fi
 	for m in "${mounts[@]}"; do umount "$m"; done
 	for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null; done
 	for d in "$work"/fusefs "$work"/nbdfuse "$work"/fusefs-ext4 "$work"/nbdfuse-ext4; do
@@ -102,13 +111,13 @@ start_server() {
 	uri="nbd+unix:///?socket=$sock"
 }
 
-# start_fusefs SOURCE DIR: serves SOURCE (an image in MODE=file, an NBD URI in MODE=nbd)
-# as DIR/volume and sets $file to its path. (No command substitution around these: a
-# background child would keep its pipe open.)
+# start_fusefs SOURCE DIR [FUSESERVE ARGS...]: serves SOURCE (an image in MODE=file, an
+# NBD URI otherwise) as DIR/volume and sets $file to its path. (No command substitution
+# around these: a background child would keep its pipe open.)
 start_fusefs() {
-	local out=$work/$(basename "$2").out src=-image
-	[ "$MODE" = nbd ] && src=-nbd
-	"$work/fuseserve" "$src" "$1" -dir "$2" >"$out" 2>"$out.err" </dev/null &
+	local out=$work/$(basename "$2").out src=-nbd
+	[ "$MODE" = file ] && src=-image
+	"$work/fuseserve" "$src" "$1" -dir "$2" "${@:3}" >"$out" 2>"$out.err" </dev/null &
 	pids+=($!)
 	wait_for grep -q '^ready ' "$out"
 	file=$(sed -n 's/^ready //p' "$out")
@@ -145,6 +154,14 @@ ext4_on() {
 	mounts+=("$2")
 }
 
+# itable_zeroed DEV: ext4's lazy init has zeroed every group's inode table (it would
+# compete with fio otherwise).
+itable_zeroed() {
+	local out
+	out=$(dumpe2fs "$1" 2>/dev/null)
+	[ "$(grep -c '^Group [0-9]*: ' <<<"$out")" = "$(grep -c 'ITABLE_ZEROED' <<<"$out")" ]
+}
+
 # run_job PEER JOB FILE SIZE REP: one fio run; its JSON goes to $work/json.
 run_job() {
 	local json=$work/json/$1.$2.$5.json
@@ -168,39 +185,99 @@ median() {
 		awk '{v[NR]=$1} END {if (NR%2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'
 }
 
-measure() { # measure LABEL FILE_fusefs FILE_nbdfuse SIZE
-	local label=$1 size=$4
-	declare -A files=([fusefs]=$2 [nbdfuse]=$3)
+# measure LABEL SIZE PEER=FILE...: every job on every peer, REPS times, the peers'
+# order rotated from one repetition to the next so that none always runs on a warmer
+# machine; prints medians, with ratios to the second peer (the reference, nbdfuse).
+measure() {
+	local label=$1 size=$2
+	shift 2
+	local peers=() pf
+	declare -A files
+	for pf in "$@"; do
+		peers+=("${pf%%=*}")
+		files[${pf%%=*}]=${pf#*=}
+	done
+	local n=${#peers[@]}
 	for job in "${JOBS[@]}"; do
 		for rep in $(seq "$REPS"); do
-			# Alternate the order so that neither peer always runs on a warmer machine.
-			local order=("${PEERS[@]}")
-			[ $((rep % 2)) = 0 ] && order=("${PEERS[1]}" "${PEERS[0]}")
-			for peer in "${order[@]}"; do
+			for k in $(seq 0 $((n - 1))); do
+				local peer=${peers[$(((k + rep - 1) % n))]}
 				echo "$label: $job on $peer, run $rep/$REPS" >&2
 				run_job "$label-$peer" "$job" "${files[$peer]}" "$size" "$rep"
 			done
 		done
 	done
 	printf '\n%s (%s, %ss per run, median of %s, %s)\n' "$label" "$MODE" "$RUNTIME" "$REPS" "$IOENGINE"
-	if [ "$MODE" = nbd ]; then
-		printf 'fusefs: atrest NBD client + fusefs; nbdfuse: libnbd + libfuse; one NBD server: %s\n' "${NBD_URI:-nbdkit file over an image in $IMAGE_DIR}"
-	else
-		printf 'fusefs: fusefs over a blockdev.File of the image; nbdfuse: over nbdkit file of the same image (one NBD hop more)\n'
-	fi
-	printf '%-20s %14s %14s %8s\n' job fusefs nbdfuse ratio
+	case $MODE in
+	nbd) printf 'fusefs: atrest NBD client + fusefs; nbdfuse: libnbd + libfuse; one NBD server: %s\n' "${NBD_URI:-nbdkit file over an image in $IMAGE_DIR}" ;;
+	file) printf 'fusefs: fusefs over a blockdev.File of the image; nbdfuse: over nbdkit file of the same image (one NBD hop more)\n' ;;
+	atrest) printf 'NBD server: atrest serve (XTS-AES-256 drives in %s); fusefs: atrest NBD client + fusefs, as atrest mount; fusefs-nolog: without the replay log\n' "$IMAGE_DIR" ;;
+	esac
+	local ref=${peers[1]}
+	printf '%-20s' job
+	for p in "${peers[@]}"; do printf ' %14s' "$p"; done
+	for p in "${peers[@]}"; do [ "$p" = "$ref" ] || printf ' %13s' "$p/$ref"; done
+	printf '\n'
 	for job in "${JOBS[@]}"; do
 		local field unit
 		case $job in
 		seq*) field='[.jobs[].read.bw_bytes, .jobs[].write.bw_bytes] | add / 1e6'; unit=MB/s ;;
 		*) field='[.jobs[].read.iops, .jobs[].write.iops] | add'; unit=IOPS ;;
 		esac
-		local a b
-		a=$(median "$label-fusefs" "$job" "$field")
-		b=$(median "$label-nbdfuse" "$job" "$field")
-		printf '%-20s %9.0f %-4s %9.0f %-4s %7.2fx\n' "$job" "$a" "$unit" "$b" "$unit" "$(echo "$a $b" | awk '{print $1/$2}')"
+		declare -A med=()
+		for p in "${peers[@]}"; do med[$p]=$(median "$label-$p" "$job" "$field"); done
+		printf '%-20s' "$job"
+		for p in "${peers[@]}"; do printf ' %9.0f %-4s' "${med[$p]}" "$unit"; done
+		for p in "${peers[@]}"; do
+			[ "$p" = "$ref" ] || printf ' %12.2fx' "$(echo "${med[$p]} ${med[$ref]}" | awk '{print $1/$2}')"
+		done
+		printf '\n'
 	done
 }
+
+if [ "$MODE" = atrest ]; then
+	echo "building atrest; keystore and three ${SIZE} drives in $IMAGE_DIR" >&2
+	go build -o "$work/atrest" ./cmd/atrest
+	export ATREST_KEYSTORE=$work/keystore
+	"$work/atrest" init >/dev/null
+	for v in raw ext4a ext4n; do
+		img=$IMAGE_DIR/atrest-fuse-bench-$v.$$.img
+		images+=("$img")
+		"$work/atrest" drive format --create "$SIZE" --volume "$v" "$img" >/dev/null
+	done
+	sock=$work/nbd.sock
+	"$work/atrest" serve --listen "unix:$sock" "$IMAGE_DIR"/atrest-fuse-bench-*.$$.img \
+		>"$work/serve.out" 2>"$work/serve.err" </dev/null &
+	pids+=($!)
+	wait_for grep -q '^atrest serve: serving' "$work/serve.err"
+	raw="nbd+unix:///raw?socket=$sock"
+	vsize=$(nbdinfo --size "$raw")
+	# Written data everywhere, so that reads decrypt real ciphertext.
+	fio --name=fill --ioengine=nbd --uri="$raw" --rw=write --bs=1M --iodepth=8 --size="$vsize" --output=/dev/null
+	start_fusefs "$raw" "$work/fusefs"
+	ffile=$file
+	start_fusefs "$raw" "$work/fusefs-nolog" -replay-bytes -1
+	lfile=$file
+	start_nbdfuse "$raw" "$work/nbdfuse"
+	nfile=$file
+	measure "FUSE file" "$vsize" fusefs="$ffile" nbdfuse="$nfile" fusefs-nolog="$lfile" >"$work/results"
+	if [ "$EXT4" = 1 ]; then
+		fusermount3 -u "$work/fusefs"
+		fusermount3 -u "$work/fusefs-nolog"
+		fusermount3 -u "$work/nbdfuse"
+		# atrest mount creates ext4 with lazy inode table init; init_itable=0 starts it
+		# at once, and the runs wait for it, on both peers.
+		"$work/atrest" mount --background -o noatime,init_itable=0 --nbd "nbd+unix:///ext4a?socket=$sock" "$work/mnt-atrest"
+		aloop=$(jq -r .loop "/run/atrest/mounts/$(systemd-escape --path "$work/mnt-atrest").json")
+		start_nbdfuse "nbd+unix:///ext4n?socket=$sock" "$work/nbdfuse-ext4"
+		ext4_on "$file" "$work/mnt-nbdfuse"
+		wait_for itable_zeroed "$aloop"
+		measure "ext4 on loop on FUSE file" "$EXT4_SIZE" atrest-mount="$work/mnt-atrest/fio.dat" nbdfuse="$work/mnt-nbdfuse/fio.dat" >>"$work/results"
+	fi
+	[ -z "${JSON_DIR:-}" ] || { mkdir -p "$JSON_DIR" && cp "$work"/json/*.json "$JSON_DIR"/; }
+	cat "$work/results"
+	exit 0
+fi
 
 if [ -n "${NBD_URI:-}" ]; then
 	src=$NBD_URI
@@ -217,7 +294,7 @@ start_fusefs "$src" "$work/fusefs"
 ffile=$file
 start_nbdfuse "$nuri" "$work/nbdfuse"
 nfile=$file
-measure "FUSE file" "$ffile" "$nfile" "$SIZE" >"$work/results"
+measure "FUSE file" "$SIZE" fusefs="$ffile" nbdfuse="$nfile" >"$work/results"
 
 if [ "$EXT4" = 1 ]; then
 	# Each file system needs its own drive; the raw peers let go of theirs first.
@@ -239,7 +316,7 @@ if [ "$EXT4" = 1 ]; then
 	nfile=$file
 	ext4_on "$ffile" "$work/mnt-fusefs"
 	ext4_on "$nfile" "$work/mnt-nbdfuse"
-	measure "ext4 on loop on FUSE file" "$work/mnt-fusefs/fio.dat" "$work/mnt-nbdfuse/fio.dat" "$EXT4_SIZE" >>"$work/results"
+	measure "ext4 on loop on FUSE file" "$EXT4_SIZE" fusefs="$work/mnt-fusefs/fio.dat" nbdfuse="$work/mnt-nbdfuse/fio.dat" >>"$work/results"
 fi
 
 if [ -n "${JSON_DIR:-}" ]; then

@@ -4,7 +4,7 @@
 // until the mount is ended from outside.
 //
 //	fuseserve -image /dev/shm/drive.img -dir /tmp/bench/fusefs
-//	fuseserve -nbd 'nbd+unix:///?socket=/tmp/bench/nbd.sock' -dir /tmp/bench/fusefs
+//	fuseserve -nbd 'nbd+unix:///?socket=/tmp/bench/nbd.sock' -dir /tmp/bench/fusefs [-replay-bytes -1]
 package main
 
 import (
@@ -27,22 +27,23 @@ func main() {
 	dir := flag.String("dir", "", "directory to mount the FUSE file system on")
 	name := flag.String("name", "volume", "name of the file in the directory")
 	direct := flag.Bool("direct", false, "open the image with O_DIRECT")
+	replay := flag.Int64("replay-bytes", 0, "the NBD client's replay log (nbd.ClientOptions.ReplayBytes): 0 the default (as atrest mount), -1 none")
 	flag.Parse()
 	if (*image == "") == (*uri == "") || *dir == "" || flag.NArg() > 0 {
 		fmt.Fprintln(os.Stderr, "usage: fuseserve (-image PATH [-direct] | -nbd URI) -dir DIR [-name NAME]")
 		os.Exit(2)
 	}
-	if err := run(*image, *uri, *dir, *name, *direct); err != nil {
+	if err := run(*image, *uri, *dir, *name, *direct, *replay); err != nil {
 		fmt.Fprintln(os.Stderr, "fuseserve:", err)
 		os.Exit(1)
 	}
 }
 
-func run(image, uri, dir, name string, direct bool) error {
+func run(image, uri, dir, name string, direct bool, replay int64) error {
 	var dev blockdev.Device
 	var err error
 	if uri != "" {
-		dev, err = nbd.Dial(context.Background(), uri, nbd.ClientOptions{})
+		dev, err = nbd.Dial(context.Background(), uri, nbd.ClientOptions{ReplayBytes: replay})
 	} else {
 		dev, err = blockdev.OpenFile(image, blockdev.FileOptions{Direct: direct})
 	}
