@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -277,6 +278,19 @@ func runMount(ctx context.Context, o mountOptions, ready *readiness) (err error)
 		unix.CloseOnExec(int(ready.pipe.Fd()))
 	}
 
+	// Signals are counted here as well as cancelling ctx: a second one cuts short a
+	// teardown that waits for open files. (Counted rather than received: the first
+	// signal reaches ctx and this channel in no fixed order.)
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigs)
+	var signals atomic.Int32
+	go func() {
+		for range sigs {
+			signals.Add(1)
+		}
+	}()
+
 	// Refuse a mount point in use, and clear a stale record.
 	st, err := volmount.Inspect(mp)
 	if err != nil {
@@ -395,11 +409,6 @@ func runMount(ctx context.Context, o mountOptions, ready *readiness) (err error)
 	}
 	logf("%s %s (export %q of %s, %d bytes) on %s through %s and %s", how, file, addr.Export, addr, info.Size, mp, vol.Loop, fuseDir)
 
-	// Signals of our own as well as ctx's: a second one cuts a teardown that waits for
-	// open files short.
-	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
-	defer signal.Stop(sigs)
 
 	if _, err := nbd.Notify(fmt.Sprintf("READY=1\nSTATUS=%s mounted on %s", name, mp)); err != nil {
 		logf("sd_notify: %v", err)
@@ -425,7 +434,7 @@ func runMount(ctx context.Context, o mountOptions, ready *readiness) (err error)
 	}
 	nbd.Notify("STOPPING=1")
 	logf("stopping: unmounting %s", mp)
-	err = teardownMount(mp, vol.Loop, srv, sigs, logf)
+	err = teardownMount(mp, vol.Loop, srv, func() bool { return signals.Load() >= 2 }, logf)
 	if cerr := closeClient(); cerr != nil {
 		err = errors.Join(err, fail(exitcodes.IO, cerr, ""))
 	}
@@ -487,7 +496,7 @@ func writeZeroesOff(file string) bool {
 // teardownMount takes the stack down in order: the file system (waiting for open files
 // to be closed, lazily after a few seconds), the loop device, the FUSE mount. It runs
 // on the main goroutine, never on one that serves FUSE.
-func teardownMount(mp, loop string, srv *fusefs.Server, sigs <-chan os.Signal, logf func(string, ...any)) error {
+func teardownMount(mp, loop string, srv *fusefs.Server, stopNow func() bool, logf func(string, ...any)) error {
 	st, err := volmount.Inspect(mp)
 	if err != nil {
 		return fail(exitcodes.Failure, err, "")
@@ -517,10 +526,8 @@ func teardownMount(mp, loop string, srv *fusefs.Server, sigs <-chan os.Signal, l
 			return fail(exitcodes.Failure, err, "")
 		}
 		logf("waiting for %s to be released (files still open on the detached file system); signal again to stop now", loop)
-		select {
-		case <-sigs:
+		if stopNow() {
 			return fail(exitcodes.Busy, err, "files were still open on "+mp+"; the FUSE mount stays until they are closed")
-		default:
 		}
 	}
 	if err := srv.Unmount(); err != nil {
