@@ -409,7 +409,6 @@ func runMount(ctx context.Context, o mountOptions, ready *readiness) (err error)
 	}
 	logf("%s %s (export %q of %s, %d bytes) on %s through %s and %s", how, file, addr.Export, addr, info.Size, mp, vol.Loop, fuseDir)
 
-
 	if _, err := nbd.Notify(fmt.Sprintf("READY=1\nSTATUS=%s mounted on %s", name, mp)); err != nil {
 		logf("sd_notify: %v", err)
 	}
