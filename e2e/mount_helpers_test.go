@@ -30,7 +30,7 @@ func requireMount(t *testing.T) {
 			testutil.Unavailable(t, "%s is missing: %v", p, err)
 		}
 	}
-	for _, tool := range []string{"blkid", "mount", "mkfs.ext4"} {
+	for _, tool := range []string{"blkid", "mount", "mkfs.ext4", "systemd-escape"} {
 		testutil.Tool(t, tool)
 	}
 }
