@@ -9,6 +9,7 @@ packages=(
 	e2fsprogs            # mkfs.ext4 on the mounted volumes
 	fio                  # benchmarks and verification jobs (ioengine=nbd)
 	fuse3                # fusermount3 for cleaning up FUSE mounts
+	jq                   # the benchmark scripts read fio's JSON with it
 	libnbd-bin           # nbdinfo, nbdcopy, nbdfuse
 	nbdkit               # NBD peer (file plugin, luks filter)
 	openssl              # peer for atrest speed
