@@ -1,8 +1,10 @@
-package main
+package mountstack
 
 import (
+	"encoding/json"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -47,15 +49,46 @@ func TestProcStartTime(t *testing.T) {
 	if err != nil || exited || st == 0 {
 		t.Fatalf("procStartTime(self) = %d, %v, %v", st, exited, err)
 	}
-	s := &mountState{PID: os.Getpid(), StartTime: st}
-	if !s.alive() {
+	s := &State{PID: os.Getpid(), StartTime: st}
+	if !s.Alive() {
 		t.Error("this process is not alive")
 	}
 	s.StartTime++
-	if s.alive() {
+	if s.Alive() {
 		t.Error("a process with another start time (a reused pid) counts as alive")
 	}
-	if (&mountState{PID: 1 << 30}).alive() {
+	if (&State{PID: 1 << 30}).Alive() {
 		t.Error("a missing process counts as alive")
+	}
+}
+
+// TestStateFormat locks the state file format (testdata/*.json, written by hand after
+// what `atrest mount` wrote before this package existed): `atrest umount` of one
+// version must read what `atrest mount` of another wrote, and the e2e tests and
+// administrators read the file too.
+func TestStateFormat(t *testing.T) {
+	cases := map[string]State{
+		"state.json": {Mountpoint: "/srv/vol1", FUSEDir: "/run/atrest/fuse/srv-vol1", File: "/run/atrest/fuse/srv-vol1/vol1",
+			Loop: "/dev/loop3", PID: 4242, StartTime: 123456, NBD: "nbd+unix:///vol1?socket=%2Frun%2Fatrest%2Fnbd.sock", Export: "vol1"},
+		// Recorded before the loop device is attached: no "loop".
+		"state-unattached.json": {Mountpoint: "/mnt/my vol", FUSEDir: "/tmp/fuse", File: "/tmp/fuse/volume",
+			PID: 7, StartTime: 99, NBD: "nbd://127.0.0.1:10809/"},
+	}
+	for name, s := range cases {
+		golden, err := os.ReadFile(filepath.Join("testdata", name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := marshalState(&s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(got) != string(golden) {
+			t.Errorf("%s: marshalState =\n%s\nwant\n%s", name, got, golden)
+		}
+		var back State
+		if err := json.Unmarshal(golden, &back); err != nil || back != s {
+			t.Errorf("%s: parses as %+v, %v; want %+v", name, back, err, s)
+		}
 	}
 }

@@ -1,0 +1,318 @@
+package mountstack
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/atrest/atrest/fusefs"
+	"github.com/atrest/atrest/nbd"
+	"github.com/atrest/atrest/volmount"
+)
+
+// Options describe the stack that Mount sets up.
+type Options struct {
+	// Mountpoint is where the file system is mounted (created if missing), resolved
+	// with AbsMountpoint.
+	Mountpoint string
+	// Address is the NBD server and the export that holds the volume.
+	Address nbd.Address
+	// FSType is the file system type; "" means ext4, the only one ever created.
+	FSType string
+	// MountOptions are mount(8) -o options, such as "noatime".
+	MountOptions string
+	// FUSEDir is the directory of the FUSE mount that holds the volume's file. ""
+	// means fusefs.DefaultRoot/<the mount point escaped as systemd-escape --path
+	// does>, which is removed again once unmounted (a directory given here stays).
+	FUSEDir string
+	// Logf receives a line for each thing an administrator may want to know: what was
+	// mounted, warnings, the stop, the NBD client's reconnects. It is called from
+	// several goroutines. Nil discards the lines.
+	Logf func(format string, args ...any)
+	// Logger receives the FUSE server's Device errors and diagnostics (see
+	// fusefs.Options.Logger). Nil discards them.
+	Logger *slog.Logger
+}
+
+// Stack is a stack that Mount set up and that this process serves until Close.
+type Stack struct {
+	mp      string
+	fuseDir string
+	name    string // of the FUSE file
+	loop    string
+	logf    func(format string, args ...any)
+	client  *nbd.Client
+	srv     *fusefs.Server
+	done    chan struct{} // closed when the FUSE mount has ended
+}
+
+// Mount sets the stack up in order: it connects to the NBD export, serves it as a file
+// in a FUSE directory, attaches a loop device with direct I/O over that file (set up
+// for discards, see below), creates ext4 there if the volume holds no signature at all
+// (never over existing data), and mounts it on the mount point. It records the stack,
+// with this process as the one that serves it, in the mount point's state file under
+// StateDir, and returns once the file system is mounted.
+//
+// It refuses (errors matching ErrBusy) a mount point with a file system on it, one
+// that a live process already serves, one whose crashed server left its FUSE mount
+// behind, and a FUSE directory already in use; a stale state file is removed. On
+// failure it undoes what it did. ctx bounds the connection to the server (at most 30
+// s) and nothing after it.
+//
+// Discards: fstrim on the volume reaches the drive as trims if the export offers trim
+// (atrest serve offers it where the drive allows discards), and is refused from its
+// first call otherwise (see prepareDiscards).
+func Mount(ctx context.Context, o Options) (*Stack, error) {
+	logf := o.Logf
+	if logf == nil {
+		logf = func(string, ...any) {}
+	}
+	mp, err := AbsMountpoint(o.Mountpoint)
+	if err != nil {
+		return nil, err
+	}
+	fsType := o.FSType
+	if fsType == "" {
+		fsType = "ext4"
+	}
+	addr := o.Address
+
+	// Refuse a mount point in use, and clear a stale record.
+	st, err := volmount.Inspect(mp)
+	if err != nil {
+		return nil, err
+	}
+	if st.Mounted() {
+		return nil, mark(fmt.Errorf("%s already has %s (%s) mounted on it", mp, st.Source, st.FSType), ErrMounted)
+	}
+	if old, err := ReadState(mp); err == nil {
+		if old.Alive() {
+			return nil, mark(fmt.Errorf("atrest mount (pid %d) already serves %s", old.PID, mp), ErrServed)
+		}
+		if fuse, _ := volmount.IsFUSEMount(old.FUSEDir); fuse {
+			return nil, mark(fmt.Errorf("a crashed atrest mount of %s left its FUSE mount %s behind", mp, old.FUSEDir), ErrLeftBehind)
+		}
+		if err := removeState(mp); err != nil {
+			return nil, err
+		}
+	}
+
+	fuseDir := o.FUSEDir
+	if fuseDir == "" {
+		fuseDir = filepath.Join(fusefs.DefaultRoot, escapePath(mp))
+	}
+	if fuseDir, err = filepath.Abs(fuseDir); err != nil {
+		return nil, err
+	}
+	if fuse, _ := volmount.IsFUSEMount(fuseDir); fuse {
+		return nil, mark(fmt.Errorf("%s is already a FUSE mount of atrest", fuseDir), ErrFUSEDirInUse)
+	}
+
+	dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	client, err := nbd.Dial(dctx, addr.String(), nbd.ClientOptions{Logf: func(f string, a ...any) { logf("nbd: "+f, a...) }})
+	cancel()
+	if err != nil {
+		err = fmt.Errorf("connect to %s: %w", addr, err)
+		// The server's refusal of the export name reaches the client as a message,
+		// not as a sentinel of package nbd.
+		if strings.Contains(err.Error(), "no export named") {
+			return nil, mark(err, ErrUnknownExport)
+		}
+		return nil, mark(err, ErrUnreachable)
+	}
+	s := &Stack{mp: mp, fuseDir: fuseDir, logf: logf, client: client}
+	info := client.Info()
+
+	s.name = addr.Export
+	if s.name == "" || s.name == "." || s.name == ".." || strings.ContainsAny(s.name, "/\x00") || len(s.name) > 255 {
+		s.name = "volume"
+	}
+	// The export offers TRIM only where the drive allows discards (atrest serve).
+	discard := info.CanTrim && !info.ReadOnly
+	fopts := fusefs.Options{Logger: o.Logger, Discard: discard}
+	if discard {
+		path := filepath.Join(fuseDir, s.name)
+		fopts.TrimHoles = func(string) bool { return writeZeroesOff(path) }
+	}
+	srv, err := fusefs.Mount(fuseDir, []fusefs.File{{Name: s.name, Device: client}}, fopts)
+	if err != nil {
+		s.closeClient()
+		return nil, err
+	}
+	s.srv = srv
+	file := srv.Path(s.name)
+	state := &State{Mountpoint: mp, FUSEDir: fuseDir, File: file, PID: os.Getpid(), NBD: addr.String(), Export: addr.Export}
+	state.StartTime, _, _ = procStartTime(os.Getpid())
+	if err := writeState(state); err != nil {
+		return nil, s.abort(fmt.Errorf("record the mount in %s: %w", StateDir, err))
+	}
+
+	label := addr.Export
+	if len(label) > 16 {
+		label = ""
+	}
+	prepare := func(loop string) error {
+		if !info.ReadOnly {
+			prepareDiscards(srv, s.name, loop, discard, logf)
+		}
+		return nil
+	}
+	vol, err := volmount.Setup(file, mp, volmount.Options{FSType: fsType, MountOptions: o.MountOptions, Label: label, ReadOnly: info.ReadOnly, AfterAttach: prepare})
+	if err != nil {
+		// volmount says "only ext4" in words, with no sentinel.
+		if !errors.Is(err, volmount.ErrNotEmpty) && strings.Contains(err.Error(), "only ext4") {
+			err = mark(err, ErrUnsupportedFS)
+		}
+		return nil, s.abort(err)
+	}
+	s.loop = vol.Loop
+	state.Loop = vol.Loop
+	if err := writeState(state); err != nil {
+		logf("update %s: %v", StatePath(mp), err)
+	}
+	how := "mounted"
+	if vol.Created {
+		how = "created " + vol.FSType + " and mounted"
+	}
+	logf("%s %s (export %q of %s, %d bytes) on %s through %s and %s", how, file, addr.Export, addr, info.Size, mp, vol.Loop, fuseDir)
+
+	s.done = make(chan struct{})
+	go func() { srv.Wait(); close(s.done) }()
+	return s, nil
+}
+
+// abort undoes a Mount that failed once the FUSE directory was mounted, and returns
+// err.
+func (s *Stack) abort(err error) error {
+	if uerr := s.srv.Unmount(); uerr != nil {
+		s.logf("%v", uerr)
+	}
+	s.srv.Wait()
+	removeFUSEDir(s.srv.Dir())
+	s.closeClient()
+	removeState(s.mp)
+	return err
+}
+
+// closeClient flushes and closes the NBD client.
+func (s *Stack) closeClient() error {
+	ferr := s.client.Flush()
+	if ferr != nil {
+		s.logf("flush: %v", ferr)
+	}
+	return errors.Join(ferr, s.client.Close())
+}
+
+// Mountpoint is where the file system is mounted (resolved by AbsMountpoint).
+func (s *Stack) Mountpoint() string { return s.mp }
+
+// Name is the name of the volume's file in the FUSE directory: the export name, or
+// "volume" for one that is no file name.
+func (s *Stack) Name() string { return s.name }
+
+// File is the path of the volume's file in the FUSE directory.
+func (s *Stack) File() string { return s.srv.Path(s.name) }
+
+// Loop is the loop device, such as /dev/loop3.
+func (s *Stack) Loop() string { return s.loop }
+
+// Done is closed when the FUSE mount has ended from outside (umount(8) of the FUSE
+// directory, or Unmount of a mount point whose state file was lost): the file system
+// above it is gone or dead. Close then cleans up what is left.
+func (s *Stack) Done() <-chan struct{} { return s.done }
+
+// Close takes the stack down in order: it unmounts the file system (retrying for a
+// few seconds while files are open there, then detaching it lazily, so that those
+// files stay usable), waits until the loop device is released (it detaches itself once
+// the last file is closed), ends the FUSE mount, flushes and closes the NBD client and
+// removes the state file. If the FUSE mount has ended from outside (Done), it only
+// cleans up after it.
+//
+// ctx only bounds the wait for files open on a lazily detached file system: once it
+// is done, Close gives up with an error matching ErrFilesOpen, leaving the loop device,
+// the FUSE mount and the state file for Unmount to remove; the NBD client is closed all
+// the same, so that those files fail from then on. Other errors of the teardown match
+// ErrBusy where something could not be taken off. A failed flush is joined after the
+// teardown's error (which decides what went wrong) and matches ErrFlush. Call Close
+// once, from a goroutine that does not serve FUSE.
+func (s *Stack) Close(ctx context.Context) error {
+	select {
+	case <-s.done:
+		// Someone ended the FUSE mount (Unmount without a state file, or by hand):
+		// what was above it is gone or dead.
+		s.logf("the FUSE mount %s was ended from outside", s.fuseDir)
+		removeFUSEDir(s.fuseDir)
+		removeState(s.mp)
+		return mark(s.closeClient(), ErrFlush)
+	default:
+	}
+	s.logf("stopping: unmounting %s", s.mp)
+	err := s.teardown(ctx)
+	if cerr := s.closeClient(); cerr != nil {
+		err = errors.Join(err, mark(cerr, ErrFlush))
+	}
+	if err == nil {
+		removeState(s.mp)
+		s.logf("stopped")
+	}
+	return err
+}
+
+// teardown takes the file system, the loop device and the FUSE mount down, in order
+// (see Close).
+func (s *Stack) teardown(ctx context.Context) error {
+	st, err := volmount.Inspect(s.mp)
+	if err != nil {
+		return err
+	}
+	if st.Mounted() && st.Loop == s.loop {
+		err := volmount.Unmount(s.mp, false)
+		for try := 0; err != nil && errors.Is(err, syscall.EBUSY) && try < 20; try++ {
+			time.Sleep(250 * time.Millisecond)
+			err = volmount.Unmount(s.mp, false)
+		}
+		if errors.Is(err, syscall.EBUSY) {
+			s.logf("%v; detaching it lazily: the volume is served until the last file there is closed", err)
+			err = volmount.Unmount(s.mp, true)
+		}
+		if err != nil {
+			return mark(err, ErrBusy)
+		}
+	}
+	// Auto-clear detaches the loop device once the file system is gone; Detach waits
+	// for it (a few seconds per call), and ends it if something else attached it.
+	for {
+		err := volmount.Detach(s.loop)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, syscall.EBUSY) {
+			return err
+		}
+		// The atrest command cancels ctx on a second signal.
+		s.logf("waiting for %s to be released (files still open on the detached file system); signal again to stop now", s.loop)
+		if ctx.Err() != nil {
+			return mark(err, ErrFilesOpen)
+		}
+	}
+	if err := s.srv.Unmount(); err != nil {
+		return mark(err, ErrBusy)
+	}
+	s.srv.Wait()
+	removeFUSEDir(s.srv.Dir())
+	return nil
+}
+
+// removeFUSEDir removes a FUSE directory that Mount made under fusefs.DefaultRoot once
+// it is unmounted and empty; one given in Options.FUSEDir elsewhere stays.
+func removeFUSEDir(dir string) {
+	if filepath.Dir(dir) == fusefs.DefaultRoot {
+		os.Remove(dir) // fails, harmlessly, if still mounted or not empty
+	}
+}
