@@ -1,0 +1,348 @@
+package mountstack
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/atrest/atrest/blockdev"
+	"github.com/atrest/atrest/fusefs"
+	"github.com/atrest/atrest/internal/testutil"
+	"github.com/atrest/atrest/nbd"
+	"github.com/atrest/atrest/volmount"
+)
+
+// The tests here run the stack in the test process, over an NBD server of the test
+// that serves memory; the e2e mount tests run it in `atrest mount` over `atrest serve`.
+
+// requireStack skips (fails in CI) unless loop devices, FUSE and the programs that
+// Mount runs are there.
+func requireStack(t *testing.T) {
+	t.Helper()
+	testutil.Root(t)
+	for _, p := range []string{"/dev/loop-control", "/dev/fuse"} {
+		if _, err := os.Stat(p); err != nil {
+			testutil.Unavailable(t, "%s is missing: %v", p, err)
+		}
+	}
+	for _, tool := range []string{"blkid", "mount", "mkfs.ext4"} {
+		testutil.Tool(t, tool)
+	}
+}
+
+// serveMem serves a volume of memory as the export "vol" (with trims) on a unix
+// socket, until the test ends.
+func serveMem(t *testing.T, size int64) (nbd.Address, *blockdev.Mem) {
+	t.Helper()
+	mem := blockdev.NewMem(size)
+	srv := nbd.NewServer(nbd.ServerConfig{})
+	if err := srv.AddExport(nbd.Export{Name: "vol", Device: mem, AllowTrim: true}); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(t.TempDir(), "nbd.sock")
+	l, err := nbd.Listen("unix:" + sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { srv.Serve(context.Background(), l); close(done) }()
+	t.Cleanup(func() { srv.Close(); <-done })
+	return nbd.Address{Network: "unix", Addr: sock, Export: "vol"}, mem
+}
+
+// logLines collects what the stack logs.
+type logLines struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (l *logLines) logf(format string, args ...any) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	fmt.Fprintf(&l.buf, format+"\n", args...)
+}
+
+func (l *logLines) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
+
+// leftovers takes down whatever a failed test left of the stack on mp (not with
+// Unmount: it would signal the test process, which serves the stack).
+func leftovers(t *testing.T, mp string) {
+	t.Cleanup(func() {
+		var file, fuseDir string
+		if st, err := ReadState(mp); err == nil {
+			file, fuseDir = st.File, st.FUSEDir
+		}
+		if err := volmount.Teardown(mp); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+		if file != "" {
+			if err := volmount.Teardown(file); err != nil {
+				t.Errorf("cleanup: %v", err)
+			}
+			if err := volmount.UnmountFUSE(fuseDir); err != nil {
+				t.Errorf("cleanup: %v", err)
+			}
+			removeFUSEDir(fuseDir)
+		}
+		removeState(mp)
+	})
+}
+
+// nothingLeft fails the test if anything of the stack on mp, with its FUSE file file,
+// remains.
+func nothingLeft(t *testing.T, mp, file string) {
+	t.Helper()
+	if st, err := volmount.Inspect(mp); err != nil || st.Mounted() {
+		t.Errorf("%s: %+v, %v; want nothing mounted", mp, st, err)
+	}
+	if loops, err := volmount.LoopsOf(file); err != nil || len(loops) > 0 {
+		t.Errorf("loop devices over %s: %v, %v", file, loops, err)
+	}
+	if fuse, err := volmount.IsFUSEMount(filepath.Dir(file)); err != nil || fuse {
+		t.Errorf("the FUSE mount %s is still there (%v)", filepath.Dir(file), err)
+	}
+	if _, err := os.Lstat(filepath.Dir(file)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the FUSE directory %s made under %s is still there (%v)", filepath.Dir(file), fusefs.DefaultRoot, err)
+	}
+	if _, err := os.Lstat(StatePath(mp)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("state file %s: %v, want it removed", StatePath(mp), err)
+	}
+}
+
+// TestMountClose: Mount creates ext4 on an empty volume, records the stack and
+// refuses a second mount on it; Close takes everything down; the next Mount finds the
+// file system with the files written; a FUSE mount ended from outside is cleaned up
+// after.
+func TestMountClose(t *testing.T) {
+	requireStack(t)
+	addr, _ := serveMem(t, 64<<20)
+	mp := filepath.Join(t.TempDir(), "mnt")
+	var log logLines
+	opts := Options{Mountpoint: mp, Address: addr, MountOptions: "noatime", Logf: log.logf}
+	leftovers(t, mp)
+
+	// A stale state file (its process is gone) is replaced.
+	if err := writeState(&State{Mountpoint: mp, FUSEDir: t.TempDir(), File: "/nonexistent", PID: 1 << 30}); err != nil {
+		t.Fatal(err)
+	}
+	s, err := Mount(context.Background(), opts)
+	if err != nil {
+		t.Fatalf("Mount: %v\n%s", err, log.String())
+	}
+	if !strings.Contains(log.String(), "created ext4 and mounted") {
+		t.Errorf("the first mount did not say it created ext4:\n%s", log.String())
+	}
+	file := s.File()
+	if s.Mountpoint() != mp || s.Name() != "vol" || file != filepath.Join(fusefs.DefaultRoot, escapePath(mp), "vol") || !strings.HasPrefix(s.Loop(), "/dev/loop") {
+		t.Errorf("stack: mount point %q, name %q, file %q, loop %q", s.Mountpoint(), s.Name(), file, s.Loop())
+	}
+	st, err := ReadState(mp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := State{Mountpoint: mp, FUSEDir: filepath.Dir(file), File: file, Loop: s.Loop(), PID: os.Getpid(), StartTime: st.StartTime, NBD: addr.String(), Export: "vol"}
+	if *st != want || !st.Alive() {
+		t.Errorf("state %+v (alive %v), want %+v", *st, st.Alive(), want)
+	}
+	if vs, err := volmount.Inspect(mp); err != nil || vs.File != file || vs.FSType != "ext4" || vs.Loop != s.Loop() {
+		t.Errorf("Inspect(%s) = %+v, %v", mp, vs, err)
+	}
+
+	// Refusals that change nothing.
+	if _, err := Mount(context.Background(), opts); !errors.Is(err, ErrMounted) || !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), "already has") {
+		t.Errorf("a second Mount on %s: %v, want ErrMounted", mp, err)
+	}
+	other := filepath.Join(t.TempDir(), "other")
+	leftovers(t, other)
+	if _, err := Mount(context.Background(), Options{Mountpoint: other, Address: addr, FUSEDir: filepath.Dir(file)}); !errors.Is(err, ErrFUSEDirInUse) {
+		t.Errorf("Mount with the FUSE directory of another: %v, want ErrFUSEDirInUse", err)
+	}
+
+	// What is written through the stack outlives it.
+	data := bytes.Repeat([]byte("mountstack"), 100_000)
+	if err := os.WriteFile(filepath.Join(mp, "f"), data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-s.Done():
+		t.Fatal("Done before Close")
+	default:
+	}
+	if err := s.Close(context.Background()); err != nil {
+		t.Fatalf("Close: %v\n%s", err, log.String())
+	}
+	if !strings.Contains(log.String(), "stopping: unmounting "+mp) || !strings.HasSuffix(log.String(), "stopped\n") {
+		t.Errorf("Close did not say it stopped:\n%s", log.String())
+	}
+	nothingLeft(t, mp, file)
+
+	log = logLines{}
+	s, err = Mount(context.Background(), opts)
+	if err != nil {
+		t.Fatalf("Mount again: %v\n%s", err, log.String())
+	}
+	if strings.Contains(log.String(), "created") {
+		t.Errorf("the second mount created a file system:\n%s", log.String())
+	}
+	if got, err := os.ReadFile(filepath.Join(mp, "f")); err != nil || !bytes.Equal(got, data) {
+		t.Errorf("the file written before Close: %d bytes, %v; want %d bytes as written", len(got), err, len(data))
+	}
+	// As `atrest umount` does when the state file is lost.
+	if err := volmount.Teardown(mp); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-s.Done():
+	case <-time.After(30 * time.Second):
+		t.Fatal("Done not closed 30 s after the FUSE mount was ended")
+	}
+	if err := s.Close(context.Background()); err != nil {
+		t.Errorf("Close after the FUSE mount was ended from outside: %v", err)
+	}
+	if !strings.Contains(log.String(), "was ended from outside") {
+		t.Errorf("Close did not say the FUSE mount was ended from outside:\n%s", log.String())
+	}
+	nothingLeft(t, mp, file)
+}
+
+// TestMountRefusals: what Mount refuses before it mounts anything, with the sentinel
+// that the atrest command maps to an exit code, leaving nothing behind.
+func TestMountRefusals(t *testing.T) {
+	testutil.Root(t) // the state files are root's
+	addr, _ := serveMem(t, 1<<20)
+	mp := filepath.Join(t.TempDir(), "mnt")
+	fuseDir := filepath.Join(t.TempDir(), "fuse")
+	mount := func(addr nbd.Address) error {
+		_, err := Mount(context.Background(), Options{Mountpoint: mp, Address: addr, FUSEDir: fuseDir})
+		if err == nil {
+			t.Fatal("Mount succeeded")
+		}
+		if fuse, _ := volmount.IsFUSEMount(fuseDir); fuse {
+			t.Errorf("a refused Mount left the FUSE mount %s", fuseDir)
+			volmount.UnmountFUSE(fuseDir)
+		}
+		return err
+	}
+
+	unknown := addr
+	unknown.Export = "nope"
+	if err := mount(unknown); !errors.Is(err, ErrUnknownExport) || !strings.Contains(err.Error(), "connect to "+unknown.String()) {
+		t.Errorf("an unknown export: %v, want ErrUnknownExport", err)
+	}
+	gone := nbd.Address{Network: "unix", Addr: filepath.Join(t.TempDir(), "nobody.sock")}
+	if err := mount(gone); !errors.Is(err, ErrUnreachable) || errors.Is(err, ErrUnknownExport) {
+		t.Errorf("no server: %v, want ErrUnreachable", err)
+	}
+
+	// A live process (this one) serves mp, by its state file.
+	t.Cleanup(func() { removeState(mp) })
+	self := &State{Mountpoint: mp, FUSEDir: fuseDir, PID: os.Getpid()}
+	self.StartTime, _, _ = procStartTime(os.Getpid())
+	if err := writeState(self); err != nil {
+		t.Fatal(err)
+	}
+	if err := mount(addr); !errors.Is(err, ErrServed) || !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), fmt.Sprintf("(pid %d) already serves %s", os.Getpid(), mp)) {
+		t.Errorf("a mount point served by a live process: %v, want ErrServed", err)
+	}
+	if _, err := ReadState(mp); err != nil {
+		t.Errorf("the state file of the live process: %v, want it kept", err)
+	}
+}
+
+// TestUnmountNothing: Unmount of a mount point without a state file and with nothing
+// mounted does nothing, as `atrest umount` run twice must.
+func TestUnmountNothing(t *testing.T) {
+	mp := t.TempDir()
+	if err := Unmount(context.Background(), mp, time.Second); err != nil {
+		t.Errorf("Unmount of an empty directory: %v", err)
+	}
+	if err := Unmount(context.Background(), filepath.Join(mp, "missing"), time.Second); err != nil {
+		t.Errorf("Unmount of a missing directory: %v", err)
+	}
+}
+
+// TestCloseGivesUp: Close with files open on the volume detaches the file system
+// lazily, waits for the loop device to be released, and gives up with ErrFilesOpen
+// once its context is done (the atrest command cancels it on a second signal),
+// leaving the FUSE mount and the state file. Read-only, so that nothing is written
+// once the NBD client is closed.
+func TestCloseGivesUp(t *testing.T) {
+	requireStack(t)
+	addr, _ := serveMem(t, 64<<20)
+	mp := filepath.Join(t.TempDir(), "mnt")
+	leftovers(t, mp)
+	var log logLines
+	s, err := Mount(context.Background(), Options{Mountpoint: mp, Address: addr, Logf: log.logf})
+	if err != nil {
+		t.Fatalf("Mount: %v\n%s", err, log.String())
+	}
+	if err := s.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	s, err = Mount(context.Background(), Options{Mountpoint: mp, Address: addr, MountOptions: "ro", Logf: log.logf})
+	if err != nil {
+		t.Fatalf("Mount read-only: %v\n%s", err, log.String())
+	}
+	file := s.File()
+	dir, err := os.Open(mp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dir.Close()
+
+	ctx, cancel := context.WithCancel(context.Background())
+	closed := make(chan error, 1)
+	go func() { closed <- s.Close(ctx) }()
+	for deadline := time.Now().Add(60 * time.Second); !strings.Contains(log.String(), "waiting for "+s.Loop()+" to be released"); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("Close with a directory open did not wait for the loop device:\n%s", log.String())
+		}
+	}
+	select {
+	case err := <-closed:
+		t.Fatalf("Close returned %v before its context was done", err)
+	default:
+	}
+	cancel()
+	select {
+	case err = <-closed:
+	case <-time.After(30 * time.Second):
+		t.Fatal("Close did not give up 30 s after its context was done")
+	}
+	if !errors.Is(err, ErrFilesOpen) || !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), s.Loop()) {
+		t.Errorf("Close with a directory open: %v, want ErrFilesOpen naming %s", err, s.Loop())
+	}
+	if !strings.Contains(log.String(), "detaching it lazily") {
+		t.Errorf("no lazy detach:\n%s", log.String())
+	}
+	if vs, _ := volmount.Inspect(mp); vs.Mounted() {
+		t.Errorf("%s is still mounted after the lazy detach", mp)
+	}
+	if fuse, _ := volmount.IsFUSEMount(filepath.Dir(file)); !fuse {
+		t.Error("the FUSE mount under the open directory was ended")
+	}
+	if _, err := ReadState(mp); err != nil {
+		t.Errorf("state file after Close gave up: %v, want it kept for Unmount", err)
+	}
+	dir.Close()
+	// The loop device lets go once the file system is released, and the rest is what
+	// Unmount removes after a crash.
+	if err := volmount.Teardown(file); err != nil {
+		t.Fatal(err)
+	}
+	<-s.Done()
+	removeFUSEDir(filepath.Dir(file))
+	removeState(mp)
+	nothingLeft(t, mp, file)
+}
