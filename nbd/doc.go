@@ -15,9 +15,12 @@
 // options EXPORT_NAME, GO, INFO (INFO_EXPORT, INFO_BLOCK_SIZE, INFO_NAME,
 // INFO_DESCRIPTION), LIST, ABORT and STRUCTURED_REPLY, and the commands READ, WRITE,
 // FLUSH, TRIM, WRITE_ZEROES, CACHE and DISC with the flags FUA, NO_HOLE, FAST_ZERO and DF.
-// Each connection has a reader goroutine and worker goroutines (one per request in
-// flight, reused while busy); replies are written by whichever goroutine finds the
-// connection idle, batched into one writev when several are ready. Workers and payload
+// Each connection has a reader, which runs small READs and WRITEs itself while the
+// device answers them fast (no goroutine wake-up per request; a watchdog hands reading to
+// a new goroutine if one of them blocks, so a stuck request never holds up the others),
+// and worker goroutines for the rest (one per request in flight, reused while busy);
+// replies are written by whichever goroutine finds the connection idle, batched into
+// one writev when several are ready. Workers and payload
 // bytes are bounded per connection and for the whole server by semaphores, and payload
 // buffers come from a pool, so memory is bounded whatever the clients send. Replies go
 // out as requests complete, in any order.

@@ -434,6 +434,66 @@ func TestRepliesReordered(t *testing.T) {
 	}
 }
 
+// slowDev takes at least delay for every read, like a drive that seeks, and holds reads
+// at offset 0 like gateDev.
+type slowDev struct {
+	gateDev
+	delay atomic.Int64 // nanoseconds
+}
+
+func (d *slowDev) ReadAt(p []byte, off int64) (int, error) {
+	defer d.enter()()
+	time.Sleep(time.Duration(d.delay.Load()))
+	if off == 0 {
+		<-d.open
+	}
+	return d.Device.ReadAt(p, off)
+}
+
+// TestSlowDeviceConcurrent: small reads that the reader would run inline on a fast
+// device run concurrently on workers once the device turns out slow (see inlineSlow),
+// and a read that blocks for good does not hold up those behind it (the watchdog).
+func TestSlowDeviceConcurrent(t *testing.T) {
+	checkLeaks(t)
+	dev := &slowDev{gateDev: gateDev{Device: blockdev.NewMem(1 << 20), open: make(chan struct{})}}
+	dev.delay.Store(int64(4 * inlineSlow))
+	ts := startServer(t, ServerConfig{}, Export{Device: dev})
+	r := dialRaw(t, ts.sock)
+	r.open("", false)
+	const n = 64
+	for i := range n {
+		r.request(cmdRead, 0, uint64(i), 4096*uint64(1+i%16), 4096, nil)
+	}
+	for range n {
+		if errno, _ := r.simpleReply(); errno != 0 {
+			t.Fatal(errno)
+		}
+		r.read(4096)
+	}
+	if p := dev.peak.Load(); p < 2 {
+		t.Fatalf("the reads of a slow device ran one at a time (peak %d)", p)
+	}
+
+	// A fresh connection runs inline again; its first read blocks until released.
+	dev.delay.Store(0)
+	r2 := dialRaw(t, ts.sock)
+	r2.open("", false)
+	r2.request(cmdRead, 0, 1, 0, 4096, nil) // held at offset 0
+	for i := range 8 {
+		r2.request(cmdWrite, 0, uint64(100+i), 8192, 4, []byte("abcd"))
+	}
+	for range 8 {
+		if errno, cookie := r2.simpleReply(); errno != 0 || cookie == 1 {
+			t.Fatalf("errno %d cookie %d", errno, cookie)
+		}
+	}
+	close(dev.open)
+	if errno, cookie := r2.simpleReply(); errno != 0 || cookie != 1 {
+		t.Fatalf("errno %d cookie %d", errno, cookie)
+	}
+	r2.read(4096)
+}
+
 // TestWorkerBound checks that requests in flight on one connection are bounded.
 func TestWorkerBound(t *testing.T) {
 	checkLeaks(t)

@@ -61,6 +61,20 @@ func (s *semaphore) acquire(ctx context.Context, n int64) error {
 	}
 }
 
+// tryAcquire takes n units if they are free now and nobody waits for them.
+func (s *semaphore) tryAcquire(n int64) bool {
+	if n > s.size {
+		panic("BUG: semaphore acquire larger than its size")
+	}
+	s.mu.Lock()
+	ok := len(s.waiters) == 0 && s.size-s.cur >= n
+	if ok {
+		s.cur += n
+	}
+	s.mu.Unlock()
+	return ok
+}
+
 func (s *semaphore) release(n int64) {
 	s.mu.Lock()
 	s.cur -= n
@@ -100,21 +114,25 @@ func poolClass(n int) int {
 	return bits.Len(uint(n - 1))
 }
 
-// getBuf returns a buffer of length n from the pool.
-func getBuf(n int) []byte {
+// getBuf returns a buffer of length n from the pool. The pointer is what putBuf takes
+// back, so that recycling a buffer allocates nothing.
+func getBuf(n int) *[]byte {
 	c := poolClass(n)
 	if c > maxPoolShift {
-		return make([]byte, n)
+		b := make([]byte, n)
+		return &b
 	}
 	if p, ok := bufPools[c].Get().(*[]byte); ok {
-		return (*p)[:n]
+		*p = (*p)[:n]
+		return p
 	}
-	return make([]byte, n, 1<<c)
+	b := make([]byte, n, 1<<c)
+	return &b
 }
 
-// putBuf returns a buffer obtained from getBuf.
-func putBuf(b []byte) {
-	c := cap(b)
+// putBuf returns a buffer obtained from getBuf; the caller no longer uses it.
+func putBuf(p *[]byte) {
+	c := cap(*p)
 	if c == 0 || c&(c-1) != 0 {
 		return
 	}
@@ -122,6 +140,6 @@ func putBuf(b []byte) {
 	if shift < minPoolShift || shift > maxPoolShift {
 		return
 	}
-	b = b[:c]
-	bufPools[shift].Put(&b)
+	*p = (*p)[:c]
+	bufPools[shift].Put(p)
 }

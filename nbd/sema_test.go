@@ -45,8 +45,8 @@ func TestSemaphore(t *testing.T) {
 func TestBufPool(t *testing.T) {
 	for _, n := range []int{0, 1, 4096, 4097, 1 << 20, 32 << 20, 64<<20 + 1} {
 		b := getBuf(n)
-		if len(b) != n {
-			t.Fatalf("getBuf(%d) has length %d", n, len(b))
+		if len(*b) != n {
+			t.Fatalf("getBuf(%d) has length %d", n, len(*b))
 		}
 		putBuf(b)
 	}

@@ -7,6 +7,7 @@ import (
 	"net"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -129,18 +130,87 @@ type Server struct {
 	accepted  uint64
 	closing   bool
 	connsWG   sync.WaitGroup
+
+	// watchOff is set while no watchdog runs (see watch).
+	watchOff atomic.Bool
 }
 
 // NewServer returns a Server with no exports.
 func NewServer(cfg ServerConfig) *Server {
 	cfg = cfg.withDefaults()
-	return &Server{
+	s := &Server{
 		cfg:       cfg,
 		bytes:     newSemaphore(cfg.MaxTotalBytes),
 		reqs:      newSemaphore(int64(cfg.MaxTotalRequests)),
 		exports:   make(map[string]*export),
 		listeners: make(map[net.Listener]struct{}),
 		conns:     make(map[*serverConn]struct{}),
+	}
+	s.watchOff.Store(true)
+	return s
+}
+
+// watchLinger is how long the watchdog goes on looking after the last inline request.
+const watchLinger = 200 * time.Millisecond
+
+// watchInline is called by each inline request once it has made its connection's role
+// odd: it starts the watchdog if none runs.
+func (s *Server) watchInline() {
+	if s.watchOff.Load() && s.watchOff.CompareAndSwap(true, false) {
+		go s.watch()
+	}
+}
+
+// watch is the watchdog of inline requests (see inlineMax): every rescueDelay it looks
+// at the reader role of every connection and takes it over (serverConn.takeOver) from a
+// connection that has been running the same request inline since its last look. It
+// exits after watchLinger without an inline request; the next one starts it again.
+func (s *Server) watch() {
+	var conns []*serverConn
+	snapshot := func() {
+		s.mu.Lock()
+		for c := range s.conns {
+			conns = append(conns, c)
+		}
+		s.mu.Unlock()
+	}
+	quiet := time.Duration(0)
+	for {
+		time.Sleep(rescueDelay)
+		snapshot()
+		active := false
+		for _, c := range conns {
+			v := c.role.Load()
+			if v != c.watchSeen {
+				active = true
+			} else if v%2 == 1 {
+				c.takeOver(v)
+			}
+			c.watchSeen = v
+		}
+		clear(conns)
+		conns = conns[:0]
+		if active {
+			quiet = 0
+			continue
+		}
+		if quiet += rescueDelay; quiet < watchLinger {
+			continue
+		}
+		// Stop, unless an inline request started before watchInline could see the flag
+		// (role made odd first, flag set first: one of the two sees the other).
+		s.watchOff.Store(true)
+		snapshot()
+		running := false
+		for _, c := range conns {
+			running = running || c.role.Load()%2 == 1
+		}
+		clear(conns)
+		conns = conns[:0]
+		if !running || !s.watchOff.CompareAndSwap(true, false) {
+			return
+		}
+		quiet = 0
 	}
 }
 

@@ -17,14 +17,16 @@ import (
 )
 
 // serverConn is one client connection. Its transmission phase has three parts:
-//   - the reader (the goroutine of serve) parses requests, reads WRITE payloads into
-//     pooled buffers and starts one worker goroutine per request, after taking a
-//     request slot and the payload bytes from the connection's and the server's
-//     semaphores, so both the workers and the buffered bytes are bounded;
-//   - the workers run the request on the Device and send the reply (see send: the first
-//     goroutine to find the connection idle writes everything queued, several replies
-//     per writev, header and payload without a copy, then gives the buffers and
-//     semaphore units back).
+//   - the reader role, held by one goroutine at a time (see readLoop), parses requests
+//     from a buffered reader (one read system call brings in every request the client
+//     has sent), takes a request slot and the payload bytes from the connection's and
+//     the server's semaphores (so memory and goroutines are bounded), reads WRITE
+//     payloads into pooled buffers, and either runs a small READ or WRITE itself
+//     ("inline", see run) or hands the request to a worker goroutine;
+//   - the workers run the other requests on the Device, one each, concurrently;
+//   - replies are sent by whoever finds the connection idle (see send): several
+//     replies per writev, header and payload without a copy; then the buffers and
+//     semaphore units go back.
 //
 // Replies therefore go out in completion order, not request order ("Transmission").
 type serverConn struct {
@@ -47,8 +49,25 @@ type serverConn struct {
 	connReqs  *semaphore
 	jobs      chan job      // to idle workers; unbuffered
 	quit      chan struct{} // closed when the reader stopped: idle workers exit
+	reap      chan struct{} // an idle worker that receives from it exits
+	reaper    *time.Timer   // reapIdle
+	nworkers  atomic.Int32
 	workers   sync.WaitGroup
 	dirty     atomic.Bool // a write was answered since the last flush
+
+	// The reader role (see readLoop and runInline). role counts up: even while the
+	// holder reads or parses, odd while it runs a request inline. The server's watchdog,
+	// finding the same odd value twice rescueDelay apart, moves it on by 3 and starts a
+	// new reader, so the holder's CAS from odd to the next even value fails and it knows
+	// that it lost the role. Values never repeat, so a stale CAS cannot succeed.
+	role       atomic.Uint64
+	watchSeen  uint64        // role at the watchdog's last look; the watchdog's
+	readerDone chan struct{} // closed by a reader that the watchdog started when it ends the connection
+	// Owned by the holder of the reader role:
+	batch      []*reply      // replies of inline requests, sent before the reader may block
+	batchBytes int           // READ payload bytes in batch
+	inlineOff  int           // requests to hand to workers before running inline again
+	inlineCost time.Duration // mean time of an inline request
 
 	// Replies: whoever queues a reply while nobody is writing becomes the writer and
 	// sends everything queued, several replies per writev, until the queue is empty;
@@ -116,10 +135,17 @@ func (c *serverConn) serve() {
 	c.connReqs = newSemaphore(int64(c.s.cfg.MaxConnRequests))
 	c.jobs = make(chan job)
 	c.quit = make(chan struct{})
-	c.readRequests()
+	c.reap = make(chan struct{})
+	c.reaper = time.AfterFunc(workerIdle, c.reapIdle)
+	c.reaper.Stop()
+	c.readerDone = make(chan struct{})
+	if !c.readLoop() {
+		<-c.readerDone // the watchdog gave the reader role to another goroutine
+	}
 
 	close(c.quit)
 	c.workers.Wait() // every reply has been sent (or dropped on a broken connection)
+	c.reaper.Stop()
 	if c.dirty.Load() {
 		// Not required by the protocol (a client flushes what it needs durable), but a
 		// disconnecting client's writes cost one flush to make safe.
@@ -142,22 +168,62 @@ type reply struct {
 	cmd    uint16
 	errno  uint32
 	msg    string
-	off    uint64 // READ: offset of data
-	data   []byte // READ: pooled payload
-	bytes  int64  // semaphore bytes to give back once sent
-	slot   bool   // a request slot to give back once sent
+	off    uint64  // READ: offset of data
+	data   *[]byte // READ: pooled payload
+	bytes  int64   // semaphore bytes to give back once sent
+	slot   bool    // a request slot to give back once sent
 }
 
-// readRequests is the reader loop; it returns at NBD_CMD_DISC, at a stop, or when the
-// connection fails or the client breaks the framing.
-func (c *serverConn) readRequests() {
+var replyPool = sync.Pool{New: func() any { return new(reply) }}
+
+// newReply returns a cleared reply from the pool; writeBatch puts it back.
+func newReply(cookie uint64, cmd uint16) *reply {
+	r := replyPool.Get().(*reply)
+	*r = reply{cookie: cookie, cmd: cmd}
+	return r
+}
+
+// Inline requests. A READ or WRITE of at most inlineMax bytes is run by the reader
+// itself: on a fast device (memory, page cache, tmpfs) that saves the wake-up of a worker
+// goroutine per request, which on a busy machine costs more than the request, and lets
+// the replies of every request that one socket read brought in go out in one writev. So
+// that a request that blocks (a slow or stuck drive) cannot hold up the others, the
+// server's watchdog hands the reader role to a new goroutine after
+// rescueDelay (see Server.watch); the connection then hands its requests to workers for
+// the next inlineBackoff requests, as it does while inline requests take longer than
+// inlineSlow on average (a device whose requests take that long gains from running them
+// concurrently more than it loses to the wake-ups).
+const (
+	inlineMax     = 64 << 10
+	inlineSlow    = 50 * time.Microsecond
+	rescueDelay   = time.Millisecond
+	inlineBackoff = 4096
+	// maxBatchReplies and maxBatchBytes bound the inline replies held back for one
+	// writev, so that the first of them is not delayed for long.
+	maxBatchReplies = 64
+	maxBatchBytes   = 1 << 20
+)
+
+// readLoop holds the reader role until the connection ends (it returns true: NBD_CMD_DISC,
+// a stop, a failed connection, a client that broke the framing) or until the role was
+// taken from it while it ran a request inline (false); it then has sent that request's
+// reply and touches nothing of the role again.
+func (c *serverConn) readLoop() (ended bool) {
 	var hdr [requestHeaderLen]byte
+	defer func() {
+		if ended {
+			c.flushBatch()
+		}
+	}()
 	for !c.stopping.Load() {
+		if c.br.Buffered() < requestHeaderLen {
+			c.flushBatch() // the read may block: answer what is done first
+		}
 		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
 			if !isClosedConn(err) {
 				c.s.logf("nbd: reading request from %s: %v", c.nc.RemoteAddr(), err)
 			}
-			return
+			return true
 		}
 		var r request
 		if !decodeRequest(hdr[:], &r) {
@@ -165,15 +231,50 @@ func (c *serverConn) readRequests() {
 			// initiate a hard disconnect if it detects a violation").
 			c.s.logf("nbd: bad request magic from %s; disconnecting", c.nc.RemoteAddr())
 			_ = c.nc.Close()
-			return
+			return true
 		}
 		if r.typ == cmdDisc {
-			return
+			return true
 		}
-		if !c.handle(&r) {
-			return
+		switch c.handle(&r) {
+		case handleEnd:
+			return true
+		case handleLost:
+			return false
 		}
 	}
+	return true
+}
+
+// takeOver is called by the watchdog when the reader role's holder has been running
+// the same request inline (role v) for at least rescueDelay: it takes the role from it
+// and gives it to a new goroutine, and the connection hands its requests to workers for
+// a while.
+func (c *serverConn) takeOver(v uint64) {
+	if !c.role.CompareAndSwap(v, v+3) {
+		return // the inline request has just ended
+	}
+	// The role is this goroutine's now, and then the new reader's.
+	c.inlineOff = inlineBackoff
+	c.workers.Add(1) // before serve can wait: the connection's reading has not ended
+	go func() {
+		defer c.workers.Done()
+		if c.readLoop() {
+			close(c.readerDone)
+		}
+	}()
+}
+
+// flushBatch sends the replies of inline requests.
+func (c *serverConn) flushBatch() {
+	if len(c.batch) == 0 {
+		return
+	}
+	c.wmu.Lock()
+	c.pending = append(c.pending, c.batch...)
+	clear(c.batch)
+	c.batch, c.batchBytes = c.batch[:0], 0
+	c.writeLocked()
 }
 
 func (c *serverConn) allowedFlags(typ uint16) uint16 {
@@ -201,14 +302,32 @@ func (c *serverConn) rangeOK(off uint64, n uint64) bool {
 	return off <= math.MaxInt64 && off <= size && n <= size-off
 }
 
+// handleResult says how the reader goes on after a request.
+type handleResult int
+
+const (
+	handleNext handleResult = iota // read the next request
+	handleEnd                      // the connection must end
+	handleLost                     // the reader role was taken over (see run)
+)
+
+func ended(ok bool) handleResult {
+	if ok {
+		return handleNext
+	}
+	return handleEnd
+}
+
 // handle validates one request, answering invalid ones at once ("Error values"), and
-// starts a worker for the others. It returns false when the connection must end.
-func (c *serverConn) handle(r *request) bool {
+// runs the others (see run).
+func (c *serverConn) handle(r *request) handleResult {
 	badFlags := r.flags&^c.allowedFlags(r.typ) != 0
 	readOnly := c.flags&tflagReadOnly != 0
 	maxReq := uint32(c.s.cfg.MaxRequestSize)
-	refuse := func(errno uint32, msg string) bool {
-		return c.queue(&reply{cookie: r.cookie, cmd: r.typ, errno: errno, msg: msg})
+	refuse := func(errno uint32, msg string) handleResult {
+		rep := newReply(r.cookie, r.typ)
+		rep.errno, rep.msg = errno, msg
+		return ended(c.queue(rep))
 	}
 	switch r.typ {
 	case cmdWrite:
@@ -221,7 +340,7 @@ func (c *serverConn) handle(r *request) bool {
 			// would be one, so the server disconnects ("Size constraints").
 			if uint64(r.length) > 2*uint64(max(maxReq, 1<<25)) {
 				c.s.logf("nbd: %d-byte write from %s; disconnecting", r.length, c.nc.RemoteAddr())
-				return false
+				return handleEnd
 			}
 			errno, msg = errInval, "write larger than the maximum payload size"
 		case readOnly:
@@ -232,22 +351,25 @@ func (c *serverConn) handle(r *request) bool {
 			errno, msg = errNoSpc, "write beyond the end of the export"
 		}
 		if errno != 0 {
+			c.flushBatch() // the read may block
 			if _, err := io.CopyN(io.Discard, c.br, int64(r.length)); err != nil {
-				return false
+				return handleEnd
 			}
 			return refuse(errno, msg)
 		}
 		if !c.acquire(int64(r.length)) {
-			return false
+			return handleEnd
 		}
 		buf := getBuf(int(r.length))
-		if _, err := io.ReadFull(c.br, buf); err != nil {
+		if c.br.Buffered() < len(*buf) {
+			c.flushBatch() // the read may block
+		}
+		if _, err := io.ReadFull(c.br, *buf); err != nil {
 			putBuf(buf)
 			c.release(int64(r.length))
-			return false
+			return handleEnd
 		}
-		c.start(r, buf, int64(r.length))
-		return true
+		return c.run(r, buf, int64(r.length))
 
 	case cmdRead:
 		switch {
@@ -265,10 +387,9 @@ func (c *serverConn) handle(r *request) bool {
 			return refuse(errInval, "read beyond the end of the export")
 		}
 		if !c.acquire(int64(r.length)) {
-			return false
+			return handleEnd
 		}
-		c.start(r, nil, int64(r.length))
-		return true
+		return c.run(r, nil, int64(r.length))
 
 	case cmdFlush:
 		if badFlags || r.offset != 0 || r.length != 0 {
@@ -302,20 +423,26 @@ func (c *serverConn) handle(r *request) bool {
 			return refuse(errInval, "cache beyond the end of the export")
 		}
 		// Advertised, and allowed to have no effect: the device has no cache to fill.
-		return c.queue(&reply{cookie: r.cookie, cmd: r.typ})
+		return ended(c.queue(newReply(r.cookie, r.typ)))
 	default:
 		// NBD_CMD_BLOCK_STATUS (no metadata context can be negotiated) and unknown commands.
 		return refuse(errInval, "unsupported command")
 	}
 	if !c.acquire(0) {
-		return false
+		return handleEnd
 	}
 	c.start(r, nil, 0)
-	return true
+	return handleNext
 }
 
-// acquire takes a request slot and n payload bytes, connection limits first.
+// acquire takes a request slot and n payload bytes, connection limits first. Only the
+// reader role's holder calls it.
 func (c *serverConn) acquire(n int64) bool {
+	if c.tryAcquire(n) {
+		return true
+	}
+	// The inline replies held back hold slots and bytes, maybe those it waits for.
+	c.flushBatch()
 	if c.connReqs.acquire(c.ctx, 1) != nil {
 		return false
 	}
@@ -331,6 +458,30 @@ func (c *serverConn) acquire(n int64) bool {
 		return false
 	}
 	if c.s.bytes.acquire(c.ctx, n) != nil {
+		c.connBytes.release(n)
+		c.releaseSlot()
+		return false
+	}
+	return true
+}
+
+// tryAcquire is acquire without waiting.
+func (c *serverConn) tryAcquire(n int64) bool {
+	if !c.connReqs.tryAcquire(1) {
+		return false
+	}
+	if !c.s.reqs.tryAcquire(1) {
+		c.connReqs.release(1)
+		return false
+	}
+	if n == 0 {
+		return true
+	}
+	if !c.connBytes.tryAcquire(n) {
+		c.releaseSlot()
+		return false
+	}
+	if !c.s.bytes.tryAcquire(n) {
 		c.connBytes.release(n)
 		c.releaseSlot()
 		return false
@@ -366,22 +517,70 @@ func (c *serverConn) queue(r *reply) bool {
 // job is a validated request handed to a worker.
 type job struct {
 	req   request
-	buf   []byte // WRITE payload
-	bytes int64  // semaphore bytes held for it
+	buf   *[]byte // WRITE payload
+	bytes int64   // semaphore bytes held for it
 }
 
 // socketBuffer is the socket send and receive buffer asked for on each connection.
 const socketBuffer = 4 << 20
 
-// workerIdle is how long an idle worker waits for another job before it exits.
+// workerIdle is how often the idle workers of a connection are told to exit.
 const workerIdle = 2 * time.Second
+
+// run runs a validated request that holds a request slot and n payload bytes (and buf,
+// a WRITE's payload): inline when it is a small READ or WRITE and the device has been
+// fast, otherwise on a worker. See inlineMax.
+func (c *serverConn) run(r *request, buf *[]byte, n int64) handleResult {
+	if (r.typ == cmdRead || r.typ == cmdWrite && r.flags&cmdFlagFUA == 0) && r.length <= inlineMax {
+		if c.inlineOff == 0 {
+			return c.runInline(r, buf, n)
+		}
+		c.inlineOff--
+		if c.inlineOff == 0 {
+			c.inlineCost = 0 // try again afresh
+		}
+	}
+	c.start(r, buf, n)
+	return handleNext
+}
+
+// runInline runs r in the reader role's goroutine and keeps its reply for the next
+// flushBatch. If the watchdog took the role over meanwhile, it sends the reply itself
+// and returns handleLost.
+func (c *serverConn) runInline(r *request, buf *[]byte, n int64) handleResult {
+	rep := newReply(r.cookie, r.typ)
+	rep.slot, rep.bytes = true, n
+	v := c.role.Add(1) // odd: running inline, the watchdog may take the role over
+	c.s.watchInline()
+	start := time.Now()
+	c.execute(r, buf, rep)
+	took := time.Since(start)
+	if !c.role.CompareAndSwap(v, v+1) {
+		c.send(rep)
+		return handleLost
+	}
+	// An exponentially weighted mean (1/8 per request), so that one request delayed by
+	// the scheduler does not count as a slow device.
+	c.inlineCost += (took - c.inlineCost) / 8
+	if c.inlineCost > inlineSlow {
+		c.inlineOff = inlineBackoff
+	}
+	c.batch = append(c.batch, rep)
+	if rep.data != nil {
+		c.batchBytes += len(*rep.data)
+	}
+	if len(c.batch) >= maxBatchReplies || c.batchBytes >= maxBatchBytes {
+		c.flushBatch()
+	}
+	return handleNext
+}
 
 // start runs r in a worker; the worker owns buf (the WRITE payload) and the slot and
 // bytes taken for it, which go back once its reply is sent. An idle worker takes the
 // job if there is one; otherwise a new worker starts. Workers are bounded by the request
-// slots (one per job) and stay a while after their job, so that a busy connection
-// reuses goroutines whose stacks have already grown.
-func (c *serverConn) start(r *request, buf []byte, n int64) {
+// slots (one per job) and stay until the reaper finds them idle, so that a busy
+// connection reuses goroutines whose stacks have already grown.
+func (c *serverConn) start(r *request, buf *[]byte, n int64) {
 	j := job{req: *r, buf: buf, bytes: n}
 	select {
 	case c.jobs <- j:
@@ -389,30 +588,50 @@ func (c *serverConn) start(r *request, buf []byte, n int64) {
 	default:
 	}
 	c.workers.Add(1)
+	if c.nworkers.Add(1) == 1 {
+		c.reaper.Reset(workerIdle)
+	}
 	go c.worker(j)
 }
 
 func (c *serverConn) worker(j job) {
 	defer c.workers.Done()
-	idle := time.NewTimer(workerIdle)
-	defer idle.Stop()
+	defer c.nworkers.Add(-1)
 	for {
-		rep := &reply{cookie: j.req.cookie, cmd: j.req.typ, slot: true, bytes: j.bytes}
+		rep := newReply(j.req.cookie, j.req.typ)
+		rep.slot, rep.bytes = true, j.bytes
 		c.execute(&j.req, j.buf, rep)
 		c.send(rep)
-		idle.Reset(workerIdle)
 		select {
 		case j = <-c.jobs:
 		case <-c.quit:
 			return
-		case <-idle.C:
+		case <-c.reap:
 			return
 		}
 	}
 }
 
+// reapIdle, every workerIdle while the connection has workers, makes those that are idle
+// exit. (A timer per worker would cost a timer update per request.)
+func (c *serverConn) reapIdle() {
+	for {
+		select {
+		case c.reap <- struct{}{}:
+			continue
+		case <-c.quit:
+			return
+		default:
+		}
+		break
+	}
+	if c.nworkers.Load() > 0 {
+		c.reaper.Reset(workerIdle)
+	}
+}
+
 // execute runs a validated request on the device and fills in its reply.
-func (c *serverConn) execute(r *request, buf []byte, rep *reply) {
+func (c *serverConn) execute(r *request, buf *[]byte, rep *reply) {
 	off := int64(r.offset)
 	fua := r.flags&cmdFlagFUA != 0
 	var err error
@@ -423,8 +642,8 @@ func (c *serverConn) execute(r *request, buf []byte, rep *reply) {
 		}
 		data := getBuf(int(r.length))
 		var n int
-		n, err = c.dev.ReadAt(data, off)
-		if n == len(data) {
+		n, err = c.dev.ReadAt(*data, off)
+		if n == len(*data) {
 			err = nil // io.ReaderAt may return io.EOF with a read that ends at Size
 		} else if err == nil || err == io.EOF {
 			err = io.ErrUnexpectedEOF
@@ -436,9 +655,9 @@ func (c *serverConn) execute(r *request, buf []byte, rep *reply) {
 		}
 	case cmdWrite:
 		if fua {
-			_, err = blockdev.WriteFUA(c.dev, buf, off)
+			_, err = blockdev.WriteFUA(c.dev, *buf, off)
 		} else {
-			_, err = c.dev.WriteAt(buf, off)
+			_, err = c.dev.WriteAt(*buf, off)
 		}
 		putBuf(buf)
 	case cmdFlush:
@@ -466,7 +685,7 @@ func (c *serverConn) execute(r *request, buf []byte, rep *reply) {
 	}
 	switch r.typ {
 	case cmdWrite, cmdTrim, cmdWriteZeroes:
-		if !fua {
+		if !fua && !c.dirty.Load() {
 			c.dirty.Store(true)
 		}
 	}
@@ -508,6 +727,12 @@ func errnoFor(err error, cmd uint16) uint32 {
 func (c *serverConn) send(r *reply) {
 	c.wmu.Lock()
 	c.pending = append(c.pending, r)
+	c.writeLocked()
+}
+
+// writeLocked, called with wmu held, becomes the writer if nobody is and writes the
+// queue until it is empty; it returns with wmu released.
+func (c *serverConn) writeLocked() {
 	if c.writing {
 		c.wmu.Unlock()
 		return
@@ -545,7 +770,7 @@ func (c *serverConn) writeBatch(batch []*reply) {
 			c.encodeReply(scratch[pos:pos+l], r)
 			c.bufs = append(c.bufs, scratch[pos:pos+l])
 			if r.data != nil {
-				c.bufs = append(c.bufs, r.data)
+				c.bufs = append(c.bufs, *r.data)
 			}
 			pos += l
 		}
@@ -566,6 +791,8 @@ func (c *serverConn) writeBatch(batch []*reply) {
 		if r.slot {
 			c.release(r.bytes)
 		}
+		*r = reply{}
+		replyPool.Put(r)
 	}
 }
 
@@ -608,7 +835,7 @@ func (c *serverConn) encodeReply(h []byte, r *reply) {
 	case r.data != nil:
 		// The whole payload was read before this header is sent, so no error can follow
 		// and the data chunk can be the final one.
-		putStructuredHeader(h, replyFlagDone, replyTypeOffsetData, r.cookie, uint32(8+len(r.data)))
+		putStructuredHeader(h, replyFlagDone, replyTypeOffsetData, r.cookie, uint32(8+len(*r.data)))
 		binary.BigEndian.PutUint64(h[20:], r.off)
 	default:
 		// A zero-length read: no content chunk can describe zero bytes.
