@@ -60,19 +60,22 @@ func BenchmarkRoundTrip(b *testing.B) {
 }
 
 // BenchmarkClientReplayLog measures what the replay log (a copy of every write until the
-// next Flush, and a Flush of its own whenever 64 MiB are held) costs 1 MiB writes.
+// next Flush, and a Flush of its own whenever ReplayBytes are held) costs 1 MiB writes
+// from 4 writers: without the log, with the default 64 MiB, and with 512 MiB (8 times
+// fewer flushes of its own).
 func BenchmarkClientReplayLog(b *testing.B) {
 	const size = 256 << 20
 	ts := startServer(b, ServerConfig{Logf: func(string, ...any) {}}, Export{Device: blockdev.NewMem(size)})
-	for _, replay := range []int64{-1, 0} {
-		b.Run(fmt.Sprintf("log=%v", replay == 0), func(b *testing.B) {
+	for _, replay := range []int64{-1, 64 << 20, 512 << 20} {
+		b.Run(fmt.Sprintf("log=%dMiB", max(replay, 0)>>20), func(b *testing.B) {
 			c, err := Dial(context.Background(), ts.addr, ClientOptions{ReplayBytes: replay})
 			if err != nil {
 				b.Fatal(err)
 			}
 			defer c.Close()
 			b.SetBytes(1 << 20)
-			b.SetParallelism(4)
+			b.ReportAllocs()
+			b.SetParallelism(2) // 4 writers on 2 CPUs
 			b.RunParallel(func(pb *testing.PB) {
 				buf := make([]byte, 1<<20)
 				for i := 0; pb.Next(); i++ {

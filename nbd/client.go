@@ -355,6 +355,7 @@ func (c *Client) reconnect(epoch uint64) {
 // replay sends the replay log again, in order, one request at a time (entries may
 // overlap, and only their order makes the result right).
 func (c *Client) replay(cc *clientConn) error {
+	defer c.log.endReplay()
 	for _, e := range c.log.snapshot() {
 		cl := &call{typ: e.typ, flags: e.flags, off: e.off, length: e.length, buf: e.data}
 		err := cc.roundTrip(cl)

@@ -12,6 +12,13 @@ import (
 // Entries are added before the request goes out, not when it is answered: a write
 // answered just before a connection drops is then never missing from a replay.
 // Replaying a write that is also retried is harmless (same data, same offset).
+//
+// The copies of write payloads come from the package's buffer pool and go back to it when
+// their entry is dropped, so that a busy writer does not allocate (and the garbage
+// collector clear) a new buffer per write. A replay reads the buffers of the entries it
+// took (snapshot) without the lock, while a Flush that succeeded just before the
+// connection dropped may drop those entries: so while a replay runs, dropped buffers
+// are parked, and they go back to the pool when the last replay ends.
 type replayLog struct {
 	limit        int64 // bytes; negative: no log, only the lost-write bookkeeping
 	autoFlushing atomic.Bool
@@ -21,7 +28,9 @@ type replayLog struct {
 	bytes    int64
 	seq      uint64
 	flushGen uint64
-	lost     bool // writes may have been lost; the next Flush says so
+	lost     bool      // writes may have been lost; the next Flush says so
+	replays  int       // replays running (snapshot taken, endReplay not yet called)
+	parked   []*[]byte // buffers of entries dropped while a replay ran
 
 	// Without a log: writes answered, and writes covered by a successful flush.
 	acked, flushedAcked uint64
@@ -33,7 +42,7 @@ type logEntry struct {
 	flags   uint16
 	off     uint64
 	length  uint32
-	data    []byte
+	data    *[]byte // WRITE payload copy, pooled
 	state   entryState
 	doneGen uint64 // flushGen when it was answered
 }
@@ -60,8 +69,11 @@ func (l *replayLog) add(cl *call) *logEntry {
 		return nil
 	}
 	e := &logEntry{typ: cl.typ, flags: cl.flags &^ cmdFlagFastZero, off: cl.off, length: cl.length}
+	n := int64(0)
 	if cl.typ == cmdWrite {
-		e.data = append([]byte(nil), cl.buf...)
+		e.data = getBuf(len(cl.buf))
+		copy(*e.data, cl.buf)
+		n = int64(len(cl.buf))
 	}
 	if cl.flags&cmdFlagFastZero != 0 {
 		// A fast zero either zeroes (replayed as a plain write-zeroes) or changes nothing.
@@ -71,9 +83,23 @@ func (l *replayLog) add(cl *call) *logEntry {
 	l.seq++
 	e.seq = l.seq
 	l.entries = append(l.entries, e)
-	l.bytes += int64(len(e.data)) + entryOverhead
+	l.bytes += n + entryOverhead
 	l.mu.Unlock()
 	return e
+}
+
+// dropLocked gives back the buffer of an entry taken out of the log.
+func (l *replayLog) dropLocked(e *logEntry) {
+	if e.data == nil {
+		return
+	}
+	l.bytes -= int64(len(*e.data))
+	if l.replays > 0 {
+		l.parked = append(l.parked, e.data)
+	} else {
+		putBuf(e.data)
+	}
+	e.data = nil
 }
 
 // finish records the outcome of the request of e.
@@ -120,7 +146,8 @@ func (l *replayLog) flushed(m flushMark) (lost bool) {
 	kept := l.entries[:0]
 	for _, e := range l.entries {
 		if e.state != entryPending && e.doneGen < m.gen {
-			l.bytes -= int64(len(e.data)) + entryOverhead
+			l.bytes -= entryOverhead
+			l.dropLocked(e)
 			continue
 		}
 		kept = append(kept, e)
@@ -132,17 +159,47 @@ func (l *replayLog) flushed(m flushMark) (lost bool) {
 	return lost
 }
 
-// snapshot returns the entries to replay, in the order they were sent.
-func (l *replayLog) snapshot() []*logEntry {
+// replayEntry is what a replay sends for one entry.
+type replayEntry struct {
+	typ, flags uint16
+	off        uint64
+	length     uint32
+	data       []byte
+}
+
+// snapshot returns the entries to replay, in the order they were sent. Their data stays
+// valid until the caller calls endReplay.
+func (l *replayLog) snapshot() []replayEntry {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	out := make([]*logEntry, 0, len(l.entries))
+	l.replays++
+	out := make([]replayEntry, 0, len(l.entries))
 	for _, e := range l.entries {
 		if e.state != entryFailed {
-			out = append(out, e)
+			r := replayEntry{typ: e.typ, flags: e.flags, off: e.off, length: e.length}
+			if e.data != nil {
+				r.data = *e.data
+			}
+			out = append(out, r)
 		}
 	}
 	return out
+}
+
+// endReplay ends the use of a snapshot's data.
+func (l *replayLog) endReplay() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.replays--; l.replays < 0 {
+		panic("BUG: nbd: endReplay without snapshot")
+	}
+	if l.replays == 0 {
+		for _, b := range l.parked {
+			putBuf(b)
+		}
+		clear(l.parked)
+		l.parked = l.parked[:0]
+	}
 }
 
 // droppedDirty reports, for a connection that just dropped, whether answered writes
@@ -159,6 +216,9 @@ func (l *replayLog) dropAll() {
 	defer l.mu.Unlock()
 	if len(l.entries) > 0 {
 		l.lost = true
+	}
+	for _, e := range l.entries {
+		l.dropLocked(e)
 	}
 	clear(l.entries)
 	l.entries = l.entries[:0]
