@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -77,7 +78,9 @@ var (
 //
 // When a connection drops, the client closes all of them, dials again with backoff for
 // up to ReconnectTimeout, and sends the requests that were in flight again (reads, and
-// writes, which are idempotent at a fixed offset). Writes that were answered but not yet
+// writes, which are idempotent at a fixed offset). With ReconnectTimeout < 0 the requests
+// in flight on the dropped connection fail with ErrDisconnected and the client goes on
+// with its other connections, if it has any. Writes that were answered but not yet
 // flushed are in the replay log: it is sent again, in order, before any other request
 // on the new connections, so a server that crashed and lost its volatile cache gets
 // them back, and the next Flush is honest. Without the log (ReplayBytes < 0), that
@@ -247,6 +250,10 @@ func (c *Client) do(cl *call) error {
 			return err
 		}
 		c.connLost(cc, err)
+		if c.opts.ReconnectTimeout < 0 {
+			// Never sent again: the request may still run on the server, after later ones.
+			return fmt.Errorf("%s at %d: %w: %w", cmdName(cl.typ), cl.off, ErrDisconnected, err)
+		}
 		// A request that the server drops the connection for, again and again, must not
 		// loop for ever.
 		if first.IsZero() {
@@ -257,25 +264,37 @@ func (c *Client) do(cl *call) error {
 	}
 }
 
-// connLost starts a reconnect when cc is a connection in use.
+// connLost starts a reconnect when cc is a connection in use. Without reconnects
+// (ReconnectTimeout < 0) it only stops using cc: requests in flight on the other
+// connections go on (their replies may be on the way), and the client fails once it has
+// no connection left.
 func (c *Client) connLost(cc *clientConn, err error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.state != stateUp || cc.epoch != c.epoch {
 		return
 	}
-	c.logf("nbd: connection to %s lost: %v", c.addr, err)
-	for _, o := range c.conns {
-		_ = o.nc.Close() // everything in flight is sent again after the replay
-	}
 	if c.log.droppedDirty() {
 		c.log.setLost()
 	}
 	if c.opts.ReconnectTimeout < 0 {
-		c.state = stateFailed
-		c.failErr = fmt.Errorf("%w: %w", ErrDisconnected, err)
-		c.cond.Broadcast()
+		i := slices.Index(c.conns, cc)
+		if i < 0 {
+			return // already dropped
+		}
+		c.logf("nbd: connection to %s lost: %v", c.addr, err)
+		_ = cc.nc.Close()
+		c.conns = slices.Delete(slices.Clone(c.conns), i, i+1)
+		if len(c.conns) == 0 {
+			c.state = stateFailed
+			c.failErr = fmt.Errorf("%w: %w", ErrDisconnected, err)
+			c.cond.Broadcast()
+		}
 		return
+	}
+	c.logf("nbd: connection to %s lost: %v", c.addr, err)
+	for _, o := range c.conns {
+		_ = o.nc.Close() // everything in flight is sent again after the replay
 	}
 	c.startReconnectLocked()
 }

@@ -552,3 +552,56 @@ func TestClientCloseWhileReconnecting(t *testing.T) {
 		t.Fatalf("second Close: %v", err)
 	}
 }
+
+// TestClientNoReconnectKeepsOtherConns: without reconnects, a connection that drops
+// fails only the requests in flight on it; those on the other connections are answered,
+// and the client goes on with the connections it has left.
+func TestClientNoReconnectKeepsOtherConns(t *testing.T) {
+	checkLeaks(t)
+	dev := &gateDev{Device: blockdev.NewMem(1 << 20), open: make(chan struct{})}
+	ts := startServer(t, ServerConfig{}, Export{Device: dev})
+	c, err := Dial(context.Background(), ts.addr, ClientOptions{Connections: 4, ReconnectTimeout: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if n := c.Info().Connections; n != 4 {
+		t.Fatalf("%d connections", n)
+	}
+	const calls = 8 // two per connection (round robin)
+	errs := make(chan error, calls)
+	for range calls {
+		go func() {
+			_, err := c.ReadAt(make([]byte, 4096), 0) // held by the device
+			errs <- err
+		}()
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for dev.running.Load() < calls && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	c.mu.Lock()
+	dropped := c.conns[0]
+	c.mu.Unlock()
+	dropped.nc.Close()
+	for range 2 {
+		if err := <-errs; !errors.Is(err, ErrDisconnected) {
+			t.Fatalf("read on the dropped connection: %v, want ErrDisconnected", err)
+		}
+	}
+	close(dev.open)
+	for range calls - 2 {
+		if err := <-errs; err != nil {
+			t.Fatalf("read on another connection: %v", err)
+		}
+	}
+	if n := c.Info().Connections; n != 3 {
+		t.Fatalf("%d connections left, want 3", n)
+	}
+	if _, err := c.WriteAt([]byte("still here"), 4096); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+}
