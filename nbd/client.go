@@ -485,9 +485,14 @@ func (c *Client) ReadAt(p []byte, off int64) (int, error) {
 	if err := c.aligned(info, off, n); err != nil {
 		return 0, err
 	}
-	err := pieces(off, n, int64(info.maxPayload), func(o, l int64) error {
-		return c.do(&call{typ: cmdRead, off: uint64(o), length: uint32(l), buf: p[o-off : o-off+l]})
-	})
+	var err error
+	if n <= int64(info.maxPayload) {
+		err = c.readPiece(p[:n], off) // without the closure, which would be allocated
+	} else {
+		err = pieces(off, n, int64(info.maxPayload), func(o, l int64) error {
+			return c.readPiece(p[o-off:o-off+l], o)
+		})
+	}
 	if err != nil {
 		return 0, err
 	}
@@ -534,14 +539,40 @@ func (c *Client) write(p []byte, off int64, flags uint16) (int, error) {
 	if err := c.aligned(info, off, int64(len(p))); err != nil {
 		return 0, err
 	}
-	err := pieces(off, int64(len(p)), int64(info.maxPayload), func(o, l int64) error {
-		return c.logged(&call{typ: cmdWrite, flags: flags, off: uint64(o), length: uint32(l), buf: p[o-off : o-off+l]})
-	})
+	var err error
+	if len(p) <= int(info.maxPayload) {
+		err = c.writePiece(p, off, flags)
+	} else {
+		err = pieces(off, int64(len(p)), int64(info.maxPayload), func(o, l int64) error {
+			return c.writePiece(p[o-off:o-off+l], o, flags)
+		})
+	}
 	if err != nil {
 		return 0, err
 	}
 	c.maybeAutoFlush()
 	return len(p), nil
+}
+
+// readPiece and writePiece send one READ or WRITE of at most the maximum payload.
+func (c *Client) readPiece(p []byte, off int64) error {
+	if len(p) == 0 {
+		return nil
+	}
+	cl := newCall(cmdRead, 0, uint64(off), uint32(len(p)), p)
+	err := c.do(cl)
+	putCall(cl)
+	return err
+}
+
+func (c *Client) writePiece(p []byte, off int64, flags uint16) error {
+	if len(p) == 0 {
+		return nil // "The client SHOULD NOT request a ... length of 0"
+	}
+	cl := newCall(cmdWrite, flags, uint64(off), uint32(len(p)), p)
+	err := c.logged(cl)
+	putCall(cl)
+	return err
 }
 
 // logged sends a changing request with its replay log entry.

@@ -42,8 +42,10 @@ type clientConn struct {
 	info  exportInfo
 	slots chan struct{} // bounds the requests in flight
 
-	wmu sync.Mutex
-	hdr []byte // request header scratch, under wmu
+	wmu  sync.Mutex
+	hdr  []byte // request header scratch, under wmu
+	iov  [2][]byte
+	bufs net.Buffers // iov for writev, in the connection so that it needs no allocation
 
 	mu      sync.Mutex
 	pending map[uint64]*call
@@ -52,7 +54,7 @@ type clientConn struct {
 	done    chan struct{}
 }
 
-// call is one request and, once done is closed, its outcome.
+// call is one request and, once done received, its outcome.
 type call struct {
 	typ    uint16
 	flags  uint16
@@ -60,7 +62,7 @@ type call struct {
 	length uint32
 	buf    []byte // WRITE payload or READ destination (len == length)
 
-	done chan struct{}
+	done chan struct{} // receives once the call is complete (buffered, reused by the pool)
 	err  error
 	got  uint64 // structured READ: bytes covered by content chunks
 	rerr *RemoteError
@@ -301,7 +303,7 @@ func (cc *clientConn) fail(err error) {
 	_ = cc.nc.Close()
 	for _, cl := range pending {
 		cl.err = errConnLost
-		close(cl.done)
+		cl.done <- struct{}{}
 	}
 }
 
@@ -326,7 +328,9 @@ func (cc *clientConn) roundTrip(cl *call) error {
 		return errConnLost
 	}
 	defer func() { <-cc.slots }()
-	cl.done = make(chan struct{})
+	if cl.done == nil {
+		cl.done = make(chan struct{}, 1)
+	}
 	cl.err, cl.got, cl.rerr = nil, 0, nil
 	cc.mu.Lock()
 	if cc.err != nil {
@@ -343,8 +347,10 @@ func (cc *clientConn) roundTrip(cl *call) error {
 	r.encode(cc.hdr)
 	var err error
 	if cl.typ == cmdWrite && len(cl.buf) > 0 {
-		bufs := net.Buffers{cc.hdr, cl.buf}
-		_, err = bufs.WriteTo(cc.nc)
+		cc.iov = [2][]byte{cc.hdr, cl.buf}
+		cc.bufs = cc.iov[:]
+		_, err = cc.bufs.WriteTo(cc.nc)
+		cc.iov[1] = nil
 	} else {
 		_, err = cc.nc.Write(cc.hdr)
 	}
@@ -354,6 +360,20 @@ func (cc *clientConn) roundTrip(cl *call) error {
 	}
 	<-cl.done
 	return cl.err
+}
+
+var callPool = sync.Pool{New: func() any { return new(call) }}
+
+// newCall returns a call from the pool; putCall gives it back once its round trip ended.
+func newCall(typ, flags uint16, off uint64, length uint32, buf []byte) *call {
+	cl := callPool.Get().(*call)
+	*cl = call{typ: typ, flags: flags, off: off, length: length, buf: buf, done: cl.done}
+	return cl
+}
+
+func putCall(cl *call) {
+	cl.buf, cl.rerr, cl.err = nil, nil, nil
+	callPool.Put(cl)
 }
 
 // lookup returns, and with remove takes away, the pending call of a cookie.
@@ -374,7 +394,7 @@ func (cc *clientConn) complete(cl *call, rerr *RemoteError) {
 			// "If the client receives an NBD_ESHUTDOWN error it MUST initiate a soft
 			// disconnect": the request is retried on a new connection.
 			cl.err = errConnLost
-			close(cl.done)
+			cl.done <- struct{}{}
 			cc.c.bg.Add(1) // the reader, which calls this, is counted: Add is safe
 			go func() {
 				defer cc.c.bg.Done()
@@ -384,7 +404,7 @@ func (cc *clientConn) complete(cl *call, rerr *RemoteError) {
 		}
 		cl.err = rerr
 	}
-	close(cl.done)
+	cl.done <- struct{}{} // the caller may reuse cl from now on
 }
 
 // readReplies is the reader loop ("Simple reply message", "Structured reply chunk

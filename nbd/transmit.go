@@ -79,6 +79,7 @@ type serverConn struct {
 	writing bool     // under wmu
 	broken  bool     // only the writer touches it
 	bufs    net.Buffers
+	wbufs   net.Buffers
 	scratch []byte
 }
 
@@ -774,8 +775,8 @@ func (c *serverConn) writeBatch(batch []*reply) {
 			}
 			pos += l
 		}
-		w := c.bufs
-		if _, err := w.WriteTo(c.nc); err != nil {
+		c.wbufs = c.bufs // WriteTo consumes it; c.bufs keeps the array for the next batch
+		if _, err := c.wbufs.WriteTo(c.nc); err != nil {
 			c.broken = true
 			if !isClosedConn(err) {
 				c.s.logf("nbd: writing replies to %s: %v", c.nc.RemoteAddr(), err)
