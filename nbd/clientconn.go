@@ -356,7 +356,7 @@ func (cc *clientConn) roundTrip(cl *call) error {
 	}
 	cc.wmu.Unlock()
 	if err != nil {
-		_ = cc.nc.Close() // the reader fails every pending call, this one included
+		cc.stopWriting()
 	}
 	<-cl.done
 	return cl.err
@@ -375,6 +375,23 @@ func putCall(cl *call) {
 	cl.buf, cl.rerr, cl.err = nil, nil, nil
 	callPool.Put(cl)
 }
+
+// stopWriting ends a connection whose write failed. The server may have read, run and
+// answered requests before it went away, and those replies may still be in the socket's
+// receive buffer: the write side is shut and the reader left to collect them up to the
+// end of the stream (bounded by drainReplies), after which it fails every call still
+// pending, this one included. Closing at once would fail answered calls too.
+func (cc *clientConn) stopWriting() {
+	cw, ok := cc.nc.(interface{ CloseWrite() error })
+	if !ok || cw.CloseWrite() != nil {
+		_ = cc.nc.Close()
+		return
+	}
+	_ = cc.nc.SetReadDeadline(time.Now().Add(drainReplies))
+}
+
+// drainReplies bounds how long the reader waits for replies after a write failed.
+const drainReplies = 5 * time.Second
 
 // lookup returns, and with remove takes away, the pending call of a cookie.
 func (cc *clientConn) lookup(cookie uint64, remove bool) *call {
