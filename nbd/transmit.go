@@ -86,7 +86,7 @@ type serverConn struct {
 func newServerConn(s *Server, nc net.Conn) *serverConn {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &serverConn{
-		s: s, nc: nc, br: bufio.NewReaderSize(nc, 64<<10),
+		s: s, nc: nc, br: bufio.NewReaderSize(nc, readBuffer),
 		done: make(chan struct{}), ctx: ctx, cancel: cancel,
 	}
 }
@@ -312,7 +312,8 @@ const (
 	handleLost                     // the reader role was taken over (see run)
 )
 
-func ended(ok bool) handleResult {
+// resultOf maps whether the connection goes on to a handleResult.
+func resultOf(ok bool) handleResult {
 	if ok {
 		return handleNext
 	}
@@ -328,7 +329,7 @@ func (c *serverConn) handle(r *request) handleResult {
 	refuse := func(errno uint32, msg string) handleResult {
 		rep := newReply(r.cookie, r.typ)
 		rep.errno, rep.msg = errno, msg
-		return ended(c.queue(rep))
+		return resultOf(c.queue(rep))
 	}
 	switch r.typ {
 	case cmdWrite:
@@ -424,7 +425,7 @@ func (c *serverConn) handle(r *request) handleResult {
 			return refuse(errInval, "cache beyond the end of the export")
 		}
 		// Advertised, and allowed to have no effect: the device has no cache to fill.
-		return ended(c.queue(newReply(r.cookie, r.typ)))
+		return resultOf(c.queue(newReply(r.cookie, r.typ)))
 	default:
 		// NBD_CMD_BLOCK_STATUS (no metadata context can be negotiated) and unknown commands.
 		return refuse(errInval, "unsupported command")
@@ -524,6 +525,11 @@ type job struct {
 
 // socketBuffer is the socket send and receive buffer asked for on each connection.
 const socketBuffer = 4 << 20
+
+// readBuffer is the size of a connection's buffered reader: one read system call brings
+// in every request a client at depth 32 can have sent with 4 KiB writes (32 x 4124 bytes)
+// and most headers of larger writes.
+const readBuffer = 256 << 10
 
 // workerIdle is how often the idle workers of a connection are told to exit.
 const workerIdle = 2 * time.Second
