@@ -27,8 +27,9 @@ const (
 // Faulty.Vanish), together with syscall.EIO, what a pulled drive answers.
 var ErrVanished = errors.New("device vanished")
 
-// PowerCutSector is the unit in which Faulty.PowerCutRandom keeps or loses unflushed
-// changes: the smallest write any drive makes atomically.
+// PowerCutSector is the default unit in which Faulty.PowerCutRandom keeps or loses
+// unflushed changes: the smallest write any drive makes atomically. SetAtomicUnit
+// models a drive with larger physical sectors.
 const PowerCutSector = 512
 
 // Faulty is a Device for tests that wraps another one (the lower device, which it owns)
@@ -42,11 +43,13 @@ const PowerCutSector = 512
 //   - WriteAtFUA writes through to the lower device durably (blockdev.WriteFUA) before it
 //     returns, and stays in the cache in order with the rest.
 //   - PowerCut drops the cache: reads then return what was durable. PowerCutRandom
-//     leaves each 512-byte sector changed since the last Flush with one of the contents
-//     it had since then, chosen at random (seeded), as a real drive may have written
-//     back part of its cache in any order.
+//     leaves each 512-byte sector (or atomic unit, see SetAtomicUnit) changed since the
+//     last Flush with one of the contents it had since then, chosen at random (seeded),
+//     as a real drive may have written back part of its cache in any order.
 //   - Vanish makes every call fail as on a pulled drive, until Reinsert. It does not
-//     touch the cache (a pull that also cuts power is PowerCut then Vanish).
+//     touch the cache. A power failure under a running system is Vanish then PowerCut,
+//     in that order: the other way round, writes made between the two calls land on a
+//     drive that has lost the earlier ones, which no real power failure does.
 //   - Close writes the cache to the lower device (a drive left running writes its cache
 //     back eventually) and closes it; PowerCut first to lose it instead.
 //
@@ -70,6 +73,7 @@ type Faulty struct {
 	nextID   int
 	flushErr error
 	cache    []cacheOp
+	unit     int64 // atomic write unit of PowerCutRandom; 0 means PowerCutSector
 	stats    FaultyStats
 }
 
@@ -171,6 +175,18 @@ func (f *Faulty) ClearFaults() {
 	f.flushErr = nil
 }
 
+// SetAtomicUnit sets the unit in which PowerCutRandom keeps or loses changes: the
+// drive's physical sector, written all or nothing. It panics unless unit is a power of
+// two of at least PowerCutSector.
+func (f *Faulty) SetAtomicUnit(unit int64) {
+	if unit < PowerCutSector || unit&(unit-1) != 0 {
+		panic(fmt.Sprintf("faulty: atomic unit %d is not a power of two of at least %d", unit, PowerCutSector))
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.unit = unit
+}
+
 // Vanish makes every call but Size and Close fail with an error wrapping ErrVanished
 // and syscall.EIO, as on a pulled drive, until Reinsert.
 func (f *Faulty) Vanish() {
@@ -213,7 +229,7 @@ func (f *Faulty) PowerCut() error {
 }
 
 // PowerCutRandom is PowerCut on a drive that had written back part of its cache, in no
-// particular order: each 512-byte sector changed since the last Flush ends up holding
+// particular order: each 512-byte sector (or atomic unit) changed since the last Flush ends up holding
 // one of the contents it had since then (the durable one, or the one after any of the
 // changes to it, but none older than a FUA write to it), chosen by a generator seeded
 // with seed. It returns an error only if the lower device fails.
@@ -225,6 +241,10 @@ func (f *Faulty) PowerCutRandom(seed uint64) error {
 	}
 	cache := f.cache
 	f.cache = nil
+	unit := f.unit
+	if unit == 0 {
+		unit = PowerCutSector
+	}
 
 	// The contents each sector had, oldest first. The first is read from the lower
 	// device, which holds the FUA writes already; it can only be chosen for a sector
@@ -237,11 +257,11 @@ func (f *Faulty) PowerCutRandom(seed uint64) error {
 	var order []int64 // sectors in the order first touched, for a reproducible choice
 	size := f.lower.Size()
 	for _, op := range cache {
-		for s := op.off / PowerCutSector; s*PowerCutSector < op.off+op.n; s++ {
-			start := s * PowerCutSector
+		for s := op.off / unit; s*unit < op.off+op.n; s++ {
+			start := s * unit
 			h := sectors[s]
 			if h == nil {
-				img := make([]byte, min(PowerCutSector, size-start))
+				img := make([]byte, min(unit, size-start))
 				if _, err := f.lower.ReadAt(img, start); err != nil && err != io.EOF {
 					return fmt.Errorf("faulty power cut: %w", err)
 				}
@@ -266,7 +286,7 @@ func (f *Faulty) PowerCutRandom(seed uint64) error {
 	for _, s := range order {
 		h := sectors[s]
 		v := h.versions[h.floor+rng.IntN(len(h.versions)-h.floor)]
-		if _, err := f.lower.WriteAt(v, s*PowerCutSector); err != nil {
+		if _, err := f.lower.WriteAt(v, s*unit); err != nil {
 			return fmt.Errorf("faulty power cut: %w", err)
 		}
 	}

@@ -3,6 +3,7 @@ package blockdev_test
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"sync"
@@ -131,10 +132,22 @@ func TestFaultyPowerCutLosesExactlyTheUnflushed(t *testing.T) {
 // holding one of the contents it had since the last Flush (none older than a FUA write
 // to it), that some sectors keep a cached version and others lose it, and that the seed
 // makes it reproducible.
+// TestFaultyPowerCutRandom checks PowerCutRandom at the default atomic unit of 512
+// bytes and at 4 KiB (SetAtomicUnit): every unit holds one of its versions, all of its
+// bytes from the same one.
 func TestFaultyPowerCutRandom(t *testing.T) {
+	for _, unit := range []int64{512, 4096} {
+		t.Run(fmt.Sprint(unit), func(t *testing.T) { testPowerCutRandom(t, unit) })
+	}
+}
+
+func testPowerCutRandom(t *testing.T, unit int64) {
 	const size = 128<<10 + 100 // a partial sector at the end
 	run := func(seed uint64) []byte {
 		f := blockdev.NewFaulty(blockdev.NewMem(size))
+		if unit != blockdev.PowerCutSector {
+			f.SetAtomicUnit(unit)
+		}
 		r := rand.New(rand.NewPCG(5, 6))
 		random := func(n int64) []byte {
 			p := make([]byte, n)
@@ -150,8 +163,8 @@ func TestFaultyPowerCutRandom(t *testing.T) {
 		if err := f.Flush(); err != nil {
 			t.Fatal(err)
 		}
-		sectorOf := func(p []byte, s int64) []byte { return p[s*512 : min((s+1)*512, size)] }
-		nsec := int64(size+511) / 512
+		sectorOf := func(p []byte, s int64) []byte { return p[s*unit : min((s+1)*unit, size)] }
+		nsec := (size + unit - 1) / unit
 		// versions[s] are the contents sector s had since the Flush, oldest first;
 		// floor[s] is the first that may survive.
 		versions := make([][][]byte, nsec)
@@ -182,7 +195,7 @@ func TestFaultyPowerCutRandom(t *testing.T) {
 			if err != nil {
 				t.Fatalf("change %d: %v", i, err)
 			}
-			for s := off / 512; s <= (off+n-1)/512; s++ {
+			for s := off / unit; s <= (off+n-1)/unit; s++ {
 				versions[s] = append(versions[s], bytes.Clone(sectorOf(state, s)))
 				if fua {
 					floor[s] = len(versions[s]) - 1
