@@ -1,6 +1,7 @@
 package keystore
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -135,7 +136,29 @@ func OpenLocked(dir string) (*Keystore, error) {
 
 // load reads and checks keystore.json and master.key (which must be the key the
 // state names, or, once a rotation has reached its commit phase, its new key).
+//
+// Without the lock, a rotation in another process may replace both files between
+// the two reads: the pair read then does not match although each file is sound. An
+// unlocked load therefore reads keystore.json again when they disagree and starts
+// over if it changed. Once master.key holds a new key it never goes back, so a state
+// read unchanged on both sides of the key read is the state that goes with the key.
 func (k *Keystore) load() error {
+	const attempts = 20
+	for i := 1; ; i++ {
+		err := k.loadOnce()
+		if err == nil || k.lockF != nil || i == attempts || !errors.Is(err, errStateMoved) {
+			return err
+		}
+	}
+}
+
+// testHookStateRead, when set by a test, runs between the reads of the two files.
+var testHookStateRead func()
+
+// errStateMoved is what loadOnce answers when keystore.json changed under it.
+var errStateMoved = errors.New("keystore.json changed while it was read")
+
+func (k *Keystore) loadOnce() error {
 	p := filepath.Join(k.dir, StateFile)
 	b, err := readSecure(p, maxStateSize)
 	if err != nil {
@@ -149,6 +172,9 @@ func (k *Keystore) load() error {
 		return fmt.Errorf("%s: %w (hint: restore it from a backup; atrest never rewrites a keystore it cannot read)", p, err)
 	}
 	k.state = s
+	if testHookStateRead != nil {
+		testHookStateRead()
+	}
 	key, err := readKey(filepath.Join(k.dir, MasterKeyFile))
 	if err != nil {
 		return err
@@ -157,7 +183,13 @@ func (k *Keystore) load() error {
 	// In the commit phase of a rotation master.key is the old key, the old key
 	// overwritten, or already the new key; otherwise it is the key the state names.
 	if id := KeyID(key); id != s.MasterKey.ID && (s.Rotation == nil || s.Rotation.Phase != PhaseCommit) {
-		return fmt.Errorf("%s holds key %s but %s names %s: %w", MasterKeyFile, id, StateFile, s.MasterKey.ID, ErrCorrupt)
+		err := fmt.Errorf("%s holds key %s but %s names %s: %w", MasterKeyFile, id, StateFile, s.MasterKey.ID, ErrCorrupt)
+		if k.lockF == nil {
+			if again, rerr := readSecure(p, maxStateSize); rerr == nil && !bytes.Equal(again, b) {
+				return fmt.Errorf("%w: %w", errStateMoved, err)
+			}
+		}
+		return err
 	}
 	// The other files must be safe too.
 	for _, name := range []string{LockFile, NextKeyFile} {

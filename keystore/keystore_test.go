@@ -531,6 +531,39 @@ func TestRotate(t *testing.T) {
 	}
 }
 
+// TestOpenAcrossRotation: a whole rotation in another process between Open's read of
+// keystore.json and its read of master.key leaves a pair that does not match; Open
+// reads the state again and opens the keystore as it is after the rotation.
+func TestOpenAcrossRotation(t *testing.T) {
+	k, dir := newKeystore(t)
+	paths, data := formatDrives(t, k, 1)
+	oldID := k.State().MasterKey.ID
+	rotations := 0
+	testHookStateRead = func() {
+		if rotations == 0 {
+			rotations++
+			if err := k.Rotate(context.Background(), RotateOptions{}); err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	defer func() { testHookStateRead = nil }()
+	r, err := Open(dir)
+	if err != nil {
+		t.Fatalf("open across a rotation: %v", err)
+	}
+	testHookStateRead = nil
+	if rotations != 1 {
+		t.Fatal("the rotation did not run")
+	}
+	if id := r.State().MasterKey.ID; id == oldID || id != k.State().MasterKey.ID {
+		t.Fatalf("opened with master key %s; old %s, new %s", id, oldID, k.State().MasterKey.ID)
+	}
+	if got := readThrough(t, r, paths[0], len(data[0]), 12345); !bytes.Equal(got, data[0]) {
+		t.Fatal("drive reads wrong data after the rotation")
+	}
+}
+
 func TestRotateAbsentDrive(t *testing.T) {
 	k, dir := newKeystore(t)
 	paths, data := formatDrives(t, k, 3)
