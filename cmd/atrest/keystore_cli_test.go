@@ -398,8 +398,11 @@ func TestUnlockDuringRotation(t *testing.T) {
 		}
 		done <- nil
 	}()
+	// On a failure here, the rotations still running are waited for before the test
+	// ends (they use t and the temporary directory).
 	unlocks := 0
-	for {
+	var failure error
+	for failure == nil {
 		select {
 		case err := <-done:
 			if err != nil {
@@ -414,17 +417,23 @@ func TestUnlockDuringRotation(t *testing.T) {
 		}
 		k, err := keystore.Open(ks)
 		if err != nil {
-			t.Fatalf("open during a rotation: %v", err)
+			failure = fmt.Errorf("open during a rotation: %w", err)
+			break
 		}
 		for _, p := range paths {
 			u, err := k.Unlock(p, keystore.UnlockOptions{ReadOnly: true})
 			if err != nil {
-				t.Fatalf("unlock during a rotation: %v", err)
+				failure = fmt.Errorf("unlock during a rotation: %w", err)
+				break
 			}
 			u.Device.Close()
 			unlocks++
 		}
 	}
+	if err := <-done; err != nil {
+		t.Error(err)
+	}
+	t.Fatal(failure)
 }
 
 // TestDamagedHeaders: a drive with one damaged header copy shows as degraded and the
