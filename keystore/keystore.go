@@ -26,6 +26,8 @@ type Keystore struct {
 	state *State
 	lockF *os.File // nil for a read-only snapshot
 	now   func() time.Time
+	// resumed: Init kept the master.key of an interrupted init.
+	resumed bool
 }
 
 // Dir is the keystore directory.
@@ -48,8 +50,13 @@ func (k *Keystore) Drives() []Drive { return slices.Clone(k.state.Drives) }
 
 // Init creates a keystore in dir: the directory (mode 0700) if it does not exist,
 // a new master key, keystore.json with a new cluster UUID, and the lock file. It
-// refuses a directory that already holds any keystore file. The returned Keystore
-// holds the lock.
+// refuses a directory that already holds keystore.json or master.key.next. The
+// returned Keystore holds the lock.
+//
+// Init writes master.key before keystore.json. If it finds a master.key without a
+// keystore.json (an init killed between the two writes), it finishes that init with
+// the key it finds rather than refusing or replacing it: no drive can use the key
+// yet, but the administrator may already have copied it away; InitResumed says so.
 func Init(dir string) (*Keystore, error) {
 	if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
 		return nil, err
@@ -60,10 +67,13 @@ func Init(dir string) (*Keystore, error) {
 	if err := checkPath(dir, true); err != nil {
 		return nil, err
 	}
-	for _, name := range []string{StateFile, MasterKeyFile, NextKeyFile} {
-		p := filepath.Join(dir, name)
-		if _, err := os.Lstat(p); err == nil {
-			return nil, fmt.Errorf("%s: %w", p, ErrExists)
+	exists := func(name string) bool {
+		_, err := os.Lstat(filepath.Join(dir, name))
+		return err == nil
+	}
+	for _, name := range []string{StateFile, NextKeyFile} {
+		if exists(name) {
+			return nil, fmt.Errorf("%s: %w", filepath.Join(dir, name), ErrExists)
 		}
 	}
 	lf, err := lock(dir)
@@ -71,7 +81,21 @@ func Init(dir string) (*Keystore, error) {
 		return nil, err
 	}
 	k := &Keystore{dir: dir, lockF: lf, now: nowUTC}
-	key := newMasterKey()
+	// Checked again under the lock: another init may have finished meanwhile.
+	if exists(StateFile) {
+		k.Close()
+		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, StateFile), ErrExists)
+	}
+	var key []byte
+	if exists(MasterKeyFile) {
+		if key, err = readKey(filepath.Join(dir, MasterKeyFile)); err != nil {
+			k.Close()
+			return nil, fmt.Errorf("an earlier init left %w (hint: remove it if it is not a key you kept)", err)
+		}
+		k.resumed = true
+	} else {
+		key = newMasterKey()
+	}
 	defer clear(key)
 	now := k.now()
 	k.state = &State{
@@ -81,9 +105,11 @@ func Init(dir string) (*Keystore, error) {
 		Drives:    []Drive{},
 	}
 	// The key first: a keystore.json always names a key that exists.
-	if err := writeAtomic(dir, MasterKeyFile, key); err != nil {
-		k.Close()
-		return nil, err
+	if !k.resumed {
+		if err := writeAtomic(dir, MasterKeyFile, key); err != nil {
+			k.Close()
+			return nil, err
+		}
 	}
 	if err := k.save(); err != nil {
 		k.Close()
@@ -91,6 +117,10 @@ func Init(dir string) (*Keystore, error) {
 	}
 	return k, nil
 }
+
+// InitResumed reports whether Init finished an interrupted init, keeping the
+// master.key it found.
+func (k *Keystore) InitResumed() bool { return k.resumed }
 
 func nowUTC() time.Time { return time.Now().UTC().Truncate(time.Second) }
 

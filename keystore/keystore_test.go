@@ -73,6 +73,47 @@ func TestInit(t *testing.T) {
 	}
 }
 
+// TestInitResume: an init killed after writing master.key and before keystore.json
+// (the state made here by removing keystore.json) is finished by the next init, with
+// the key it left; keystore.json alone, or master.key.next, still refuses.
+func TestInitResume(t *testing.T) {
+	k, dir := newKeystore(t)
+	k.Close()
+	key := readMaster(t, dir)
+	if err := os.Remove(filepath.Join(dir, StateFile)); err != nil {
+		t.Fatal(err)
+	}
+	k2, err := Init(dir)
+	if err != nil {
+		t.Fatalf("init after an interrupted one: %v", err)
+	}
+	if !k2.InitResumed() || k2.State().MasterKey.ID != KeyID(key) || !bytes.Equal(readMaster(t, dir), key) {
+		t.Fatalf("resumed %v with key %s, want the key left behind, %s", k2.InitResumed(), k2.State().MasterKey.ID, KeyID(key))
+	}
+	k2.Close()
+	if _, err := Open(dir); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Init(dir); !errors.Is(err, ErrExists) {
+		t.Fatalf("init over a whole keystore: %v", err)
+	}
+
+	// A master.key that is not a key is refused, not replaced.
+	dir2 := filepath.Join(t.TempDir(), "ks")
+	if err := os.Mkdir(dir2, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir2, MasterKeyFile), []byte("short"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Init(dir2); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("init over a short master.key: %v", err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(dir2, MasterKeyFile)); string(b) != "short" {
+		t.Fatal("a refused master.key was changed")
+	}
+}
+
 func TestLock(t *testing.T) {
 	k, dir := newKeystore(t)
 	if _, err := OpenLocked(dir); !errors.Is(err, ErrBusy) {

@@ -22,7 +22,8 @@ func init() {
 		Usage: "create the keystore: a master key and a new cluster",
 		Description: "Creates the keystore directory (mode 0700) with a random 32-byte master key\n" +
 			"(master.key, mode 0600, usable as 'cryptsetup --key-file') and keystore.json\n" +
-			"with a new cluster UUID. Refuses a directory that already holds a keystore.",
+			"with a new cluster UUID. Refuses a directory that already holds a keystore;\n" +
+			"rerun after an interrupted init, it finishes that init with the master.key it wrote.",
 		Flags: []cli.Flag{keystoreFlag()},
 		Action: func(c *cli.Context) error {
 			if c.NArg() != 0 {
@@ -40,6 +41,9 @@ func runInit(_ context.Context, o initOptions) error {
 	}
 	defer k.Close()
 	s := k.State()
+	if k.InitResumed() {
+		fmt.Fprintf(o.out, "Finished an interrupted init: kept the master.key it had written\n")
+	}
 	fmt.Fprintf(o.out, "Created keystore %s\n", o.keystore)
 	fmt.Fprintf(o.out, "Cluster UUID: %s\n", s.ClusterUUID)
 	fmt.Fprintf(o.out, "Master key:   %s (%s)\n", s.MasterKey.ID, filepath.Join(o.keystore, keystore.MasterKeyFile))

@@ -85,6 +85,29 @@ func ksStatus(t testing.TB, bin, ks string) keystore.Status {
 	return st
 }
 
+// TestInitRerun: the binary's init, rerun where an earlier one stopped after writing
+// master.key (keystore.json removed here to make that state), finishes with that key.
+func TestInitRerun(t *testing.T) {
+	bin := ksBuild(t)
+	ks := filepath.Join(t.TempDir(), "keystore")
+	ksMust(t, bin, ks, "init")
+	key, err := os.ReadFile(filepath.Join(ks, keystore.MasterKeyFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(filepath.Join(ks, keystore.StateFile)); err != nil {
+		t.Fatal(err)
+	}
+	out := ksMust(t, bin, ks, "init")
+	if !strings.Contains(out, "Finished an interrupted init") {
+		t.Fatalf("rerun of init: %s", out)
+	}
+	if again, _ := os.ReadFile(filepath.Join(ks, keystore.MasterKeyFile)); !bytes.Equal(again, key) {
+		t.Fatal("the rerun replaced master.key")
+	}
+	ksMust(t, bin, ks, "encryption-status")
+}
+
 // TestKeystoreCommands runs the commands end to end as an administrator would.
 func TestKeystoreCommands(t *testing.T) {
 	luks2test.Cryptsetup(t)
