@@ -119,9 +119,7 @@ func Mount(ctx context.Context, o Options) (*Stack, error) {
 	cancel()
 	if err != nil {
 		err = fmt.Errorf("connect to %s: %w", addr, err)
-		// The server's refusal of the export name reaches the client as a message,
-		// not as a sentinel of package nbd.
-		if strings.Contains(err.Error(), "no export named") {
+		if errors.Is(err, nbd.ErrNoExport) {
 			return nil, mark(err, ErrUnknownExport)
 		}
 		return nil, mark(err, ErrUnreachable)
@@ -165,8 +163,7 @@ func Mount(ctx context.Context, o Options) (*Stack, error) {
 	}
 	vol, err := volmount.Setup(file, mp, volmount.Options{FSType: fsType, MountOptions: o.MountOptions, Label: label, ReadOnly: info.ReadOnly, AfterAttach: prepare})
 	if err != nil {
-		// volmount says "only ext4" in words, with no sentinel.
-		if !errors.Is(err, volmount.ErrNotEmpty) && strings.Contains(err.Error(), "only ext4") {
+		if errors.Is(err, volmount.ErrUnsupportedFS) {
 			err = mark(err, ErrUnsupportedFS)
 		}
 		return nil, s.abort(err)

@@ -64,6 +64,9 @@ var (
 	// answered on it were not yet flushed and the replay log could not keep them: if
 	// the server crashed rather than restarted cleanly, they may be gone.
 	ErrWritesLost = errors.New("the nbd connection dropped before writes were flushed; they may be lost")
+	// ErrNoExport is returned (wrapped, with the server's message) by Dial when the
+	// server has no export of the name asked for.
+	ErrNoExport = errors.New("no such export")
 )
 
 // Client is a blockdev.Device backed by an export of an NBD server.

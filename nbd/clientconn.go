@@ -185,7 +185,7 @@ func (cc *clientConn) negotiate(name string) (exportInfo, error) {
 			}
 			return info, info.check()
 		case typ == repErrUnknown:
-			return info, fmt.Errorf("no export named %q: %s", name, msg)
+			return info, fmt.Errorf("no export named %q: %s: %w", name, msg, ErrNoExport)
 		case typ != repErrUnsup:
 			return info, fmt.Errorf("NBD_OPT_GO refused (reply %#x): %s", typ, msg)
 		}

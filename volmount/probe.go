@@ -48,6 +48,9 @@ func (s Signature) String() string {
 // ErrNotEmpty is returned when a device that was to be formatted holds a signature.
 var ErrNotEmpty = errors.New("the device is not empty")
 
+// ErrUnsupportedFS is returned when a file system other than ext4 was to be created.
+var ErrUnsupportedFS = errors.New("only ext4 is created")
+
 // Probe looks for any signature on dev with blkid's low-level probing (superblocks
 // and partition tables, no cache): file systems, LUKS headers, RAID members, swap,
 // partition tables. An ambivalent result (several signatures) is an error that names
@@ -122,7 +125,7 @@ type MkfsOptions struct {
 // so it refuses on its own any device it finds in use or already formatted.
 func MakeFS(dev, fsType string, opts MkfsOptions) error {
 	if fsType != "ext4" {
-		return fmt.Errorf("make a file system on %s: creating %q is not supported (only ext4); create it yourself, then mount it", dev, fsType)
+		return fmt.Errorf("make a file system on %s: creating %q is not supported: %w; create it yourself, then mount it", dev, fsType, ErrUnsupportedFS)
 	}
 	sig, err := Probe(dev)
 	if err != nil {
