@@ -162,6 +162,10 @@ func runServe(ctx context.Context, o serveOptions) error {
 		}
 	}
 	if err := selfCheck(ctx, listeners[0].Addr(), srv.Exports()); err != nil {
+		if ctx.Err() != nil {
+			// SIGTERM or SIGINT during the check: a stop before readiness, not a failure.
+			return abort(nil)
+		}
 		return abort(fail(exitcodes.Failure, err, ""))
 	}
 	var addrs []string
