@@ -209,8 +209,13 @@ func Mount(dir string, files []File, opts Options) (*Server, error) {
 			DirectMountStrict: true,
 			DirectMountFlags:  syscall.MS_NOSUID | syscall.MS_NODEV | syscall.MS_NOEXEC,
 			DisableXAttrs:     true,
-			Debug:             opts.Debug,
-			Logger:            slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
+			// Read replies are Go memory (decrypted buffers): splicing them would copy
+			// them into a pipe and out again, and go-fuse cannot grow the pipe past
+			// fs.pipe-max-size (1 MiB by default) for a 1 MiB read and its header,
+			// so every such read failed the splice and logged a warning.
+			DisableSplice: true,
+			Debug:         opts.Debug,
+			Logger:        slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
 		},
 		EntryTimeout:    &timeout,
 		AttrTimeout:     &timeout,
