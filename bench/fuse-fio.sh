@@ -25,7 +25,7 @@
 # (direct I/O) over each peer's FUSE file; each peer then has its own image.
 #
 # Environment: MODE (nbd, file, atrest), NBD_URI, NBD_URI2, IMAGE_DIR=/dev/shm (tmpfs: the drive costs nothing),
-# SIZE=2G, EXT4_SIZE=1G (fio file in ext4), RUNTIME=10 (seconds per job), REPS=3,
+# SIZE=2G, EXT4_SIZE (fio file in ext4; 1G, or half of SIZE when that is less), RUNTIME=10 (seconds per job), REPS=3,
 # IOENGINE=libaio, EXT4=1, JSON_DIR (keep fio's JSON output there).
 # Needs root, fio, nbdkit, nbdfuse (libnbd-bin), fuse3, e2fsprogs, util-linux, jq, Go.
 set -euo pipefail
@@ -35,7 +35,11 @@ export PATH=/usr/local/go/bin:$PATH
 MODE=${MODE:-nbd}
 IMAGE_DIR=${IMAGE_DIR:-/dev/shm}
 SIZE=${SIZE:-2G}
-EXT4_SIZE=${EXT4_SIZE:-1G}
+if [[ -z ${EXT4_SIZE:-} ]]; then
+	# The file must fit in the ext4 of a SIZE volume (less the 16 MiB LUKS2 header).
+	half=$(($(numfmt --from=iec "$SIZE") / 2))
+	EXT4_SIZE=$((half < 1 << 30 ? half : 1 << 30))
+fi
 RUNTIME=${RUNTIME:-10}
 REPS=${REPS:-3}
 IOENGINE=${IOENGINE:-libaio}
