@@ -68,6 +68,41 @@ func checkOwnerMode(path string, st *unix.Stat_t, dir bool) error {
 	return nil
 }
 
+// checkParents applies the rules to the directories above the keystore, as OpenSSH
+// does for the directories above authorized_keys: each must be owned by root (or the
+// user running atrest) and not writable by group or others, unless its sticky bit is
+// set (/tmp, /var/tmp), where others cannot rename or remove what they do not own.
+// Otherwise whoever may write there could move the keystore aside and put their own
+// in its place. The path is walked as given and as resolved through symlinks.
+func checkParents(dir string) error {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return err
+	}
+	paths := []string{abs}
+	if real, err := filepath.EvalSymlinks(abs); err == nil && real != abs {
+		paths = append(paths, real)
+	}
+	for _, p := range paths {
+		for q := filepath.Dir(p); ; q = filepath.Dir(q) {
+			var st unix.Stat_t
+			if err := unix.Stat(q, &st); err != nil {
+				return &os.PathError{Op: "stat", Path: q, Err: err}
+			}
+			if st.Uid != 0 && int(st.Uid) != os.Geteuid() {
+				return fmt.Errorf("%s, above the keystore %s, is owned by uid %d: %w (hint: chown root %s, or move the keystore)", q, dir, st.Uid, ErrUnsafe, q)
+			}
+			if st.Mode&0o022 != 0 && st.Mode&unix.S_ISVTX == 0 {
+				return fmt.Errorf("%s, above the keystore %s, is writable by group or others: %w (hint: chmod go-w %s, or move the keystore)", q, dir, ErrUnsafe, q)
+			}
+			if q == "/" {
+				break
+			}
+		}
+	}
+	return nil
+}
+
 // checkPath lstat()s path and applies the rules; a missing path wraps fs.ErrNotExist.
 func checkPath(path string, dir bool) error {
 	var st unix.Stat_t

@@ -67,6 +67,9 @@ func Init(dir string) (*Keystore, error) {
 	if err := checkPath(dir, true); err != nil {
 		return nil, err
 	}
+	if err := checkParents(dir); err != nil {
+		return nil, err
+	}
 	exists := func(name string) bool {
 		_, err := os.Lstat(filepath.Join(dir, name))
 		return err == nil
@@ -133,6 +136,9 @@ func Open(dir string) (*Keystore, error) {
 		}
 		return nil, err
 	}
+	if err := checkParents(dir); err != nil {
+		return nil, err
+	}
 	k := &Keystore{dir: dir, now: nowUTC}
 	if err := k.load(); err != nil {
 		return nil, err
@@ -147,6 +153,9 @@ func OpenLocked(dir string) (*Keystore, error) {
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil, fmt.Errorf("%s: %w", dir, ErrNoKeystore)
 		}
+		return nil, err
+	}
+	if err := checkParents(dir); err != nil {
 		return nil, err
 	}
 	if _, err := os.Lstat(filepath.Join(dir, StateFile)); errors.Is(err, fs.ErrNotExist) {

@@ -114,6 +114,26 @@ func TestInitResume(t *testing.T) {
 	}
 }
 
+// TestStickyParent: a world-writable parent with the sticky bit (/tmp, /var/tmp) is
+// accepted, as it is by OpenSSH.
+func TestStickyParent(t *testing.T) {
+	testutil.Root(t)
+	k, dir := newKeystore(t)
+	k.Close()
+	if err := os.Chmod(filepath.Dir(dir), os.ModeSticky|0o777); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(dir); err != nil {
+		t.Fatalf("open under a sticky world-writable parent: %v", err)
+	}
+	if err := os.Chmod(filepath.Dir(dir), 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(dir); !errors.Is(err, ErrUnsafe) || !strings.Contains(err.Error(), "chmod go-w "+filepath.Dir(dir)) {
+		t.Fatalf("open under a world-writable parent: %v", err)
+	}
+}
+
 func TestLock(t *testing.T) {
 	k, dir := newKeystore(t)
 	if _, err := OpenLocked(dir); !errors.Is(err, ErrBusy) {
@@ -155,7 +175,9 @@ func TestUnsafeKeystoreRefused(t *testing.T) {
 			os.Rename(p, filepath.Join(d, "elsewhere"))
 			return os.Symlink("elsewhere", p)
 		}, "keystore.json is a symlink", ErrUnsafe},
-		"dir symlink": {nil, "is a symlink", ErrUnsafe},
+		"dir symlink":     {nil, "is a symlink", ErrUnsafe},
+		"parent writable": {func(d string) error { return os.Chmod(filepath.Dir(d), 0o777) }, "writable by group or others", ErrUnsafe},
+		"parent owner":    {func(d string) error { return os.Chown(filepath.Dir(d), 1234, 0) }, "is owned by uid 1234", ErrUnsafe},
 		"key not regular": {func(d string) error {
 			p := filepath.Join(d, MasterKeyFile)
 			os.Remove(p)
