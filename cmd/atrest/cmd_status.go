@@ -87,7 +87,8 @@ func runStatus(_ context.Context, o statusOptions) error {
 	return nil
 }
 
-// age prints a duration in seconds as days, hours and minutes.
+// age prints a duration in seconds as days and hours, hours and minutes, minutes and
+// seconds, or seconds, whichever two units (or one) say it best.
 func age(sec int64) string {
 	d, h, m := sec/86400, sec%86400/3600, sec%3600/60
 	switch {
@@ -95,7 +96,9 @@ func age(sec int64) string {
 		return fmt.Sprintf("%dd %dh", d, h)
 	case h > 0:
 		return fmt.Sprintf("%dh %dm", h, m)
-	default:
+	case m > 0:
 		return fmt.Sprintf("%dm %ds", m, sec%60)
+	default:
+		return fmt.Sprintf("%ds", max(sec, 0))
 	}
 }

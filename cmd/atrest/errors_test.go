@@ -46,3 +46,11 @@ func TestReport(t *testing.T) {
 		t.Error("fail(nil) is not nil")
 	}
 }
+
+func TestAge(t *testing.T) {
+	for sec, want := range map[int64]string{0: "0s", 59: "59s", 60: "1m 0s", 3599: "59m 59s", 3600: "1h 0m", 86399: "23h 59m", 90000: "1d 1h", -3: "0s"} {
+		if got := age(sec); got != want {
+			t.Errorf("age(%d) = %q, want %q", sec, got, want)
+		}
+	}
+}
