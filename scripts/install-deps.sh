@@ -11,11 +11,12 @@ packages=(
 	fuse3                # fusermount3 for cleaning up FUSE mounts
 	jq                   # the benchmark scripts read fio's JSON with it
 	libnbd-bin           # nbdinfo, nbdcopy, nbdfuse
+	mount                # mount, losetup (not Essential: a minimal image may lack it)
 	nbdkit               # NBD peer (file plugin, luks filter)
 	openssl              # peer for atrest speed
 	python3-cryptography # independent AES-XTS oracle (Debian's /usr/bin/python3)
 	qemu-utils           # qemu-nbd, qemu-io, qemu-img
-	util-linux           # losetup, blkid, fstrim
+	util-linux           # blkid, fstrim, mkswap
 	systemd              # systemd-analyze verify of the shipped units
 )
 
