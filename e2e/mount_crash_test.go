@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/atrest/atrest/internal/exitcodes"
+	"github.com/atrest/atrest/internal/testutil"
 )
 
 // TestMountUmountAfterKill9: `kill -9` of the mount process leaves ext4 mounted on a
@@ -62,6 +63,6 @@ func TestMountUmountAfterKill9(t *testing.T) {
 	if strings.Contains(m2.log.String(), "created") {
 		t.Errorf("the mount after the crash created a new file system:\n%s", m2.log.String())
 	}
-	verifyTree(t, mp, sums)
+	testutil.VerifyTree(t, mp, sums)
 	m2.umount()
 }

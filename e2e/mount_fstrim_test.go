@@ -109,7 +109,7 @@ func TestMountFstrim(t *testing.T) {
 		}
 		os.Remove(vol)
 		m = c.mount(d.uri("trim"), mp)
-		verifyTree(t, filepath.Join(mp, "keep"), keep)
+		testutil.VerifyTree(t, filepath.Join(mp, "keep"), keep)
 		m.umount()
 	})
 
@@ -131,7 +131,7 @@ func TestMountFstrim(t *testing.T) {
 		if after := allocated(t, refused); after != before {
 			t.Errorf("a refused fstrim changed the drive image's allocation: %d -> %d", before, after)
 		}
-		verifyTree(t, mp, sums)
+		testutil.VerifyTree(t, mp, sums)
 		m.umount()
 	})
 }

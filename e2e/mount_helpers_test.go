@@ -5,7 +5,6 @@ import (
 	"crypto/sha256"
 	"encoding/json"
 	"fmt"
-	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -283,37 +282,6 @@ func writeTree(t *testing.T, root string, seed uint64) map[string][32]byte {
 		sums[rel] = sha256.Sum256(data)
 	}
 	return sums
-}
-
-// verifyTree checks that root holds every file of sums with its contents.
-func verifyTree(t *testing.T, root string, sums map[string][32]byte) {
-	t.Helper()
-	seen := 0
-	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-		if err != nil || d.IsDir() {
-			return err
-		}
-		rel, _ := filepath.Rel(root, p)
-		want, ok := sums[rel]
-		if !ok {
-			return nil
-		}
-		data, err := os.ReadFile(p)
-		if err != nil {
-			return err
-		}
-		if sha256.Sum256(data) != want {
-			t.Errorf("%s: contents differ", rel)
-		}
-		seen++
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if seen != len(sums) {
-		t.Errorf("found %d of the %d files written", seen, len(sums))
-	}
 }
 
 // markers counts the plaintext markers in data.

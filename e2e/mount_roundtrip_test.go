@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/atrest/atrest/internal/testutil"
 )
 
 // TestMountRoundTrip is the main evidence for `atrest mount`: on a freshly formatted
@@ -78,7 +80,7 @@ func TestMountRoundTrip(t *testing.T) {
 	bg := readStateFile(t, mp)
 	pid := int(bg["pid"].(float64))
 	file := bg["file"].(string)
-	verifyTree(t, mp, sums)
+	testutil.VerifyTree(t, mp, sums)
 
 	if r := c.run("umount", mp); r.code != 0 {
 		t.Fatalf("atrest umount of the background mount: exit %d\n%s", r.code, r.stderr)

@@ -6,7 +6,6 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"io/fs"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -158,37 +157,6 @@ func writeTree(t testing.TB, root string, seed uint64) map[string][32]byte {
 		sums[rel] = sha256.Sum256(data)
 	}
 	return sums
-}
-
-// verifyTree checks that root holds exactly the files of sums with their contents.
-func verifyTree(t testing.TB, root string, sums map[string][32]byte) {
-	t.Helper()
-	seen := 0
-	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-		if err != nil || d.IsDir() {
-			return err
-		}
-		rel, _ := filepath.Rel(root, p)
-		want, ok := sums[rel]
-		if !ok {
-			return nil // lost+found and the like are not ours
-		}
-		data, err := os.ReadFile(p)
-		if err != nil {
-			return err
-		}
-		if sha256.Sum256(data) != want {
-			t.Errorf("%s: contents differ after remount", rel)
-		}
-		seen++
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if seen != len(sums) {
-		t.Errorf("found %d of the %d files written", seen, len(sums))
-	}
 }
 
 // countMarkers counts the blocks of the file at path that carry the plaintext marker.
@@ -439,7 +407,7 @@ func TestRoundTrip(t *testing.T) {
 		if v.Created {
 			t.Error("Setup created a file system over the existing one")
 		}
-		verifyTree(t, mp, sums)
+		testutil.VerifyTree(t, mp, sums)
 	}
 }
 
@@ -512,7 +480,7 @@ func TestEncryptedRoundTrip(t *testing.T) {
 		if v.Created {
 			t.Error("Setup created a file system over the existing encrypted one")
 		}
-		verifyTree(t, mp, sums)
+		testutil.VerifyTree(t, mp, sums)
 	}
 	// With another key the volume is noise: no signature, so Setup would format it, and
 	// must therefore only ever be given the right key (the keystore's job).
@@ -640,7 +608,7 @@ func TestFstrim(t *testing.T) {
 		if err == nil || !strings.Contains(out, "not supported") {
 			t.Errorf("fstrim over a device that cannot zero fast: %v, %q; want it refused as not supported", err, out)
 		}
-		verifyTree(t, mp, sums)
+		testutil.VerifyTree(t, mp, sums)
 		if err := Unmount(mp, false); err != nil {
 			t.Fatal(err)
 		}
@@ -738,7 +706,7 @@ func TestPowerCut(t *testing.T) {
 	if _, err := Setup(file, mp, Options{}); err != nil {
 		t.Fatal(err)
 	}
-	verifyTree(t, mp, sums)
+	testutil.VerifyTree(t, mp, sums)
 	if err := Unmount(mp, false); err != nil {
 		t.Fatal(err)
 	}
@@ -849,5 +817,5 @@ func TestCrashCleanup(t *testing.T) {
 	if _, err := Setup(file2, mp, Options{}); err != nil {
 		t.Fatal(err)
 	}
-	verifyTree(t, mp, sums)
+	testutil.VerifyTree(t, mp, sums)
 }
