@@ -141,6 +141,19 @@ func TestFaultyPowerCutRandom(t *testing.T) {
 	}
 }
 
+func TestFaultySetAtomicUnitRefuses(t *testing.T) {
+	for _, unit := range []int64{0, 256, 1000, 4097} {
+		func() {
+			defer func() {
+				if recover() == nil {
+					t.Errorf("SetAtomicUnit(%d) did not panic", unit)
+				}
+			}()
+			blockdev.NewFaulty(blockdev.NewMem(4096)).SetAtomicUnit(unit)
+		}()
+	}
+}
+
 func testPowerCutRandom(t *testing.T, unit int64) {
 	const size = 128<<10 + 100 // a partial sector at the end
 	run := func(seed uint64) []byte {
