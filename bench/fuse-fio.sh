@@ -46,7 +46,7 @@ IOENGINE=${IOENGINE:-libaio}
 EXT4=${EXT4:-1}
 JOBS=(seqread-1m-qd8 seqwrite-1m-qd8 randread-4k-qd32 randwrite-4k-qd32)
 
-die() { echo "fuse-fio.sh: $*" >&2; exit 1; }
+. bench/lib.sh
 [ "$(id -u)" -eq 0 ] || die "needs root (FUSE mounts, loop devices)"
 for tool in fio nbdkit nbdfuse nbdinfo fusermount3 losetup mkfs.ext4 dumpe2fs jq go; do
 	command -v "$tool" >/dev/null || die "$tool is not installed (scripts/install-deps.sh)"
@@ -83,15 +83,6 @@ cleanup() {
 	rm -rf "$work"
 }
 trap cleanup EXIT
-
-# wait_for CHECK... : runs CHECK until it succeeds, for up to 30 s.
-wait_for() {
-	for _ in $(seq 300); do
-		"$@" && return 0
-		sleep 0.1
-	done
-	die "timed out waiting for: $*"
-}
 
 echo "building bench/fuse/fuseserve" >&2
 go build -o "$work/fuseserve" ./bench/fuse/fuseserve
@@ -176,17 +167,7 @@ run_job() {
 		tail -n 20 "$json.raw" "$json.err" "$work"/*.err >&2
 		die "fio $2 on $1 failed (exit $rc)"
 	}
-	# fio may print lines before the JSON (FIELD-NOTES): keep from the first '{'.
-	sed -n '/^{/,$p' "$json.raw" >"$json"
-	local errs
-	errs=$(jq '[.jobs[].error] | add' "$json")
-	[ "$errs" = 0 ] || die "fio $2 on $1 reported errors ($errs)"
-}
-
-# median PEER JOB FIELD: median over the repetitions of a jq expression.
-median() {
-	for f in "$work"/json/"$1"."$2".*.json; do jq "$3" "$f"; done | sort -g |
-		awk '{v[NR]=$1} END {if (NR%2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'
+	fio_json "$json.raw" "$json" "$2 on $1"
 }
 
 # measure LABEL SIZE PEER=FILE...: every job on every peer, REPS times, the peers'

@@ -31,7 +31,7 @@ REPS=${REPS:-3}
 read -r -a PEERS <<<"${PEERS:-atrest-enc atrest-plain nbdkit-file nbdkit-luks}"
 JOBS=(seqread-1m-qd8 seqwrite-1m-qd8 randread-4k-qd32 randwrite-4k-qd32)
 
-die() { echo "nbd-fio.sh: $*" >&2; exit 1; }
+. bench/lib.sh
 for tool in fio nbdkit cryptsetup jq go; do
 	command -v "$tool" >/dev/null || die "$tool is not installed (scripts/install-deps.sh)"
 done
@@ -48,15 +48,6 @@ cleanup() {
 	rm -rf "$work"
 }
 trap cleanup EXIT
-
-# wait_for CHECK... : runs CHECK until it succeeds, for up to 30 s.
-wait_for() {
-	for _ in $(seq 300); do
-		"$@" && return 0
-		sleep 0.1
-	done
-	die "timed out waiting for: $*"
-}
 
 echo "building bench/cmd/plainserve" >&2
 go build -o "$work/plainserve" ./bench/cmd/plainserve
@@ -114,17 +105,8 @@ run_job() { # PEER JOB REP
 	URI=${uris[$1]} SIZE=$bytes RUNTIME=$RUNTIME fio --section="$2" --output-format=json bench/nbd/nbd.fio >"$json.raw" ||
 		URI=${uris[$1]} SIZE=$bytes RUNTIME=$RUNTIME fio --section="$2" --output-format=json bench/nbd/nbd.fio >"$json.raw" ||
 		die "fio $2 on $1 failed twice"
-	# fio prints "fio: connected to NBD server" before the JSON (FIELD-NOTES).
-	sed -n '/^{/,$p' "$json.raw" >"$json"
+	fio_json "$json.raw" "$json" "$2 on $1"
 	rm -f "$json.raw"
-	local errs
-	errs=$(jq '[.jobs[].error] | add' "$json")
-	[ "$errs" = 0 ] || die "fio $2 on $1 reported errors ($errs)"
-}
-
-median() { # PEER JOB JQ
-	for f in "$work"/json/"$1"."$2".*.json; do jq "$3" "$f"; done | sort -g |
-		awk '{v[NR]=$1} END {if (NR%2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'
 }
 
 for job in "${JOBS[@]}"; do
