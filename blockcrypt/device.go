@@ -365,9 +365,6 @@ func (d *Device) Trim(off, n int64) error {
 	return nil
 }
 
-// zeroes is a read-only buffer of zero plaintext for WriteZeroes.
-var zeroes = sync.OnceValue(func() []byte { return make([]byte, maxBatch) })
-
 // WriteZeroes writes encrypted zeroes over [off, off+n). It can never be fast (a hole
 // or a zeroed range on the lower device is zero ciphertext, which decrypts to noise),
 // so ZeroFast fails with blockdev.ErrNotFast and changes nothing; ZeroMayUnmap is
@@ -383,16 +380,10 @@ func (d *Device) WriteZeroes(off, n int64, flags blockdev.ZeroFlags) error {
 	if flags&blockdev.ZeroFast != 0 {
 		return blockdev.ErrNotFast
 	}
-	z := zeroes()
-	for n > 0 {
-		c := min(n, int64(len(z)))
-		if _, err := d.write(z[:c], off, false); err != nil {
-			return err
-		}
-		off += c
-		n -= c
-	}
-	return nil
+	// Through d.write: d.WriteAt would take begin's read lock a second time.
+	return blockdev.WriteZeroBuffers(blockdev.WriterAtFunc(func(p []byte, off int64) (int, error) {
+		return d.write(p, off, false)
+	}), off, n)
 }
 
 // Flush flushes the lower device.

@@ -128,3 +128,29 @@ func TestPassDown(t *testing.T) {
 type noCloseDevice struct{ blockdev.Device }
 
 func (noCloseDevice) Close() error { return nil }
+
+// TestWriteZeroesChunks: a WriteZeroes over several MiB at an offset inside a sector
+// reads and rewrites only its two partial sectors: the chunks after the first start on
+// sector boundaries.
+func TestWriteZeroesChunks(t *testing.T) {
+	f := blockdev.NewFaulty(blockdev.NewMem(4096 + 8<<20))
+	d, err := New(f, Config{Key: testKey(8), Offset: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if err := d.WriteZeroes(512, 5<<20, 0); err != nil {
+		t.Fatal(err)
+	}
+	if s := f.Stats(); s.Reads != 2 {
+		t.Errorf("%d lower reads for the partial sectors, want 2 (head and tail)", s.Reads)
+	}
+	got := make([]byte, 5<<20)
+	if _, err := d.ReadAt(got, 512); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, make([]byte, len(got))) {
+		t.Error("the range does not read back as zeroes")
+	}
+}
+

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 )
 
 // Device is a fixed-size array of bytes with disk semantics.
@@ -116,13 +117,19 @@ func WriteZeroes(dev Device, off, n int64, flags ZeroFlags) error {
 	return WriteZeroBuffers(dev, off, n)
 }
 
-// WriteZeroBuffers zeroes [off, off+n) on dev by writing buffers of zeroes. Devices use it
-// as the fallback of their own WriteZeroes.
+// zeroBuffer is an aligned buffer of zeroes that is only ever read.
+var zeroBuffer = sync.OnceValue(func() []byte { return AlignedBuffer(zeroChunk) })
+
+// WriteZeroBuffers zeroes [off, off+n) on dev by writing buffers of zeroes, at most
+// 1 MiB each, from a shared buffer that dev must only read (as io.WriterAt requires).
+// After the first, every write starts on a multiple of 1 MiB, so that a device with
+// sectors (a power of two up to 1 MiB) sees at most two partial ones, at the ends.
+// Devices use it as the fallback of their own WriteZeroes.
 func WriteZeroBuffers(dev io.WriterAt, off, n int64) error {
-	buf := make([]byte, min(n, zeroChunk))
+	zero := zeroBuffer()
 	for n > 0 {
-		c := min(n, int64(len(buf)))
-		if _, err := dev.WriteAt(buf[:c], off); err != nil {
+		c := min(n, zeroChunk-off%zeroChunk)
+		if _, err := dev.WriteAt(zero[:c], off); err != nil {
 			return err
 		}
 		off += c
@@ -130,6 +137,13 @@ func WriteZeroBuffers(dev io.WriterAt, off, n int64) error {
 	}
 	return nil
 }
+
+// WriterAtFunc adapts a function to io.WriterAt, for the WriteZeroBuffers of a device
+// that writes through an internal path (one that does not take its locks again).
+type WriterAtFunc func(p []byte, off int64) (int, error)
+
+// WriteAt calls f.
+func (f WriterAtFunc) WriteAt(p []byte, off int64) (int, error) { return f(p, off) }
 
 // WriteFUA writes p at off on dev and makes it durable before returning, through the
 // FUAWriter capability if dev has one and otherwise with a Flush after the write.

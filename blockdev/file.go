@@ -79,9 +79,6 @@ const bounceSize = 1 << 20
 
 var bouncePool = sync.Pool{New: func() any { b := AlignedBuffer(bounceSize); return &b }}
 
-// zeroBuffer is an aligned buffer of zeroes that is only ever read.
-var zeroBuffer = sync.OnceValue(func() []byte { return AlignedBuffer(zeroChunk) })
-
 // OpenFile opens the regular file or block device at path as a Device.
 func OpenFile(path string, opts FileOptions) (*File, error) {
 	flags := unix.O_RDWR | unix.O_CLOEXEC
@@ -540,22 +537,12 @@ func (f *File) zeroBlockDev(off, n int64, flags ZeroFlags) error {
 // writeZeroBuffers writes zeroes over [off, off+n). The caller holds mu (shared) and
 // not rmw.
 func (f *File) writeZeroBuffers(off, n int64) error {
-	zero := zeroBuffer()
-	for n > 0 {
-		c := min(n, int64(len(zero)))
-		var err error
+	return WriteZeroBuffers(WriterAtFunc(func(p []byte, off int64) (int, error) {
 		if f.direct {
-			_, err = f.writeDirect(zero[:c], off, false)
-		} else {
-			_, err = f.pwriteFull(zero[:c], off, false)
+			return f.writeDirect(p, off, false)
 		}
-		if err != nil {
-			return err
-		}
-		off += c
-		n -= c
-	}
-	return nil
+		return f.pwriteFull(p, off, false)
+	}), off, n)
 }
 
 // Close closes the descriptor after the calls in progress return. A second Close fails
