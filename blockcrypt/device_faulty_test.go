@@ -154,3 +154,16 @@ func TestWriteZeroesChunks(t *testing.T) {
 	}
 }
 
+// TestLowerChangeErrors: a lower device failing a Trim or the writes of a WriteZeroes
+// fails the call with the lower device's error.
+func TestLowerChangeErrors(t *testing.T) {
+	d, f := newFaultyDevice(t, Config{AllowDiscards: true})
+	remove := f.InjectError(4096+2*4096, 4096, blockdev.FaultWrite, nil) // region sector 2
+	defer remove()
+	if err := d.Trim(0, 4*4096); !errors.Is(err, syscall.EIO) || !strings.Contains(err.Error(), "lower offset") {
+		t.Errorf("trim over a bad sector: %v", err)
+	}
+	if err := d.WriteZeroes(0, 4*4096, 0); !errors.Is(err, syscall.EIO) {
+		t.Errorf("zeroes over a bad sector: %v", err)
+	}
+}
