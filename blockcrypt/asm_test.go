@@ -143,7 +143,7 @@ func (c asmCase) check(t testing.TB, impl *implementation, plain []byte) {
 		copy(src, plain)
 		run(asm, decrypt, dst, src)
 		if !bytes.Equal(dst, want) {
-			i := firstDiff(dst, want)
+			i := firstDifference(dst, want)
 			t.Fatalf("%s: %v: %s differs from purego at byte %d", impl.name, c, direction(decrypt), i)
 		}
 		if !c.inPlace && !bytes.Equal(src, plain) {
@@ -166,15 +166,6 @@ func direction(decrypt bool) string {
 		return "decrypt"
 	}
 	return "encrypt"
-}
-
-func firstDiff(a, b []byte) int {
-	for i := range min(len(a), len(b)) {
-		if a[i] != b[i] {
-			return i
-		}
-	}
-	return min(len(a), len(b))
 }
 
 // randomAsmCase draws a case; run lengths cross the 8-sector tweak batches of the
