@@ -60,13 +60,3 @@ func Implementations() []string {
 	}
 	return names
 }
-
-// lookupImplementation returns the available implementation with the given name.
-func lookupImplementation(name string) (*implementation, bool) {
-	for _, impl := range implementations {
-		if impl.available && impl.name == name {
-			return impl, true
-		}
-	}
-	return nil, false
-}
