@@ -74,25 +74,19 @@ func (g *generic) sectorsWith(dst, src []byte, sectorSize int, iv uint64, decryp
 	}
 }
 
-func (g *generic) encryptUnit(dst, src []byte, tweak *[16]byte) {
-	if len(src) == 0 {
-		return
-	}
-	le := binary.LittleEndian
-	lo, hi := g.tweak(dst, src, le.Uint64(tweak[:8]), le.Uint64(tweak[8:]))
-	var tw [chunkBlocks][2]uint64
-	g.unit(dst, src, lo, hi, false, tw[:])
-	clear(tw[:])
-}
+func (g *generic) encryptUnit(dst, src []byte, tweak *[16]byte) { g.rawUnit(dst, src, tweak, false) }
 
-func (g *generic) decryptUnit(dst, src []byte, tweak *[16]byte) {
+func (g *generic) decryptUnit(dst, src []byte, tweak *[16]byte) { g.rawUnit(dst, src, tweak, true) }
+
+// rawUnit en- or decrypts one data unit under a raw 16-byte tweak.
+func (g *generic) rawUnit(dst, src []byte, tweak *[16]byte, decrypt bool) {
 	if len(src) == 0 {
 		return
 	}
 	le := binary.LittleEndian
 	lo, hi := g.tweak(dst, src, le.Uint64(tweak[:8]), le.Uint64(tweak[8:]))
 	var tw [chunkBlocks][2]uint64
-	g.unit(dst, src, lo, hi, true, tw[:])
+	g.unit(dst, src, lo, hi, decrypt, tw[:])
 	clear(tw[:])
 }
 
