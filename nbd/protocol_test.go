@@ -569,6 +569,29 @@ func TestShutdownDrains(t *testing.T) {
 	}
 }
 
+// TestShutdownFlushesOnce: Shutdown flushes every device once, also one served by two
+// exports.
+func TestShutdownFlushesOnce(t *testing.T) {
+	checkLeaks(t)
+	shared := blockdev.NewFaulty(blockdev.NewMem(1 << 20))
+	other := blockdev.NewFaulty(blockdev.NewMem(1 << 20))
+	s := NewServer(ServerConfig{})
+	for _, e := range []Export{{Name: "vol", Device: shared}, {Name: "", Device: shared}, {Name: "other", Device: other}} {
+		if err := s.AddExport(e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if n := shared.Stats().Flushes; n != 1 {
+		t.Errorf("shared device flushed %d times, want 1", n)
+	}
+	if n := other.Stats().Flushes; n != 1 {
+		t.Errorf("other device flushed %d times, want 1", n)
+	}
+}
+
 func TestRemoveExport(t *testing.T) {
 	checkLeaks(t)
 	ts := startServer(t, ServerConfig{}, threeExports()...)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"reflect"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -463,7 +464,7 @@ func (s *Server) stopConns(ctx context.Context, conns []*serverConn) error {
 
 // Shutdown stops the server gracefully: it closes the listeners, lets every connection
 // answer the requests it has read (connections still in their handshake are closed),
-// flushes every export's device and returns. When ctx ends before the connections are
+// flushes every export's device (once, when exports share it) and returns. When ctx ends before the connections are
 // done, they are closed at once; the devices are flushed all the same. The devices are
 // not closed. Shutdown returns the flush errors and ctx's error, if any.
 func (s *Server) Shutdown(ctx context.Context) error {
@@ -491,7 +492,18 @@ func (s *Server) shutdown(ctx context.Context, reportCtx bool) error {
 		errs = append(errs, err)
 	}
 	s.connsWG.Wait()
+	// Flush each device once: several exports may serve the same one (`atrest serve`
+	// offers a lone volume under its name and as the default export). Names in reverse
+	// order put the default export last, so a failed flush is reported under a real name.
+	sort.Slice(exports, func(i, j int) bool { return exports[i].Name > exports[j].Name })
+	flushed := make(map[blockdev.Device]bool, len(exports))
 	for _, e := range exports {
+		if reflect.ValueOf(e.Device).Comparable() {
+			if flushed[e.Device] {
+				continue
+			}
+			flushed[e.Device] = true
+		}
 		if err := e.Device.Flush(); err != nil {
 			errs = append(errs, fmt.Errorf("flush export %q: %w", e.Name, err))
 		}

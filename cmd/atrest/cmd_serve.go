@@ -190,11 +190,6 @@ func runServe(ctx context.Context, o serveOptions) error {
 		err = errors.Join(err, serr)
 	}
 	wg.Wait()
-	for _, d := range drives {
-		if ferr := d.Device.Flush(); ferr != nil {
-			err = errors.Join(err, fmt.Errorf("flush %s: %w", d.Path, ferr))
-		}
-	}
 	if err != nil {
 		return fail(exitcodes.IO, err, "")
 	}
