@@ -103,6 +103,14 @@ func checkParents(dir string) error {
 	return nil
 }
 
+// checkDir checks the keystore directory and the directories above it.
+func checkDir(dir string) error {
+	if err := checkPath(dir, true); err != nil {
+		return err
+	}
+	return checkParents(dir)
+}
+
 // checkPath lstat()s path and applies the rules; a missing path wraps fs.ErrNotExist.
 func checkPath(path string, dir bool) error {
 	var st unix.Stat_t

@@ -64,10 +64,7 @@ func Init(dir string) (*Keystore, error) {
 	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
 		return nil, err
 	}
-	if err := checkPath(dir, true); err != nil {
-		return nil, err
-	}
-	if err := checkParents(dir); err != nil {
+	if err := checkDir(dir); err != nil {
 		return nil, err
 	}
 	exists := func(name string) bool {
@@ -130,13 +127,10 @@ func nowUTC() time.Time { return time.Now().UTC().Truncate(time.Second) }
 // Open loads the keystore in dir as a read-only snapshot, without the lock, after
 // checking the directory and its files (owner, mode, no symlinks).
 func Open(dir string) (*Keystore, error) {
-	if err := checkPath(dir, true); err != nil {
+	if err := checkDir(dir); err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil, fmt.Errorf("%s: %w", dir, ErrNoKeystore)
 		}
-		return nil, err
-	}
-	if err := checkParents(dir); err != nil {
 		return nil, err
 	}
 	k := &Keystore{dir: dir, now: nowUTC}
@@ -149,13 +143,10 @@ func Open(dir string) (*Keystore, error) {
 // OpenLocked is Open holding the keystore lock, for the commands that change the
 // keystore or a header. It fails with ErrBusy if another process holds it.
 func OpenLocked(dir string) (*Keystore, error) {
-	if err := checkPath(dir, true); err != nil {
+	if err := checkDir(dir); err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil, fmt.Errorf("%s: %w", dir, ErrNoKeystore)
 		}
-		return nil, err
-	}
-	if err := checkParents(dir); err != nil {
 		return nil, err
 	}
 	if _, err := os.Lstat(filepath.Join(dir, StateFile)); errors.Is(err, fs.ErrNotExist) {
