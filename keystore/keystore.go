@@ -173,10 +173,10 @@ func OpenLocked(dir string) (*Keystore, error) {
 // over if it changed. Once master.key holds a new key it never goes back, so a state
 // read unchanged on both sides of the key read is the state that goes with the key.
 func (k *Keystore) load() error {
-	const attempts = 20
+	const attempts = 20 // loadOnce answers errStateMoved only without the lock
 	for i := 1; ; i++ {
 		err := k.loadOnce()
-		if err == nil || k.lockF != nil || i == attempts || !errors.Is(err, errStateMoved) {
+		if err == nil || i == attempts || !errors.Is(err, errStateMoved) {
 			return err
 		}
 	}
