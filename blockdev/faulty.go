@@ -73,7 +73,7 @@ type Faulty struct {
 	nextID   int
 	flushErr error
 	cache    []cacheOp
-	unit     int64 // atomic write unit of PowerCutRandom; 0 means PowerCutSector
+	unit     int64 // atomic write unit of PowerCutRandom
 	stats    FaultyStats
 }
 
@@ -120,7 +120,7 @@ var (
 
 // NewFaulty returns a Faulty device over lower, with an empty cache and no faults.
 func NewFaulty(lower Device) *Faulty {
-	return &Faulty{lower: lower}
+	return &Faulty{lower: lower, unit: PowerCutSector}
 }
 
 // Lower returns the lower device. Reading it shows what is durable; changing it behind
@@ -179,7 +179,7 @@ func (f *Faulty) ClearFaults() {
 // drive's physical sector, written all or nothing. It panics unless unit is a power of
 // two of at least PowerCutSector.
 func (f *Faulty) SetAtomicUnit(unit int64) {
-	if unit < PowerCutSector || unit&(unit-1) != 0 {
+	if unit < PowerCutSector || !isPowerOfTwo(unit) {
 		panic(fmt.Sprintf("faulty: atomic unit %d is not a power of two of at least %d", unit, PowerCutSector))
 	}
 	f.mu.Lock()
@@ -229,10 +229,11 @@ func (f *Faulty) PowerCut() error {
 }
 
 // PowerCutRandom is PowerCut on a drive that had written back part of its cache, in no
-// particular order: each 512-byte sector (or atomic unit) changed since the last Flush ends up holding
-// one of the contents it had since then (the durable one, or the one after any of the
-// changes to it, but none older than a FUA write to it), chosen by a generator seeded
-// with seed. It returns an error only if the lower device fails.
+// particular order: each 512-byte sector (or atomic unit, see SetAtomicUnit) changed
+// since the last Flush ends up holding one of the contents it had since then (the
+// durable one, or the one after any of the changes to it, but none older than a FUA
+// write to it), chosen by a generator seeded with seed. It returns an error only if the
+// lower device fails.
 func (f *Faulty) PowerCutRandom(seed uint64) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -242,9 +243,6 @@ func (f *Faulty) PowerCutRandom(seed uint64) error {
 	cache := f.cache
 	f.cache = nil
 	unit := f.unit
-	if unit == 0 {
-		unit = PowerCutSector
-	}
 
 	// The contents each sector had, oldest first. The first is read from the lower
 	// device, which holds the FUA writes already; it can only be chosen for a sector

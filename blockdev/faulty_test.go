@@ -158,9 +158,7 @@ func testPowerCutRandom(t *testing.T, unit int64) {
 	const size = 128<<10 + 100 // a partial sector at the end
 	run := func(seed uint64) []byte {
 		f := blockdev.NewFaulty(blockdev.NewMem(size))
-		if unit != blockdev.PowerCutSector {
-			f.SetAtomicUnit(unit)
-		}
+		f.SetAtomicUnit(unit)
 		r := rand.New(rand.NewPCG(5, 6))
 		random := func(n int64) []byte {
 			p := make([]byte, n)
