@@ -36,6 +36,8 @@ func TestMountErrors(t *testing.T) {
 	}
 	refused(exitcodes.IO, "is the daemon running", "mount", "--nbd", "nbd+unix:///err?socket="+filepath.Join(c.dir, "nobody.sock"), mp)
 	refused(exitcodes.DriveMissing, "no export named", "mount", "--nbd", d.uri("nope"), mp)
+	// With --background the child's refusal reaches the parent through the pipe.
+	refused(exitcodes.DriveMissing, "no export named", "mount", "--background", "--nbd", d.uri("nope"), mp)
 	refused(exitcodes.Usage, "--nbd", "mount", "--nbd", "http://example/x", mp)
 	refused(exitcodes.Usage, "one MOUNTPOINT", "mount", "--nbd", d.uri("err"))
 	refused(exitcodes.Usage, "only ext4", "mount", "--nbd", d.uri("err"), "--fs", "xfs", mp)
