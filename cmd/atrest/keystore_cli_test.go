@@ -144,8 +144,11 @@ func TestKeystoreCommands(t *testing.T) {
 			t.Fatal(err)
 		}
 		plain := make([]byte, u.Device.Size())
-		u.Device.ReadAt(plain, 0)
+		_, err = u.Device.ReadAt(plain, 0)
 		u.Device.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
 		raw, _ := os.ReadFile(dw)
 		if !bytes.Equal(plain, make([]byte, len(plain))) || bytes.Count(raw[luks2.DataOffset:], []byte{0}) > len(plain)/100 {
 			t.Fatal("--wipe did not fill the data area with encrypted zeroes")
