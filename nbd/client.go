@@ -263,7 +263,7 @@ func (c *Client) do(cl *call) error {
 		// loop for ever.
 		if first.IsZero() {
 			first = time.Now()
-		} else if c.opts.ReconnectTimeout < 0 || time.Since(first) > c.opts.ReconnectTimeout {
+		} else if time.Since(first) > c.opts.ReconnectTimeout {
 			return fmt.Errorf("%s at %d: %w", cmdName(cl.typ), cl.off, ErrDisconnected)
 		}
 	}
