@@ -26,7 +26,6 @@ type replayLog struct {
 	mu       sync.Mutex
 	entries  []*logEntry
 	bytes    int64
-	seq      uint64
 	flushGen uint64
 	lost     bool      // writes may have been lost; the next Flush says so
 	replays  int       // replays running (snapshot taken, endReplay not yet called)
@@ -37,7 +36,6 @@ type replayLog struct {
 }
 
 type logEntry struct {
-	seq     uint64
 	typ     uint16
 	flags   uint16
 	off     uint64
@@ -68,6 +66,7 @@ func (l *replayLog) add(cl *call) *logEntry {
 	if l.limit < 0 {
 		return nil
 	}
+	// A fast zero either zeroes (replayed as a plain write-zeroes) or changes nothing.
 	e := &logEntry{typ: cl.typ, flags: cl.flags &^ cmdFlagFastZero, off: cl.off, length: cl.length}
 	n := int64(0)
 	if cl.typ == cmdWrite {
@@ -75,13 +74,7 @@ func (l *replayLog) add(cl *call) *logEntry {
 		copy(*e.data, cl.buf)
 		n = int64(len(cl.buf))
 	}
-	if cl.flags&cmdFlagFastZero != 0 {
-		// A fast zero either zeroes (replayed as a plain write-zeroes) or changes nothing.
-		e.flags &^= cmdFlagFastZero
-	}
 	l.mu.Lock()
-	l.seq++
-	e.seq = l.seq
 	l.entries = append(l.entries, e)
 	l.bytes += n + entryOverhead
 	l.mu.Unlock()
