@@ -127,7 +127,6 @@ type Server struct {
 	exports   map[string]*export
 	listeners map[net.Listener]struct{}
 	conns     map[*serverConn]struct{}
-	nconns    int
 	accepted  uint64
 	closing   bool
 	connsWG   sync.WaitGroup
@@ -286,7 +285,7 @@ type ServerStats struct {
 func (s *Server) Stats() ServerStats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return ServerStats{Connections: s.nconns, Accepted: s.accepted}
+	return ServerStats{Connections: len(s.conns), Accepted: s.accepted}
 }
 
 // Exports returns the names of the exports, sorted.
@@ -393,7 +392,7 @@ func (s *Server) ServeConn(ctx context.Context, nc net.Conn) {
 
 func (s *Server) startConn(ctx context.Context, nc net.Conn) *serverConn {
 	s.mu.Lock()
-	if s.closing || s.nconns >= s.cfg.MaxConns {
+	if s.closing || len(s.conns) >= s.cfg.MaxConns {
 		closing := s.closing
 		s.mu.Unlock()
 		if !closing {
@@ -404,7 +403,6 @@ func (s *Server) startConn(ctx context.Context, nc net.Conn) *serverConn {
 	}
 	c := newServerConn(s, nc)
 	s.conns[c] = struct{}{}
-	s.nconns++
 	s.accepted++
 	s.connsWG.Add(1)
 	s.mu.Unlock()
@@ -416,7 +414,6 @@ func (s *Server) startConn(ctx context.Context, nc net.Conn) *serverConn {
 		c.serve()
 		s.mu.Lock()
 		delete(s.conns, c)
-		s.nconns--
 		if c.exp != nil {
 			delete(c.exp.conns, c)
 		}
