@@ -290,6 +290,10 @@ func (s *Server) RefuseZeroRange(name string, off, n int64, fn func() error) err
 // request is being served any more.
 func (s *Server) Wait() { <-s.done }
 
+// Done returns a channel that is closed when the serve loop has ended (what Wait
+// waits for), for a select.
+func (s *Server) Done() <-chan struct{} { return s.done }
+
 // Unmount unmounts the directory; Wait returns afterwards. It fails with EBUSY while a
 // file is open or attached to a loop device: detach first. It may be called again
 // after a failure; once the mount has ended, by Unmount or from outside, it does

@@ -49,7 +49,6 @@ type Stack struct {
 	logf    func(format string, args ...any)
 	client  *nbd.Client
 	srv     *fusefs.Server
-	done    chan struct{} // closed when the FUSE mount has ended
 }
 
 // Mount sets the stack up in order: it connects to the NBD export, serves it as a file
@@ -179,8 +178,6 @@ func Mount(ctx context.Context, o Options) (*Stack, error) {
 	}
 	logf("%s %s (export %q of %s, %d bytes) on %s through %s and %s", how, file, addr.Export, addr, info.Size, mp, vol.Loop, fuseDir)
 
-	s.done = make(chan struct{})
-	go func() { srv.Wait(); close(s.done) }()
 	return s, nil
 }
 
@@ -222,7 +219,7 @@ func (s *Stack) Loop() string { return s.loop }
 // Done is closed when the FUSE mount has ended from outside (umount(8) of the FUSE
 // directory, or Unmount of a mount point whose state file was lost): the file system
 // above it is gone or dead. Close then cleans up what is left.
-func (s *Stack) Done() <-chan struct{} { return s.done }
+func (s *Stack) Done() <-chan struct{} { return s.srv.Done() }
 
 // Close takes the stack down in order: it unmounts the file system (retrying for a
 // few seconds while files are open there, then detaching it lazily, so that those
@@ -240,7 +237,7 @@ func (s *Stack) Done() <-chan struct{} { return s.done }
 // once, from a goroutine that does not serve FUSE.
 func (s *Stack) Close(ctx context.Context) error {
 	select {
-	case <-s.done:
+	case <-s.srv.Done():
 		// Someone ended the FUSE mount (Unmount without a state file, or by hand):
 		// what was above it is gone or dead.
 		s.logf("the FUSE mount %s was ended from outside", s.fuseDir)

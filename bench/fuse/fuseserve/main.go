@@ -59,15 +59,13 @@ func run(image, uri, dir, name string, direct bool, replay int64) error {
 	fmt.Println("ready", srv.Path(name))
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { srv.Wait(); close(done) }()
 	select {
 	case <-sig:
 		if err := srv.Unmount(); err != nil {
 			return err
 		}
-		<-done
-	case <-done:
+		<-srv.Done()
+	case <-srv.Done():
 	}
 	return nil
 }
