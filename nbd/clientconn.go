@@ -48,9 +48,8 @@ type clientConn struct {
 	bufs net.Buffers // iov for writev, in the connection so that it needs no allocation
 
 	mu      sync.Mutex
-	pending map[uint64]*call
+	pending map[uint64]*call // nil once the connection failed
 	cookie  uint64
-	err     error // set once the connection failed
 	done    chan struct{}
 }
 
@@ -285,17 +284,16 @@ func (cc *clientConn) start() {
 	go func() {
 		defer cc.c.bg.Done()
 		err := cc.readReplies()
-		cc.fail(err)
+		cc.fail()
 		cc.c.connLost(cc, err)
 	}()
 }
 
-// fail marks the connection broken and completes every pending call with
+// fail marks the connection broken (pending nil) and completes every pending call with
 // errConnLost. Only the reader goroutine calls it, once it stopped touching the calls'
 // buffers; other goroutines close nc, which ends the reader.
-func (cc *clientConn) fail(err error) {
+func (cc *clientConn) fail() {
 	cc.mu.Lock()
-	cc.err = fmt.Errorf("%w: %w", errConnLost, err)
 	pending := cc.pending
 	cc.pending = nil
 	close(cc.done)
@@ -333,7 +331,7 @@ func (cc *clientConn) roundTrip(cl *call) error {
 	}
 	cl.err, cl.got, cl.rerr = nil, 0, nil
 	cc.mu.Lock()
-	if cc.err != nil {
+	if cc.pending == nil { // failed
 		cc.mu.Unlock()
 		return errConnLost
 	}
