@@ -76,13 +76,7 @@ func (c *Client) dialConn(ctx context.Context) (*clientConn, error) {
 	if err != nil {
 		return nil, err
 	}
-	if b, ok := nc.(interface {
-		SetWriteBuffer(int) error
-		SetReadBuffer(int) error
-	}); ok {
-		_ = b.SetWriteBuffer(socketBuffer) // as the server does: big payloads in few calls
-		_ = b.SetReadBuffer(socketBuffer)
-	}
+	setSocketBuffers(nc)
 	if dl, ok := ctx.Deadline(); ok {
 		_ = nc.SetDeadline(dl)
 	}

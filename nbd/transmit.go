@@ -123,15 +123,7 @@ func (c *serverConn) serve() {
 		return
 	}
 	c.dev = e.Device
-	if b, ok := c.nc.(interface {
-		SetWriteBuffer(int) error
-		SetReadBuffer(int) error
-	}); ok {
-		// A 1 MiB reply or WRITE payload then crosses in one or two system calls
-		// instead of a dozen (the kernel caps these at net.core.wmem_max/rmem_max).
-		_ = b.SetWriteBuffer(socketBuffer)
-		_ = b.SetReadBuffer(socketBuffer)
-	}
+	setSocketBuffers(c.nc)
 	c.connBytes = newSemaphore(c.s.cfg.MaxConnBytes)
 	c.connReqs = newSemaphore(int64(c.s.cfg.MaxConnRequests))
 	c.jobs = make(chan job)
@@ -522,9 +514,6 @@ type job struct {
 	buf   *[]byte // WRITE payload
 	bytes int64   // semaphore bytes held for it
 }
-
-// socketBuffer is the socket send and receive buffer asked for on each connection.
-const socketBuffer = 4 << 20
 
 // readBuffer is the size of a connection's buffered reader: one read system call brings
 // in every request a client at depth 32 can have sent with 4 KiB writes (32 x 4124 bytes)
