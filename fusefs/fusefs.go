@@ -103,8 +103,7 @@ type Options struct {
 type Server struct {
 	srv   *fuse.Server
 	dir   string
-	names map[string]bool
-	files []*fileNode
+	files map[string]*fileNode
 	done  chan struct{} // closed when the serve loop has ended
 	mu    sync.Mutex    // serializes Unmount (go-fuse's is not safe for concurrent use)
 }
@@ -184,8 +183,9 @@ func Mount(dir string, files []File, opts Options) (*Server, error) {
 	// Attributes never change behind the kernel's back: sizes are fixed.
 	timeout := time.Hour
 	root := &rootNode{start: time.Now(), blockSize: statfsBlockSize(files)}
+	byName := make(map[string]*fileNode, len(files))
 	for _, f := range files {
-		root.files = append(root.files, &fileNode{
+		n := &fileNode{
 			name:    f.Name,
 			dev:     f.Device,
 			size:    f.Device.Size(),
@@ -193,7 +193,9 @@ func Mount(dir string, files []File, opts Options) (*Server, error) {
 			start:   root.start,
 			discard: opts.Discard,
 			trim:    opts.TrimHoles,
-		})
+		}
+		root.files = append(root.files, n)
+		byName[f.Name] = n
 	}
 	goFuseLog := slog.NewLogLogger(logger.Handler(), slog.LevelWarn)
 	fsOpts := &fs.Options{
@@ -244,7 +246,7 @@ func Mount(dir string, files []File, opts Options) (*Server, error) {
 		_ = srv.Unmount()
 		return nil, fmt.Errorf("fusefs: mount %s: waiting for the kernel: %w", dir, err)
 	}
-	s := &Server{srv: srv, dir: dir, names: names, files: root.files, done: make(chan struct{})}
+	s := &Server{srv: srv, dir: dir, files: byName, done: make(chan struct{})}
 	go func() { srv.Wait(); close(s.done) }()
 	return s, nil
 }
@@ -254,7 +256,7 @@ func (s *Server) Dir() string { return s.dir }
 
 // Path returns the path of the named file, or "" if the Server has no such file.
 func (s *Server) Path(name string) string {
-	if !s.names[name] {
+	if s.files[name] == nil {
 		return ""
 	}
 	return filepath.Join(s.dir, name)
@@ -272,12 +274,7 @@ func (s *Server) Path(name string) string {
 // must make sure nothing else writes to the range while fn runs (before anything uses
 // the loop device). It fails if the Server has no such file.
 func (s *Server) RefuseZeroRange(name string, off, n int64, fn func() error) error {
-	var f *fileNode
-	for _, c := range s.files {
-		if c.name == name {
-			f = c
-		}
-	}
+	f := s.files[name]
 	if f == nil {
 		return fmt.Errorf("fusefs: no file %q", name)
 	}
