@@ -28,8 +28,7 @@ func (s *semaphore) acquire(ctx context.Context, n int64) error {
 		panic("BUG: semaphore acquire larger than its size")
 	}
 	s.mu.Lock()
-	if len(s.waiters) == 0 && s.size-s.cur >= n {
-		s.cur += n
+	if s.takeLocked(n) {
 		s.mu.Unlock()
 		return nil
 	}
@@ -67,12 +66,18 @@ func (s *semaphore) tryAcquire(n int64) bool {
 		panic("BUG: semaphore acquire larger than its size")
 	}
 	s.mu.Lock()
-	ok := len(s.waiters) == 0 && s.size-s.cur >= n
-	if ok {
-		s.cur += n
-	}
+	ok := s.takeLocked(n)
 	s.mu.Unlock()
 	return ok
+}
+
+// takeLocked takes n units if they are free now and nobody waits for them; s.mu is held.
+func (s *semaphore) takeLocked(n int64) bool {
+	if len(s.waiters) > 0 || s.size-s.cur < n {
+		return false
+	}
+	s.cur += n
+	return true
 }
 
 func (s *semaphore) release(n int64) {
