@@ -145,7 +145,7 @@ func Mount(dir string, files []File, opts Options) (*Server, error) {
 	}
 	names := make(map[string]bool, len(files))
 	for _, f := range files {
-		if err := checkName(f.Name); err != nil {
+		if err := CheckName(f.Name); err != nil {
 			return nil, err
 		}
 		if names[f.Name] {
@@ -318,8 +318,9 @@ func (s *Server) Unmount() error {
 	return nil
 }
 
-// checkName accepts what can be a single path element.
-func checkName(name string) error {
+// CheckName accepts what can be the name of a file in the FUSE directory: a single
+// path element.
+func CheckName(name string) error {
 	switch {
 	case name == "", name == ".", name == "..":
 		return fmt.Errorf("fusefs: invalid file name %q", name)

@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"time"
 
@@ -127,7 +126,7 @@ func Mount(ctx context.Context, o Options) (*Stack, error) {
 	info := client.Info()
 
 	s.name = addr.Export
-	if s.name == "" || s.name == "." || s.name == ".." || strings.ContainsAny(s.name, "/\x00") || len(s.name) > 255 {
+	if fusefs.CheckName(s.name) != nil {
 		s.name = "volume"
 	}
 	// The export offers TRIM only where the drive allows discards (atrest serve).
