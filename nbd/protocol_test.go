@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -590,6 +591,75 @@ func TestShutdownFlushesOnce(t *testing.T) {
 	if n := other.Stats().Flushes; n != 1 {
 		t.Errorf("other device flushed %d times, want 1", n)
 	}
+}
+
+// negSizeDev reports a negative size.
+type negSizeDev struct{ blockdev.Device }
+
+func (negSizeDev) Size() int64 { return -1 }
+
+func TestAddExportRefuses(t *testing.T) {
+	long := strings.Repeat("x", maxStringLen+1)
+	mem := blockdev.NewMem(512)
+	closed := NewServer(ServerConfig{})
+	if err := closed.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name string
+		s    *Server
+		e    Export
+		want string // in the error; "" for ErrServerClosed
+	}{
+		{"no device", NewServer(ServerConfig{}), Export{Name: "a"}, "no device"},
+		{"long name", NewServer(ServerConfig{}), Export{Name: long, Device: mem}, "longer than 4096 bytes"},
+		{"long description", NewServer(ServerConfig{}), Export{Name: "a", Description: long, Device: mem}, "longer than 4096 bytes"},
+		{"negative size", NewServer(ServerConfig{}), Export{Name: "a", Device: negSizeDev{mem}}, "negative device size"},
+		{"server closed", closed, Export{Name: "a", Device: mem}, ""},
+	} {
+		err := c.s.AddExport(c.e)
+		switch {
+		case err == nil:
+			t.Errorf("%s: accepted", c.name)
+		case c.want == "" && !errors.Is(err, ErrServerClosed):
+			t.Errorf("%s: %v, want ErrServerClosed", c.name, err)
+		case c.want != "" && !strings.Contains(err.Error(), c.want):
+			t.Errorf("%s: %v, want %q", c.name, err, c.want)
+		}
+		if got := c.s.Exports(); len(got) != 0 {
+			t.Errorf("%s: exports %q after a refusal", c.name, got)
+		}
+	}
+	// At the limits.
+	s := NewServer(ServerConfig{})
+	atLimit := strings.Repeat("x", maxStringLen)
+	if err := s.AddExport(Export{Name: atLimit, Description: atLimit, Device: mem}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestMaxConns: the connection beyond MaxConns is closed at once; once a connection
+// ends, a new one is served again.
+func TestMaxConns(t *testing.T) {
+	checkLeaks(t)
+	ts := startServer(t, ServerConfig{MaxConns: 2}, Export{Device: blockdev.NewMem(1 << 20)})
+	first := dialRaw(t, ts.sock)
+	first.read(18) // greeted: the server counts it
+	second := dialRaw(t, ts.sock)
+	second.read(18)
+	dialRaw(t, ts.sock).expectClosed()
+	if st := ts.Stats(); st.Connections != 2 || st.Accepted != 2 {
+		t.Fatalf("stats %+v, want 2 connections, 2 accepted", st)
+	}
+	first.nc.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for ts.Stats().Connections != 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("connection not gone: %+v", ts.Stats())
+		}
+		time.Sleep(time.Millisecond)
+	}
+	dialRaw(t, ts.sock).open("", false)
 }
 
 func TestRemoveExport(t *testing.T) {
