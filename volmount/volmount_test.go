@@ -643,6 +643,11 @@ func TestSetupRefuses(t *testing.T) {
 	if _, err := Setup(file2, mp, Options{FSType: "xfs"}); err == nil || !errors.Is(err, ErrUnsupportedFS) {
 		t.Errorf("Setup creating xfs = %v, want a refusal", err)
 	}
+	hookErr, hooked := errors.New("hook refused"), ""
+	hook := func(loop string) error { hooked = loop; return hookErr }
+	if _, err := Setup(file2, mp, Options{AfterAttach: hook}); !errors.Is(err, hookErr) || !strings.HasPrefix(hooked, "/dev/loop") {
+		t.Errorf("Setup whose AfterAttach (given %q) fails = %v, want its error", hooked, err)
+	}
 	if loops := attachedTo(t, file2); len(loops) != 0 {
 		t.Errorf("refused Setups left loops %v", loops)
 	}
