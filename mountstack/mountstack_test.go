@@ -258,6 +258,31 @@ func TestMountRefusals(t *testing.T) {
 	if _, err := ReadState(mp); err != nil {
 		t.Errorf("the state file of the live process: %v, want it kept", err)
 	}
+
+	// A crashed mount (a start time that is not this process's) left its FUSE mount.
+	left, err := fusefs.Mount(filepath.Join(t.TempDir(), "left"), []fusefs.File{{Name: "volume", Device: blockdev.NewMem(1 << 20)}}, fusefs.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { left.Unmount(); left.Wait() })
+	crashed := &State{Mountpoint: mp, FUSEDir: left.Dir(), PID: os.Getpid(), StartTime: self.StartTime + 1}
+	if err := writeState(crashed); err != nil {
+		t.Fatal(err)
+	}
+	if err := mount(addr); !errors.Is(err, ErrLeftBehind) || !errors.Is(err, ErrBusy) {
+		t.Errorf("a mount point whose crashed mount left its FUSE mount: %v, want ErrLeftBehind", err)
+	}
+
+	// A state file that cannot be read: Unmount refuses with ErrState and keeps it.
+	if err := os.WriteFile(StatePath(mp), []byte("{not json"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := Unmount(context.Background(), mp, time.Second); !errors.Is(err, ErrState) {
+		t.Errorf("Unmount with an unreadable state file: %v, want ErrState", err)
+	}
+	if b, _ := os.ReadFile(StatePath(mp)); string(b) != "{not json" {
+		t.Error("Unmount changed the unreadable state file")
+	}
 }
 
 // TestUnmountNothing: Unmount of a mount point without a state file and with nothing
