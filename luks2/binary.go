@@ -126,6 +126,14 @@ func decodeBinary(b []byte, off int64) (*binHeader, error) {
 	return h, nil
 }
 
+// setChecksum stores the checksum of area in its checksum field (SHA-256 in the first
+// 32 bytes, zeroes after).
+func setChecksum(area []byte) {
+	sum := checksum(area)
+	copy(area[offCsum:], sum[:])
+	clear(area[offCsum+len(sum) : offCsum+csumLen])
+}
+
 // checksum returns the SHA-256 of a whole header copy with its csum field zeroed.
 func checksum(area []byte) [sha256.Size]byte {
 	d := sha256.New()
@@ -172,8 +180,7 @@ func encodeCopy(h *binHeader, jsonText []byte) ([]byte, error) {
 	copy(area[offSubsystem:], h.subsystem)
 	binary.BigEndian.PutUint64(area[offHdrOffset:], uint64(h.hdrOffset))
 	copy(area[binHeaderSize:], jsonText)
-	sum := checksum(area)
-	copy(area[offCsum:], sum[:])
+	setChecksum(area)
 	return area, nil
 }
 

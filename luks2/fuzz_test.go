@@ -24,10 +24,7 @@ func fixChecksum(img []byte) {
 	if !validHdrSize(hs) || hs > uint64(len(img)) {
 		return
 	}
-	area := img[:hs]
-	sum := checksum(area)
-	copy(area[offCsum:], sum[:])
-	clear(area[offCsum+len(sum) : offCsum+csumLen])
+	setChecksum(img[:hs])
 }
 
 // FuzzHeader feeds mutated primary header copies (checksum fixed up) to Load. Load

@@ -309,8 +309,7 @@ func rewrite(t testing.TB, dev *blockdev.Mem, edit func(root object)) {
 		nt := encodeJSON(root)
 		clear(area[binHeaderSize:])
 		copy(area[binHeaderSize:], nt)
-		sum := checksum(area)
-		copy(area[offCsum:], sum[:])
+		setChecksum(area)
 		dev.WriteAt(area, off)
 	}
 }
