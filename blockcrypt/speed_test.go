@@ -2,6 +2,7 @@ package blockcrypt
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -84,6 +85,11 @@ func TestMeasureSpeed(t *testing.T) {
 	for _, bad := range []int{0, -512, 100, 4096 + 512, 6144} {
 		if _, err := MeasureSpeed(context.Background(), []int{bad}, time.Millisecond); err == nil {
 			t.Errorf("size %d accepted", bad)
+		}
+	}
+	for _, d := range []time.Duration{0, -time.Millisecond} {
+		if _, err := MeasureSpeed(context.Background(), []int{512}, d); err == nil || !strings.Contains(err.Error(), "not positive") {
+			t.Errorf("duration %v per case: %v, want a refusal", d, err)
 		}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
