@@ -461,9 +461,9 @@ func (s *Server) stopConns(ctx context.Context, conns []*serverConn) error {
 
 // Shutdown stops the server gracefully: it closes the listeners, lets every connection
 // answer the requests it has read (connections still in their handshake are closed),
-// flushes every export's device (once, when exports share it) and returns. When ctx ends before the connections are
-// done, they are closed at once; the devices are flushed all the same. The devices are
-// not closed. Shutdown returns the flush errors and ctx's error, if any.
+// flushes every export's device (once, when exports share it) and returns. When ctx
+// ends before the connections are done, they are closed at once; the devices are
+// flushed all the same. The devices are not closed. Shutdown returns the flush errors and ctx's error, if any.
 func (s *Server) Shutdown(ctx context.Context) error {
 	return s.shutdown(ctx, true)
 }
