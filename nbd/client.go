@@ -198,17 +198,15 @@ func (c *Client) logf(format string, args ...any) {
 	}
 }
 
-// begin registers a call and returns what the connections in use negotiated, under
-// one lock. Once the client is closed it registers nothing and fails with ErrClosed;
-// the info it returns is still the last one negotiated.
-func (c *Client) begin() (exportInfo, error) {
+// begin registers a call; it fails once the client is closed.
+func (c *Client) begin() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.state == stateClosed {
-		return c.info, blockdev.ErrClosed
+		return blockdev.ErrClosed
 	}
 	c.calls.Add(1)
-	return c.info, nil
+	return nil
 }
 
 // conn returns a connection to send on, waiting for a reconnect if one runs.
@@ -482,14 +480,15 @@ func (c *Client) ReadAt(p []byte, off int64) (int, error) {
 		return 0, io.EOF
 	}
 	n := min(int64(len(p)), c.size-off)
-	info, err := c.begin()
-	if err != nil {
+	if err := c.begin(); err != nil {
 		return 0, err
 	}
 	defer c.calls.Done()
+	info := c.currentInfo()
 	if err := c.aligned(info, off, n); err != nil {
 		return 0, err
 	}
+	var err error
 	if n <= int64(info.maxPayload) {
 		err = c.readPiece(p[:n], off) // without the closure, which would be allocated
 	} else {
@@ -508,50 +507,42 @@ func (c *Client) ReadAt(p []byte, off int64) (int, error) {
 
 // WriteAt writes p at off; a write that does not fit writes nothing.
 func (c *Client) WriteAt(p []byte, off int64) (int, error) {
-	n, _, err := c.write(p, off, false)
-	return n, err
+	return c.write(p, off, 0)
 }
 
 // WriteAtFUA writes p at off and returns once it is durable: with NBD_CMD_FLAG_FUA
 // where advertised, otherwise with a Flush after the write.
 func (c *Client) WriteAtFUA(p []byte, off int64) (int, error) {
-	n, flushAfter, err := c.write(p, off, true)
-	if err != nil || !flushAfter {
+	info := c.currentInfo()
+	if info.has(tflagSendFUA) {
+		return c.write(p, off, cmdFlagFUA)
+	}
+	if !info.has(tflagSendFlush) {
+		return 0, fmt.Errorf("fua write: %w", blockdev.ErrNotSupported)
+	}
+	n, err := c.write(p, off, 0)
+	if err != nil {
 		return n, err
 	}
 	return n, c.Flush()
 }
 
-// write writes p at off, with NBD_CMD_FLAG_FUA when fua is set and the server
-// advertises it; flushAfter reports a fua write sent without it, which the caller
-// completes with a Flush.
-func (c *Client) write(p []byte, off int64, fua bool) (n int, flushAfter bool, err error) {
-	info, berr := c.begin()
-	if berr == nil {
-		defer c.calls.Done()
-	}
-	var flags uint16
-	if fua {
-		if info.has(tflagSendFUA) {
-			flags = cmdFlagFUA
-		} else if !info.has(tflagSendFlush) {
-			return 0, false, fmt.Errorf("fua write: %w", blockdev.ErrNotSupported)
-		} else {
-			flushAfter = true
-		}
-	}
+func (c *Client) write(p []byte, off int64, flags uint16) (int, error) {
 	if err := blockdev.CheckRange(off, int64(len(p)), c.size); err != nil {
-		return 0, false, err
+		return 0, err
 	}
-	if berr != nil {
-		return 0, false, berr
+	if err := c.begin(); err != nil {
+		return 0, err
 	}
+	defer c.calls.Done()
+	info := c.currentInfo()
 	if info.has(tflagReadOnly) {
-		return 0, false, blockdev.ErrReadOnly
+		return 0, blockdev.ErrReadOnly
 	}
 	if err := c.aligned(info, off, int64(len(p))); err != nil {
-		return 0, false, err
+		return 0, err
 	}
+	var err error
 	if len(p) <= int(info.maxPayload) {
 		err = c.writePiece(p, off, flags)
 	} else {
@@ -560,10 +551,10 @@ func (c *Client) write(p []byte, off int64, fua bool) (n int, flushAfter bool, e
 		})
 	}
 	if err != nil {
-		return 0, false, err
+		return 0, err
 	}
 	c.maybeAutoFlush()
-	return len(p), flushAfter, nil
+	return len(p), nil
 }
 
 // readPiece and writePiece send one READ or WRITE of at most the maximum payload.
@@ -597,18 +588,14 @@ func (c *Client) logged(cl *call) error {
 
 // maybeAutoFlush empties a full replay log with a Flush.
 func (c *Client) maybeAutoFlush() {
-	if !c.log.full() {
-		return
-	}
-	info := c.currentInfo()
-	if !info.has(tflagSendFlush) {
+	if !c.log.full() || !c.currentInfo().has(tflagSendFlush) {
 		return
 	}
 	if !c.log.autoFlushing.CompareAndSwap(false, true) {
 		return
 	}
 	defer c.log.autoFlushing.Store(false)
-	if err := c.flush(info); err != nil && !errors.Is(err, ErrWritesLost) {
+	if err := c.flush(); err != nil && !errors.Is(err, ErrWritesLost) {
 		// The log cannot be emptied honestly; drop it and tell the next Flush.
 		c.log.dropAll()
 	}
@@ -620,18 +607,15 @@ func (c *Client) maybeAutoFlush() {
 // connection ("the effects of NBD_CMD_FLUSH ... MUST be visible across all
 // connections"), so it goes out on one of them.
 func (c *Client) Flush() error {
-	info, err := c.begin()
-	if err != nil {
+	if err := c.begin(); err != nil {
 		return err
 	}
 	defer c.calls.Done()
-	return c.flush(info)
+	return c.flush()
 }
 
-// flush sends a Flush for a registered call; info is what the connections in use
-// negotiated, as begin or currentInfo returned it.
-func (c *Client) flush(info exportInfo) error {
-	if !info.has(tflagSendFlush) {
+func (c *Client) flush() error {
+	if !c.currentInfo().has(tflagSendFlush) {
 		return fmt.Errorf("flush: %w", blockdev.ErrNotSupported)
 	}
 	mark := c.log.startFlush()
@@ -649,11 +633,11 @@ func (c *Client) Trim(off, n int64) error {
 	if err := blockdev.CheckRange(off, n, c.size); err != nil {
 		return err
 	}
-	info, err := c.begin()
-	if err != nil {
+	if err := c.begin(); err != nil {
 		return err
 	}
 	defer c.calls.Done()
+	info := c.currentInfo()
 	if info.has(tflagReadOnly) {
 		return blockdev.ErrReadOnly
 	}
@@ -663,7 +647,7 @@ func (c *Client) Trim(off, n int64) error {
 	if err := c.aligned(info, off, n); err != nil {
 		return err
 	}
-	err = pieces(off, n, int64(info.maxPayload), func(o, l int64) error {
+	err := pieces(off, n, int64(info.maxPayload), func(o, l int64) error {
 		return c.logged(&call{typ: cmdTrim, off: uint64(o), length: uint32(l)})
 	})
 	if err == nil {
@@ -699,7 +683,7 @@ func (c *Client) WriteZeroes(off, n int64, flags blockdev.ZeroFlags) error {
 		}
 		f |= cmdFlagFastZero
 	}
-	if _, err := c.begin(); err != nil {
+	if err := c.begin(); err != nil {
 		return err
 	}
 	defer c.calls.Done()
