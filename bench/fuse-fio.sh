@@ -128,16 +128,6 @@ start_nbdfuse() {
 	file=$2/volume
 }
 
-# source_for IMAGE NAME: what fusefs serves in this mode; sets $src.
-source_for() {
-	if [ "$MODE" = nbd ]; then
-		start_server "$1" "$2"
-		src=$uri
-	else
-		src=$1
-	fi
-}
-
 # ext4_on FILE MOUNTPOINT: loop device with direct I/O over FILE, fresh ext4, mounted.
 ext4_on() {
 	local loop
@@ -289,8 +279,7 @@ if [ "$EXT4" = 1 ]; then
 		src=$NBD_URI
 		nuri=$NBD_URI2
 	else
-		img1=${img}
-		source_for "$img1" ext4-fusefs
+		# fusefs goes on with the first image, through the same source as before.
 		new_image
 		start_server "$img" ext4-nbdfuse
 		nuri=$uri
