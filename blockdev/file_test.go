@@ -10,9 +10,8 @@ import (
 	"strings"
 	"testing"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/atrest/atrest/blockdev"
+	"github.com/atrest/atrest/internal/testutil"
 )
 
 func TestOpenFileRefuses(t *testing.T) {
@@ -80,16 +79,6 @@ func TestFileNeverGrows(t *testing.T) {
 	}
 }
 
-// allocated returns the bytes allocated to the file at path.
-func allocated(t *testing.T, path string) int64 {
-	t.Helper()
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		t.Fatal(err)
-	}
-	return st.Blocks * 512
-}
-
 // TestFileTrimDeallocates checks that Trim and WriteZeroes with ZeroMayUnmap really punch
 // holes, and WriteZeroes without it keeps the blocks.
 func TestFileTrimDeallocates(t *testing.T) {
@@ -105,11 +94,11 @@ func TestFileTrimDeallocates(t *testing.T) {
 	if err := f.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	full := allocated(t, path)
+	full := testutil.Allocated(t, path)
 	if err := f.WriteZeroes(0, 1<<20, 0); err != nil {
 		t.Fatal(err)
 	}
-	if a := allocated(t, path); a < full {
+	if a := testutil.Allocated(t, path); a < full {
 		t.Errorf("WriteZeroes without ZeroMayUnmap freed %d bytes", full-a)
 	}
 	if err := f.Trim(1<<20, 1<<20); err != nil {
@@ -118,7 +107,7 @@ func TestFileTrimDeallocates(t *testing.T) {
 	if err := f.WriteZeroes(2<<20, 1<<20, blockdev.ZeroMayUnmap); err != nil {
 		t.Fatal(err)
 	}
-	if a := allocated(t, path); a > full-(2<<20) {
+	if a := testutil.Allocated(t, path); a > full-(2<<20) {
 		t.Errorf("Trim and WriteZeroes(ZeroMayUnmap) of 2 MiB left %d of %d bytes allocated", a, full)
 	}
 	got := make([]byte, 3<<20)
@@ -167,13 +156,13 @@ func TestFileLoopDevice(t *testing.T) {
 	if err := f.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	full := allocated(t, backing)
+	full := testutil.Allocated(t, backing)
 
 	// Trim 4 MiB less one byte at each end: the unaligned edges stay as they were.
 	if err := f.Trim(1<<20+1, 4<<20-2); err != nil {
 		t.Fatal(err)
 	}
-	if a := allocated(t, backing); a > full-(3<<20) {
+	if a := testutil.Allocated(t, backing); a > full-(3<<20) {
 		t.Errorf("BLKDISCARD of 4 MiB left %d of %d bytes allocated in the backing file", a, full)
 	}
 	edges := make([]byte, 2)

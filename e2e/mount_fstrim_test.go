@@ -5,22 +5,11 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/atrest/atrest/internal/testutil"
 )
-
-// allocated returns the bytes a sparse drive image has allocated on its file system.
-func allocated(t *testing.T, path string) int64 {
-	t.Helper()
-	var st syscall.Stat_t
-	if err := syscall.Stat(path, &st); err != nil {
-		t.Fatal(err)
-	}
-	return st.Blocks * 512
-}
 
 func queueLimit(t *testing.T, loop, name string) string {
 	t.Helper()
@@ -90,9 +79,9 @@ func TestMountFstrim(t *testing.T) {
 			t.Fatal(err)
 		}
 		syncAll()
-		before := allocated(t, allowed)
+		before := testutil.Allocated(t, allowed)
 		out := mustProg(t, "", 60*time.Second, fstrim, "-v", mp)
-		after := allocated(t, allowed)
+		after := testutil.Allocated(t, allowed)
 		t.Logf("%s; drive image allocation %d -> %d MiB", strings.TrimSpace(out), before>>20, after>>20)
 		if after >= before-16<<20 {
 			t.Errorf("fstrim freed %d bytes of the drive image, want at least the 24 MiB file removed", before-after)
@@ -123,12 +112,12 @@ func TestMountFstrim(t *testing.T) {
 		}
 		delete(sums, filepath.Join("d1", "s1", "f7-3145728"))
 		syncAll()
-		before := allocated(t, refused)
+		before := testutil.Allocated(t, refused)
 		r := runProg(t, "", 60*time.Second, nil, fstrim, "-v", mp)
 		if r.code == 0 || !strings.Contains(r.stderr, "not supported") {
 			t.Errorf("the first fstrim on a drive without discards: exit %d, want it refused as not supported\n%s%s", r.code, r.stdout, r.stderr)
 		}
-		if after := allocated(t, refused); after != before {
+		if after := testutil.Allocated(t, refused); after != before {
 			t.Errorf("a refused fstrim changed the drive image's allocation: %d -> %d", before, after)
 		}
 		testutil.VerifyTree(t, mp, sums)

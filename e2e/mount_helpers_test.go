@@ -23,15 +23,7 @@ import (
 // `atrest mount` runs are there.
 func requireMount(t *testing.T) {
 	t.Helper()
-	testutil.Root(t)
-	for _, p := range []string{"/dev/loop-control", "/dev/fuse"} {
-		if _, err := os.Stat(p); err != nil {
-			testutil.Unavailable(t, "%s is missing: %v", p, err)
-		}
-	}
-	for _, tool := range []string{"blkid", "mount", "mkfs.ext4", "systemd-escape"} {
-		testutil.Tool(t, tool)
-	}
+	testutil.LoopAndFUSE(t, "blkid", "mount", "mkfs.ext4", "systemd-escape")
 }
 
 // mounted is a running `atrest mount` in the foreground.

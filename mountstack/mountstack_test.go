@@ -26,15 +26,7 @@ import (
 // Mount runs are there.
 func requireStack(t *testing.T) {
 	t.Helper()
-	testutil.Root(t)
-	for _, p := range []string{"/dev/loop-control", "/dev/fuse"} {
-		if _, err := os.Stat(p); err != nil {
-			testutil.Unavailable(t, "%s is missing: %v", p, err)
-		}
-	}
-	for _, tool := range []string{"blkid", "mount", "mkfs.ext4"} {
-		testutil.Tool(t, tool)
-	}
+	testutil.LoopAndFUSE(t, "blkid", "mount", "mkfs.ext4")
 }
 
 // serveMem serves a volume of memory as the export "vol" (with trims) on a unix

@@ -27,15 +27,7 @@ import (
 // and run the programs volmount uses.
 func requireLoop(t testing.TB) {
 	t.Helper()
-	testutil.Root(t)
-	for _, p := range []string{"/dev/loop-control", "/dev/fuse"} {
-		if _, err := os.Stat(p); err != nil {
-			testutil.Unavailable(t, "%s is missing: %v", p, err)
-		}
-	}
-	for _, tool := range []string{"blkid", "mount", "mkfs.ext4", "e2fsck"} {
-		testutil.Tool(t, tool)
-	}
+	testutil.LoopAndFUSE(t, "blkid", "mount", "mkfs.ext4", "e2fsck")
 }
 
 // image creates a sparse file of size bytes in the test's directory.
@@ -523,15 +515,6 @@ func (c *countingZeroes) count() (int, int64) {
 	return c.unmaps, c.unmapped
 }
 
-func allocated(t testing.TB, path string) int64 {
-	t.Helper()
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		t.Fatal(err)
-	}
-	return st.Blocks * 512
-}
-
 func fstrim(t testing.TB, mp string) (string, error) {
 	t.Helper()
 	out, err := exec.Command(testutil.Tool(t, "fstrim"), "-v", mp).CombinedOutput()
@@ -554,13 +537,13 @@ func TestFstrim(t *testing.T) {
 			t.Fatal(err)
 		}
 		syscall.Sync()
-		before := allocated(t, img)
+		before := testutil.Allocated(t, img)
 		n0, b0 := dev.count()
 		if out, err := fstrim(t, mp); err != nil {
 			t.Fatalf("fstrim: %v\n%s", err, out)
 		}
 		n1, b1 := dev.count()
-		after := allocated(t, img)
+		after := testutil.Allocated(t, img)
 		if n1 == n0 {
 			t.Error("fstrim reached the device as no unmapping WriteZeroes")
 		}

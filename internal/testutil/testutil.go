@@ -51,3 +51,18 @@ func Python3(t testing.TB) string {
 	Unavailable(t, "/usr/bin/python3 with python3-cryptography is not installed (apt install python3-cryptography)")
 	return ""
 }
+
+// LoopAndFUSE skips the test (fails it in CI) unless it runs as root with loop devices,
+// FUSE and the named programs, as the tests that mount volumes need.
+func LoopAndFUSE(t testing.TB, tools ...string) {
+	t.Helper()
+	Root(t)
+	for _, p := range []string{"/dev/loop-control", "/dev/fuse"} {
+		if _, err := os.Stat(p); err != nil {
+			Unavailable(t, "%s is missing: %v", p, err)
+		}
+	}
+	for _, tool := range tools {
+		Tool(t, tool)
+	}
+}

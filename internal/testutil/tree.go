@@ -5,6 +5,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
 )
 
@@ -39,4 +40,15 @@ func VerifyTree(t testing.TB, root string, sums map[string][32]byte) {
 	if seen != len(sums) {
 		t.Errorf("found %d of the %d files written", seen, len(sums))
 	}
+}
+
+// Allocated returns the bytes of storage allocated to the file at path (st_blocks),
+// which punched holes and discards reduce.
+func Allocated(t testing.TB, path string) int64 {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Blocks * 512
 }
