@@ -123,16 +123,9 @@ type result struct {
 func resultOf(t testing.TB, err error, stdout, stderr string) result {
 	t.Helper()
 	r := result{stdout: stdout, stderr: stderr}
-	var ee *exec.ExitError
-	switch {
-	case err == nil:
-	case errors.As(err, &ee):
-		r.code = ee.ExitCode()
-		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			r.signal = ws.Signal()
-		}
-	default:
-		t.Fatal(err)
+	var other error
+	if r.code, r.signal, other = testutil.ExitStatus(err); other != nil {
+		t.Fatal(other)
 	}
 	return r
 }
@@ -436,11 +429,7 @@ func (d *daemon) wait(timeout time.Duration) result {
 		d.t.Fatalf("atrest serve still running %v later:\n%s", timeout, d.stderr.String())
 	}
 	d.notify.sync(d.t) // what it sent before it exited is recorded
-	r := result{stderr: d.stderr.String(), code: d.cmd.ProcessState.ExitCode()}
-	if ws, ok := d.cmd.ProcessState.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-		r.signal = ws.Signal()
-	}
-	return r
+	return result{stderr: d.stderr.String(), code: d.cmd.ProcessState.ExitCode(), signal: testutil.KilledBy(d.cmd.ProcessState)}
 }
 
 // stop sends SIGTERM and checks a clean stop (see stopped). It returns how long it took.

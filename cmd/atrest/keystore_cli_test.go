@@ -48,14 +48,9 @@ func ksRun(t testing.TB, bin, ks string, env []string, args ...string) ksResult 
 	cmd.Stdout, cmd.Stderr = &so, &se
 	err := cmd.Run()
 	r := ksResult{stdout: so.String(), stderr: se.String()}
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		r.code = ee.ExitCode()
-		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			r.signal = ws.Signal()
-		}
-	} else if err != nil {
-		t.Fatal(err)
+	var other error
+	if r.code, r.signal, other = testutil.ExitStatus(err); other != nil {
+		t.Fatal(other)
 	}
 	return r
 }
@@ -390,7 +385,7 @@ func TestRotateSurvivesSIGKILL(t *testing.T) {
 		time.Sleep(time.Duration(d.Int64()))
 		cmd.Process.Signal(syscall.SIGKILL)
 		err := cmd.Wait()
-		if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		if testutil.KilledBy(cmd.ProcessState) != 0 {
 			kills++
 		} else if err != nil {
 			t.Fatalf("random %d: %v", i, err)
