@@ -72,6 +72,9 @@ func init() {
 func runServe(ctx context.Context, o serveOptions) error {
 	logf := func(format string, args ...any) { fmt.Fprintf(o.log, "atrest serve: "+format+"\n", args...) }
 
+	if len(o.listen) == 0 {
+		o.listen = []string{"unix:" + defaultSocket}
+	}
 	for _, spec := range o.listen {
 		if err := checkListenSpec(spec); err != nil {
 			return err
@@ -261,9 +264,6 @@ func listenError(err error, specs []string) error {
 	if errors.Is(err, syscall.EADDRINUSE) {
 		return fail(exitcodes.Busy, err, "another process listens there: stop it or choose another --listen address")
 	}
-	if len(specs) == 0 {
-		specs = []string{"unix:" + defaultSocket}
-	}
 	for _, spec := range specs {
 		// nbd.Listen refuses a unix socket that a live server answers on (and
 		// removes a stale one); tell that case apart by asking the socket.
@@ -291,14 +291,11 @@ func exportNames(drives []*keystore.UnlockedDrive) map[*keystore.UnlockedDrive][
 }
 
 // serveListeners returns the sockets passed by systemd, or else those of the --listen
-// specs (the default socket when there are none).
+// specs.
 func serveListeners(specs []string) ([]net.Listener, error) {
 	ls, err := nbd.SystemdListeners()
 	if err != nil || len(ls) > 0 {
 		return ls, err
-	}
-	if len(specs) == 0 {
-		specs = []string{"unix:" + defaultSocket}
 	}
 	for _, spec := range specs {
 		l, err := nbd.Listen(spec)
