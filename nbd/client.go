@@ -185,11 +185,21 @@ func (c *Client) dialAll(ctx context.Context, epoch uint64) ([]*clientConn, expo
 	return conns, first.info, nil
 }
 
-func (c *Client) install(conns []*clientConn, info exportInfo, epoch uint64) {
+// install makes conns the client's connections, unless the client was closed
+// meanwhile: then it closes them and returns false.
+func (c *Client) install(conns []*clientConn, info exportInfo, epoch uint64) bool {
 	c.mu.Lock()
+	if c.state == stateClosed {
+		c.mu.Unlock()
+		for _, cc := range conns {
+			cc.nc.Close()
+		}
+		return false
+	}
 	c.conns, c.info, c.epoch, c.state = conns, info, epoch, stateUp
 	c.cond.Broadcast()
 	c.mu.Unlock()
+	return true
 }
 
 func (c *Client) logf(format string, args ...any) {
@@ -339,18 +349,9 @@ func (c *Client) reconnect(epoch uint64) {
 			err = c.replay(conns[0])
 		}
 		if err == nil {
-			c.mu.Lock()
-			if c.state == stateClosed {
-				c.mu.Unlock()
-				for _, cc := range conns {
-					cc.nc.Close()
-				}
-				return
+			if c.install(conns, info, epoch) {
+				c.logf("nbd: reconnected to %s", c.addr)
 			}
-			c.conns, c.info, c.epoch, c.state = conns, info, epoch, stateUp
-			c.cond.Broadcast()
-			c.mu.Unlock()
-			c.logf("nbd: reconnected to %s", c.addr)
 			return
 		}
 		for _, cc := range conns {
