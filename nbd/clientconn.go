@@ -185,11 +185,7 @@ func (cc *clientConn) negotiate(name string) (exportInfo, error) {
 		// An old server: fall back to NBD_OPT_EXPORT_NAME, without structured replies'
 		// guarantees changing (the server said whether it accepted them).
 	}
-	var oh [optionHeaderLen]byte
-	binary.BigEndian.PutUint64(oh[0:], magicIHaveOpt)
-	binary.BigEndian.PutUint32(oh[8:], optExportName)
-	binary.BigEndian.PutUint32(oh[12:], uint32(len(name)))
-	if _, err := (&net.Buffers{oh[:], []byte(name)}).WriteTo(cc.nc); err != nil {
+	if err := cc.writeOption(optExportName, []byte(name)); err != nil {
 		return info, err
 	}
 	n := 10 + 124
@@ -228,15 +224,21 @@ func (i *exportInfo) check() error {
 	return nil
 }
 
-// option sends one option and reads its replies until the final one; onInfo receives
-// the data of each NBD_REP_INFO. It returns the final reply type and, for an error
-// reply, its message.
-func (cc *clientConn) option(opt uint32, data []byte, onInfo func([]byte) error) (uint32, string, error) {
+// writeOption sends the header of option opt and its data.
+func (cc *clientConn) writeOption(opt uint32, data []byte) error {
 	var oh [optionHeaderLen]byte
 	binary.BigEndian.PutUint64(oh[0:], magicIHaveOpt)
 	binary.BigEndian.PutUint32(oh[8:], opt)
 	binary.BigEndian.PutUint32(oh[12:], uint32(len(data)))
-	if _, err := (&net.Buffers{oh[:], data}).WriteTo(cc.nc); err != nil {
+	_, err := (&net.Buffers{oh[:], data}).WriteTo(cc.nc)
+	return err
+}
+
+// option sends one option and reads its replies until the final one; onInfo receives
+// the data of each NBD_REP_INFO. It returns the final reply type and, for an error
+// reply, its message.
+func (cc *clientConn) option(opt uint32, data []byte, onInfo func([]byte) error) (uint32, string, error) {
+	if err := cc.writeOption(opt, data); err != nil {
 		return 0, "", err
 	}
 	for {
