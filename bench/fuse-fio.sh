@@ -69,6 +69,7 @@ loops=()
 mounts=()
 cleanup() {
 	set +e
+	save_json
 	if [ -x "$work/atrest" ] && mountpoint -q "$work/mnt-atrest"; then
 		"$work/atrest" umount "$work/mnt-atrest"
 	fi
@@ -97,14 +98,6 @@ new_image() {
 		--output=/dev/null
 }
 
-# start_server IMAGE NAME: `nbdkit file` serves IMAGE on a unix socket; sets $uri.
-start_server() {
-	local sock=$work/$2.sock pidfile=$work/$2.nbdkit.pid
-	nbdkit --unix "$sock" --pidfile "$pidfile" file file="$1" </dev/null >/dev/null 2>"$pidfile.err"
-	wait_for test -s "$pidfile"
-	pids+=("$(cat "$pidfile")")
-	uri="nbd+unix:///?socket=$sock"
-}
 
 # start_fusefs SOURCE DIR [FUSESERVE ARGS...]: serves SOURCE (an image in MODE=file, an
 # NBD URI otherwise) as DIR/volume and sets $file to its path. (No command substitution
@@ -195,10 +188,7 @@ measure() {
 	printf '\n'
 	for job in "${JOBS[@]}"; do
 		local field unit
-		case $job in
-		seq*) field='[.jobs[].read.bw_bytes, .jobs[].write.bw_bytes] | add / 1e6'; unit=MB/s ;;
-		*) field='[.jobs[].read.iops, .jobs[].write.iops] | add'; unit=IOPS ;;
-		esac
+		fio_metric "$job"
 		declare -A med=()
 		for p in "${peers[@]}"; do med[$p]=$(median "$label-$p" "$job" "$field"); done
 		printf '%-20s' "$job"
@@ -249,7 +239,6 @@ if [ "$MODE" = atrest ]; then
 		wait_for itable_zeroed "$aloop"
 		measure "ext4 on loop on FUSE file" "$EXT4_SIZE" atrest-mount="$work/mnt-atrest/fio.dat" nbdfuse="$work/mnt-nbdfuse/fio.dat" >>"$work/results"
 	fi
-	[ -z "${JSON_DIR:-}" ] || { mkdir -p "$JSON_DIR" && cp "$work"/json/*.json "$JSON_DIR"/; }
 	cat "$work/results"
 	exit 0
 fi
@@ -260,7 +249,7 @@ if [ -n "${NBD_URI:-}" ]; then
 else
 	echo "preparing ${SIZE} image in $IMAGE_DIR" >&2
 	new_image
-	start_server "$img" raw
+	start_nbdkit raw file file="$img"
 	nuri=$uri
 	src=$img
 	[ "$MODE" = nbd ] && src=$uri
@@ -281,7 +270,7 @@ if [ "$EXT4" = 1 ]; then
 	else
 		# fusefs goes on with the first image, through the same source as before.
 		new_image
-		start_server "$img" ext4-nbdfuse
+		start_nbdkit ext4-nbdfuse file file="$img"
 		nuri=$uri
 	fi
 	start_fusefs "$src" "$work/fusefs-ext4"
@@ -293,8 +282,4 @@ if [ "$EXT4" = 1 ]; then
 	measure "ext4 on loop on FUSE file" "$EXT4_SIZE" fusefs="$work/mnt-fusefs/fio.dat" nbdfuse="$work/mnt-nbdfuse/fio.dat" >>"$work/results"
 fi
 
-if [ -n "${JSON_DIR:-}" ]; then
-	mkdir -p "$JSON_DIR"
-	cp "$work"/json/*.json "$JSON_DIR"/
-fi
 cat "$work/results"

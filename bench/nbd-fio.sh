@@ -44,7 +44,7 @@ cleanup() {
 	for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
 	wait 2>/dev/null
 	rm -f "${images[@]}"
-	if [ -n "${JSON_DIR:-}" ]; then mkdir -p "$JSON_DIR" && cp -r "$work/json/." "$JSON_DIR/"; fi
+	save_json
 	rm -rf "$work"
 }
 trap cleanup EXIT
@@ -78,22 +78,14 @@ start_plainserve() { # NAME FLAGS...
 	wait_for grep -q '^ready' "$out"
 	uris[$name]="nbd+unix:///?socket=$sock"
 }
-start_nbdkit() { # NAME ARGS...
-	local name=$1 sock=$work/$1.sock pidfile=$work/$1.pid
-	shift
-	nbdkit --unix "$sock" --pidfile "$pidfile" "$@" </dev/null >/dev/null 2>"$pidfile.err"
-	wait_for test -s "$pidfile"
-	pids+=("$(cat "$pidfile")")
-	uris[$name]="nbd+unix:///?socket=$sock"
-}
 for peer in "${PEERS[@]}"; do
 	case $peer in
 	atrest-enc)
 		if [ -n "${ENC_URI:-}" ]; then uris[$peer]=$ENC_URI; else start_plainserve "$peer" -encrypt; fi
 		;;
 	atrest-plain) start_plainserve "$peer" ;;
-	nbdkit-file) start_nbdkit "$peer" file file="$drive" ;;
-	nbdkit-luks) start_nbdkit "$peer" --filter=luks file file="$luks" passphrase=+"$keyfile" ;;
+	nbdkit-file) start_nbdkit "$peer" file file="$drive" && uris[$peer]=$uri ;;
+	nbdkit-luks) start_nbdkit "$peer" --filter=luks file file="$luks" passphrase=+"$keyfile" && uris[$peer]=$uri ;;
 	*) die "unknown peer $peer" ;;
 	esac
 done
@@ -131,10 +123,7 @@ have atrest-enc && have nbdkit-luks && printf ' %10s' enc/luks
 have atrest-plain && have nbdkit-file && printf ' %10s' plain/kit
 printf '\n'
 for job in "${JOBS[@]}"; do
-	case $job in
-	seq*) field='[.jobs[].read.bw_bytes, .jobs[].write.bw_bytes] | add / 1e6'; unit=MB/s ;;
-	*) field='[.jobs[].read.iops, .jobs[].write.iops] | add'; unit=IOPS ;;
-	esac
+	fio_metric "$job"
 	declare -A v=()
 	printf '%-18s' "$job"
 	for peer in "${PEERS[@]}"; do
