@@ -88,9 +88,11 @@ func readCopy(dev io.ReaderAt, off int64) copyResult {
 	if err != nil {
 		return copyResult{err: err}
 	}
+	// The rest of the copy after the binary header, read above.
 	area := make([]byte, bin.hdrSize)
-	if _, err := dev.ReadAt(area, off); err != nil {
-		return copyResult{bin: bin, err: fmt.Errorf("read %d bytes at %d: %w", bin.hdrSize, off, err)}
+	copy(area, b)
+	if _, err := dev.ReadAt(area[binHeaderSize:], off+binHeaderSize); err != nil {
+		return copyResult{bin: bin, err: fmt.Errorf("read %d bytes at %d: %w", bin.hdrSize-binHeaderSize, off+binHeaderSize, err)}
 	}
 	if err := verifyChecksum(area); err != nil {
 		return copyResult{bin: bin, err: err}
