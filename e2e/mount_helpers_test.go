@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"bytes"
-	"crypto/sha256"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -260,20 +259,7 @@ func treeContent(seed uint64, n int) []byte {
 // writeTree writes the tree under root (each file fsynced) and returns the checksums.
 func writeTree(t *testing.T, root string, seed uint64) map[string][32]byte {
 	t.Helper()
-	sums := map[string][32]byte{}
-	for i, size := range mountTreeSizes {
-		rel := filepath.Join(fmt.Sprintf("d%d", i%3), fmt.Sprintf("s%d", i%2), fmt.Sprintf("f%d-%d", i, size))
-		p := filepath.Join(root, rel)
-		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		data := treeContent(seed+uint64(i), size)
-		if err := os.WriteFile(p, data, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		sums[rel] = sha256.Sum256(data)
-	}
-	return sums
+	return testutil.WriteTree(t, root, mountTreeSizes, func(i, n int) []byte { return treeContent(seed+uint64(i), n) })
 }
 
 // markers counts the plaintext markers in data.

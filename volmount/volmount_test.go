@@ -3,7 +3,6 @@ package volmount
 import (
 	"bufio"
 	"bytes"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -125,30 +124,7 @@ func content(seed uint64, n int) []byte {
 // writeTree writes the tree under root, fsyncs every file and returns the checksums.
 func writeTree(t testing.TB, root string, seed uint64) map[string][32]byte {
 	t.Helper()
-	sums := map[string][32]byte{}
-	for i, size := range treeSizes {
-		rel := filepath.Join(fmt.Sprintf("d%d", i%3), fmt.Sprintf("sub%d", i%2), fmt.Sprintf("f%d-%d", i, size))
-		p := filepath.Join(root, rel)
-		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		data := content(seed+uint64(i), size)
-		f, err := os.Create(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := f.Write(data); err != nil {
-			t.Fatal(err)
-		}
-		if err := f.Sync(); err != nil {
-			t.Fatal(err)
-		}
-		if err := f.Close(); err != nil {
-			t.Fatal(err)
-		}
-		sums[rel] = sha256.Sum256(data)
-	}
-	return sums
+	return testutil.WriteTree(t, root, treeSizes, func(i, n int) []byte { return content(seed+uint64(i), n) })
 }
 
 // countMarkers counts the blocks of the file at path that carry the plaintext marker.
