@@ -4,7 +4,6 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"sync"
 	"testing"
 
 	"github.com/atrest/atrest/blockcrypt"
@@ -65,48 +64,31 @@ func TestConformanceMem(t *testing.T) {
 // TestConformanceFaulty runs the suite over a Faulty device, whose power cut drops what
 // was not flushed: what Flush and WriteAtFUA made durable must survive.
 func TestConformanceFaulty(t *testing.T) {
-	var mu sync.Mutex
-	lowers := map[blockdev.Device]*blockdev.Faulty{}
-	newOn := func(t *testing.T, f *blockdev.Faulty, size int64) blockdev.Device {
-		d := newCrypt(t, f, 4096, size)
-		mu.Lock()
-		lowers[d] = f
-		mu.Unlock()
-		return d
-	}
 	blockdevtest.Run(t, blockdevtest.Config{
-		New: func(t *testing.T, size int64) blockdev.Device {
-			return newOn(t, blockdev.NewFaulty(blockdev.NewMem(regionOffset+size)), size)
-		},
-		Reopen: func(t *testing.T, dev blockdev.Device) blockdev.Device {
-			mu.Lock()
-			f := lowers[dev]
-			mu.Unlock()
-			if err := f.PowerCut(); err != nil {
-				t.Fatal(err)
+		NewReopenable: func(t *testing.T, size int64) (blockdev.Device, blockdevtest.Reopen) {
+			f := blockdev.NewFaulty(blockdev.NewMem(regionOffset + size))
+			return newCrypt(t, f, 4096, size), func(t *testing.T) blockdev.Device {
+				if err := f.PowerCut(); err != nil {
+					t.Fatal(err)
+				}
+				f = blockdev.NewFaulty(f.Lower())
+				return newCrypt(t, f, 4096, size)
 			}
-			return newOn(t, blockdev.NewFaulty(f.Lower()), dev.Size())
 		},
 	})
 }
 
 // TestConformanceFile runs the suite over a regular file, reopened from its path.
 func TestConformanceFile(t *testing.T) {
-	var mu sync.Mutex
-	paths := map[blockdev.Device]string{}
 	open := func(t *testing.T, path string, size int64) blockdev.Device {
 		f, err := blockdev.OpenFile(path, blockdev.FileOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		d := newCrypt(t, f, 4096, size)
-		mu.Lock()
-		paths[d] = path
-		mu.Unlock()
-		return d
+		return newCrypt(t, f, 4096, size)
 	}
 	blockdevtest.Run(t, blockdevtest.Config{
-		New: func(t *testing.T, size int64) blockdev.Device {
+		NewReopenable: func(t *testing.T, size int64) (blockdev.Device, blockdevtest.Reopen) {
 			path := filepath.Join(t.TempDir(), "drive.img")
 			if err := os.WriteFile(path, nil, 0o600); err != nil {
 				t.Fatal(err)
@@ -114,16 +96,14 @@ func TestConformanceFile(t *testing.T) {
 			if err := os.Truncate(path, regionOffset+size); err != nil {
 				t.Fatal(err)
 			}
-			return open(t, path, size)
-		},
-		Reopen: func(t *testing.T, dev blockdev.Device) blockdev.Device {
-			mu.Lock()
-			path := paths[dev]
-			mu.Unlock()
-			if err := dev.Close(); err != nil {
-				t.Fatal(err)
+			dev := open(t, path, size)
+			return dev, func(t *testing.T) blockdev.Device {
+				if err := dev.Close(); err != nil {
+					t.Fatal(err)
+				}
+				dev = open(t, path, size)
+				return dev
 			}
-			return open(t, path, dev.Size())
 		},
 	})
 }

@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -45,39 +44,39 @@ func newFaultyMem(t *testing.T, size int64) blockdev.Device {
 	return f
 }
 
-func TestFaultyMemConformance(t *testing.T) {
-	blockdevtest.Run(t, blockdevtest.Config{
-		New:        newFaultyMem,
-		TrimZeroes: true,
-		// A restart after a power cut: only what was durable is left.
-		Reopen: func(t *testing.T, dev blockdev.Device) blockdev.Device {
-			f := dev.(*blockdev.Faulty)
-			if err := f.PowerCut(); err != nil {
+// faultyMemAfterCuts returns a NewReopenable of Faults over fresh Mems, whose reopen
+// makes cut the power of the device and returns a new Faulty over what it kept.
+func faultyMemAfterCuts(cut func(f *blockdev.Faulty) error) func(*testing.T, int64) (blockdev.Device, blockdevtest.Reopen) {
+	return func(t *testing.T, size int64) (blockdev.Device, blockdevtest.Reopen) {
+		f := newFaultyMem(t, size).(*blockdev.Faulty)
+		return f, func(t *testing.T) blockdev.Device {
+			if err := cut(f); err != nil {
 				t.Fatal(err)
 			}
-			g := blockdev.NewFaulty(f.Lower())
-			closeQuietly(t, g)
-			return g
-		},
+			f = blockdev.NewFaulty(f.Lower())
+			closeQuietly(t, f)
+			return f
+		}
+	}
+}
+
+func TestFaultyMemConformance(t *testing.T) {
+	blockdevtest.Run(t, blockdevtest.Config{
+		// A restart after a power cut: only what was durable is left.
+		NewReopenable: faultyMemAfterCuts((*blockdev.Faulty).PowerCut),
+		TrimZeroes:    true,
 	})
 }
 
 func TestFaultyMemConformanceRandomPowerCut(t *testing.T) {
 	seed := uint64(0)
 	blockdevtest.Run(t, blockdevtest.Config{
-		New:        newFaultyMem,
-		TrimZeroes: true,
 		// A power cut that keeps part of the cache must still keep everything durable.
-		Reopen: func(t *testing.T, dev blockdev.Device) blockdev.Device {
-			f := dev.(*blockdev.Faulty)
+		NewReopenable: faultyMemAfterCuts(func(f *blockdev.Faulty) error {
 			seed++
-			if err := f.PowerCutRandom(seed); err != nil {
-				t.Fatal(err)
-			}
-			g := blockdev.NewFaulty(f.Lower())
-			closeQuietly(t, g)
-			return g
-		},
+			return f.PowerCutRandom(seed)
+		}),
+		TrimZeroes: true,
 	})
 }
 
@@ -89,31 +88,27 @@ func fileConfig(dir string, opts blockdev.FileOptions) blockdevtest.Config {
 // pathConfig returns a suite configuration for Files opened with opts on the paths that
 // newPath creates, which Reopen closes and opens again.
 func pathConfig(opts blockdev.FileOptions, newPath func(t *testing.T, size int64) string) blockdevtest.Config {
-	var mu sync.Mutex
-	paths := map[blockdev.Device]string{}
 	open := func(t *testing.T, path string) blockdev.Device {
 		f, err := blockdev.OpenFile(path, opts)
 		if err != nil {
 			t.Fatal(err)
 		}
 		closeQuietly(t, f)
-		mu.Lock()
-		paths[f] = path
-		mu.Unlock()
 		return f
 	}
 	return blockdevtest.Config{
-		New:        func(t *testing.T, size int64) blockdev.Device { return open(t, newPath(t, size)) },
-		TrimZeroes: true,
-		Reopen: func(t *testing.T, dev blockdev.Device) blockdev.Device {
-			mu.Lock()
-			path := paths[dev]
-			mu.Unlock()
-			if err := dev.Close(); err != nil {
-				t.Fatal(err)
+		NewReopenable: func(t *testing.T, size int64) (blockdev.Device, blockdevtest.Reopen) {
+			path := newPath(t, size)
+			dev := open(t, path)
+			return dev, func(t *testing.T) blockdev.Device {
+				if err := dev.Close(); err != nil {
+					t.Fatal(err)
+				}
+				dev = open(t, path)
+				return dev
 			}
-			return open(t, path)
 		},
+		TrimZeroes: true,
 	}
 }
 
@@ -250,20 +245,19 @@ func TestFileLoopDirectConformance(t *testing.T) {
 
 func TestFaultyFileConformance(t *testing.T) {
 	cfg := fileConfig("", blockdev.FileOptions{})
-	newFile, reopenFile := cfg.New, cfg.Reopen
-	cfg.New = func(t *testing.T, size int64) blockdev.Device {
-		f := blockdev.NewFaulty(newFile(t, size))
+	newFile := cfg.NewReopenable
+	cfg.NewReopenable = func(t *testing.T, size int64) (blockdev.Device, blockdevtest.Reopen) {
+		file, reopenFile := newFile(t, size)
+		f := blockdev.NewFaulty(file)
 		closeQuietly(t, f)
-		return f
-	}
-	cfg.Reopen = func(t *testing.T, dev blockdev.Device) blockdev.Device {
-		f := dev.(*blockdev.Faulty)
-		if err := f.PowerCut(); err != nil {
-			t.Fatal(err)
+		return f, func(t *testing.T) blockdev.Device {
+			if err := f.PowerCut(); err != nil {
+				t.Fatal(err)
+			}
+			f = blockdev.NewFaulty(reopenFile(t))
+			closeQuietly(t, f)
+			return f
 		}
-		g := blockdev.NewFaulty(reopenFile(t, f.Lower()))
-		closeQuietly(t, g)
-		return g
 	}
 	blockdevtest.Run(t, cfg)
 }

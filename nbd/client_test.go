@@ -26,41 +26,33 @@ func TestClientConformance(t *testing.T) {
 	checkLeaks(t)
 	ts := startServer(t, ServerConfig{})
 	var n atomic.Int32
-	faulty := map[blockdev.Device]*blockdev.Faulty{}
-	names := map[blockdev.Device]string{}
-	var mu sync.Mutex
-	dial := func(t *testing.T, name string, f *blockdev.Faulty) blockdev.Device {
+	dial := func(t *testing.T, name string) blockdev.Device {
 		c, err := Dial(context.Background(), ts.uri(name), ClientOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { c.Close() })
-		mu.Lock()
-		faulty[c], names[c] = f, name
-		mu.Unlock()
 		return c
 	}
 	blockdevtest.Run(t, blockdevtest.Config{
-		New: func(t *testing.T, size int64) blockdev.Device {
+		NewReopenable: func(t *testing.T, size int64) (blockdev.Device, blockdevtest.Reopen) {
 			name := fmt.Sprintf("e%d", n.Add(1))
 			f := blockdev.NewFaulty(blockdev.NewMem(size))
 			if err := ts.AddExport(Export{Name: name, Device: f, AllowTrim: true}); err != nil {
 				t.Fatal(err)
 			}
 			t.Cleanup(func() { ts.RemoveExport(context.Background(), name) })
-			return dial(t, name, f)
+			dev := dial(t, name)
+			return dev, func(t *testing.T) blockdev.Device {
+				dev.Close()
+				if err := f.PowerCut(); err != nil {
+					t.Fatal(err)
+				}
+				dev = dial(t, name)
+				return dev
+			}
 		},
 		TrimZeroes: true,
-		Reopen: func(t *testing.T, dev blockdev.Device) blockdev.Device {
-			mu.Lock()
-			f, name := faulty[dev], names[dev]
-			mu.Unlock()
-			dev.Close()
-			if err := f.PowerCut(); err != nil {
-				t.Fatal(err)
-			}
-			return dial(t, name, f)
-		},
 	})
 }
 
@@ -122,37 +114,30 @@ func TestClientAgainstNbdkit(t *testing.T) {
 		})
 	})
 	t.Run("file", func(t *testing.T) {
-		socks := map[blockdev.Device]string{}
-		var mu sync.Mutex
 		dial := func(t *testing.T, sock string) blockdev.Device {
 			c, err := Dial(context.Background(), "unix:"+sock, ClientOptions{})
 			if err != nil {
 				t.Fatal(err)
 			}
 			t.Cleanup(func() { c.Close() })
-			mu.Lock()
-			socks[c] = sock
-			mu.Unlock()
 			return c
 		}
 		blockdevtest.Run(t, blockdevtest.Config{
-			New: func(t *testing.T, size int64) blockdev.Device {
+			NewReopenable: func(t *testing.T, size int64) (blockdev.Device, blockdevtest.Reopen) {
 				dir := shortDir(t)
 				img := filepath.Join(dir, "img")
 				os.WriteFile(img, nil, 0o600)
 				os.Truncate(img, size)
 				sock, pid := filepath.Join(dir, "s"), filepath.Join(dir, "pid")
 				startPeer(t, pid, nbdkit, "-f", "-U", sock, "-P", pid, "file", "file="+img)
-				return dial(t, sock)
+				dev := dial(t, sock)
+				return dev, func(t *testing.T) blockdev.Device {
+					dev.Close()
+					dev = dial(t, sock)
+					return dev
+				}
 			},
 			TrimZeroes: true,
-			Reopen: func(t *testing.T, dev blockdev.Device) blockdev.Device {
-				mu.Lock()
-				sock := socks[dev]
-				mu.Unlock()
-				dev.Close()
-				return dial(t, sock)
-			},
 		})
 	})
 }

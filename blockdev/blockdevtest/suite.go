@@ -41,21 +41,34 @@ type Config struct {
 	// the device alone.
 	TrimZeroes bool
 
-	// Reopen, if set, closes dev and returns a device over the same storage as it would
-	// be after a restart (reopening a file, or a power cut on a Faulty device), with its
-	// own cleanup registered. The suite then checks that what Flush and WriteAtFUA made
-	// durable is there.
-	Reopen func(t *testing.T, dev blockdev.Device) blockdev.Device
+	// NewReopenable is New for a device whose storage outlives it; set one of the two.
+	// With the device it returns reopen, which closes that device (or the last one
+	// reopen returned) and returns a device over the same storage as it would be after a
+	// restart (reopening a file, or a power cut on a Faulty device), with its own cleanup
+	// registered. The suite then also checks that what Flush and WriteAtFUA made durable
+	// is there.
+	NewReopenable func(t *testing.T, size int64) (dev blockdev.Device, reopen Reopen)
 
 	// AtomicSector is the granularity at which concurrent overlapping writes do not tear:
 	// every such sector ends up holding exactly one of the writes. 0 means 512.
 	AtomicSector int
 }
 
-// Run runs the conformance suite on the devices that cfg.New makes.
+// Reopen closes the device it was made for, or the last one it returned, and returns
+// a device over the same storage (Config.NewReopenable).
+type Reopen func(t *testing.T) blockdev.Device
+
+// Run runs the conformance suite on the devices that cfg.New (or cfg.NewReopenable)
+// makes.
 func Run(t *testing.T, cfg Config) {
-	if cfg.New == nil {
-		t.Fatal("blockdevtest: Config.New is nil")
+	switch {
+	case (cfg.New == nil) == (cfg.NewReopenable == nil):
+		t.Fatal("blockdevtest: set one of Config.New and Config.NewReopenable")
+	case cfg.New == nil:
+		cfg.New = func(t *testing.T, size int64) blockdev.Device {
+			dev, _ := cfg.NewReopenable(t, size)
+			return dev
+		}
 	}
 	if cfg.Size == 0 {
 		cfg.Size = 2 << 20
@@ -138,7 +151,11 @@ func rng(t *testing.T) *rand.Rand {
 // newDevice returns a fresh device and checks its size.
 func (s *suite) newDevice(t *testing.T) blockdev.Device {
 	t.Helper()
-	dev := s.cfg.New(t, s.cfg.Size)
+	return s.checkNew(t, s.cfg.New(t, s.cfg.Size))
+}
+
+func (s *suite) checkNew(t *testing.T, dev blockdev.Device) blockdev.Device {
+	t.Helper()
 	if dev == nil {
 		t.Fatal("Config.New returned nil")
 	}
@@ -159,7 +176,12 @@ type model struct {
 // newModel returns a fresh device and its model, which starts as whatever it holds.
 func (s *suite) newModel(t *testing.T) *model {
 	t.Helper()
-	dev := s.newDevice(t)
+	return s.modelOf(t, s.newDevice(t))
+}
+
+// modelOf returns the model of dev, which starts as whatever it holds.
+func (s *suite) modelOf(t *testing.T, dev blockdev.Device) *model {
+	t.Helper()
 	m := &model{t: t, dev: dev, data: make([]byte, dev.Size()), rng: rng(t)}
 	n, err := dev.ReadAt(m.data, 0)
 	if n != len(m.data) || (err != nil && err != io.EOF) {
@@ -600,13 +622,14 @@ func (s *suite) testFlush(t *testing.T) {
 	m.checkAll()
 }
 
-// testReopen checks, with Config.Reopen, that flushed writes, FUA writes and flushed
-// zeroings survive a restart.
+// testReopen checks, with Config.NewReopenable, that flushed writes, FUA writes and
+// flushed zeroings survive a restart.
 func (s *suite) testReopen(t *testing.T) {
-	if s.cfg.Reopen == nil {
-		t.Skip("Config.Reopen is not set: the device has no storage that outlives it")
+	if s.cfg.NewReopenable == nil {
+		t.Skip("Config.NewReopenable is not set: the device has no storage that outlives it")
 	}
-	m := s.newModel(t)
+	dev, reopen := s.cfg.NewReopenable(t, s.cfg.Size)
+	m := s.modelOf(t, s.checkNew(t, dev))
 	for range 20 {
 		off, n := randomRange(m.rng, 0, m.size(), 16<<10)
 		m.write(m.random(int(n)), off)
@@ -615,7 +638,7 @@ func (s *suite) testReopen(t *testing.T) {
 	if err := m.dev.Flush(); err != nil {
 		t.Fatalf("Flush: %v", err)
 	}
-	m.dev = s.cfg.Reopen(t, m.dev)
+	m.dev = reopen(t)
 	m.checkAll()
 
 	// A FUA write is durable without Flush.
@@ -624,7 +647,7 @@ func (s *suite) testReopen(t *testing.T) {
 		t.Fatalf("WriteFUA: %d, %v", n, err)
 	}
 	copy(m.data[12345:], p)
-	m.dev = s.cfg.Reopen(t, m.dev)
+	m.dev = reopen(t)
 	m.checkAll()
 
 	// So is a flushed zeroing, and a flushed trim where trimmed ranges read as zeroes.
@@ -643,7 +666,7 @@ func (s *suite) testReopen(t *testing.T) {
 	if err := m.dev.Flush(); err != nil {
 		t.Fatalf("Flush: %v", err)
 	}
-	m.dev = s.cfg.Reopen(t, m.dev)
+	m.dev = reopen(t)
 	m.checkAll()
 }
 

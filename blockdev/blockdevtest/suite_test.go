@@ -50,28 +50,22 @@ func memConfig(wrap func(*blockdev.Mem) blockdev.Device) func() blockdevtest.Con
 }
 
 func faultyConfig(wrap func(*blockdev.Faulty) blockdev.Device) func() blockdevtest.Config {
-	unwrap := map[blockdev.Device]*blockdev.Faulty{}
-	var mu sync.Mutex
-	newDev := func(t *testing.T, lower blockdev.Device) blockdev.Device {
+	newFaulty := func(t *testing.T, lower blockdev.Device) *blockdev.Faulty {
 		f := blockdev.NewFaulty(lower)
 		t.Cleanup(func() { f.Close() })
-		d := wrap(f)
-		mu.Lock()
-		unwrap[d] = f
-		mu.Unlock()
-		return d
+		return f
 	}
 	return func() blockdevtest.Config {
 		return blockdevtest.Config{
-			New: func(t *testing.T, size int64) blockdev.Device { return newDev(t, blockdev.NewMem(size)) },
-			Reopen: func(t *testing.T, dev blockdev.Device) blockdev.Device {
-				mu.Lock()
-				f := unwrap[dev]
-				mu.Unlock()
-				if err := f.PowerCut(); err != nil {
-					t.Fatal(err)
+			NewReopenable: func(t *testing.T, size int64) (blockdev.Device, blockdevtest.Reopen) {
+				f := newFaulty(t, blockdev.NewMem(size))
+				return wrap(f), func(t *testing.T) blockdev.Device {
+					if err := f.PowerCut(); err != nil {
+						t.Fatal(err)
+					}
+					f = newFaulty(t, f.Lower())
+					return wrap(f)
 				}
-				return newDev(t, f.Lower())
 			},
 			TrimZeroes: true,
 		}
