@@ -64,7 +64,10 @@ type call struct {
 	done chan struct{} // receives once the call is complete (buffered, reused by the pool)
 	err  error
 	got  uint64 // structured READ: bytes covered by content chunks
-	rerr *RemoteError
+	// structured READ: the ranges (relative to off) content chunks covered, so that an
+	// overlap, which would leave bytes unwritten while got adds up, is refused
+	spans [][2]uint64
+	rerr  *RemoteError
 }
 
 // dialConn connects and negotiates one connection ("Fixed newstyle negotiation").
@@ -361,7 +364,7 @@ var callPool = sync.Pool{New: func() any { return new(call) }}
 // newCall returns a call from the pool; putCall gives it back once its round trip ended.
 func newCall(typ, flags uint16, off uint64, length uint32, buf []byte) *call {
 	cl := callPool.Get().(*call)
-	*cl = call{typ: typ, flags: flags, off: off, length: length, buf: buf, done: cl.done}
+	*cl = call{typ: typ, flags: flags, off: off, length: length, buf: buf, done: cl.done, spans: cl.spans[:0]}
 	return cl
 }
 
@@ -491,7 +494,14 @@ func (cc *clientConn) readChunk(h []byte) error {
 		if off < cl.off || off-cl.off > uint64(cl.length) || n > uint64(cl.length)-(off-cl.off) || n == 0 {
 			return fmt.Errorf("content chunk [%d, +%d) outside the request [%d, +%d)", off, n, cl.off, cl.length)
 		}
-		dst := cl.buf[off-cl.off : off-cl.off+n]
+		start, end := off-cl.off, off-cl.off+n
+		for _, s := range cl.spans {
+			if start < s[1] && s[0] < end {
+				return fmt.Errorf("content chunk [%d, +%d) overlaps an earlier one of the same reply", off, n)
+			}
+		}
+		cl.spans = append(cl.spans, [2]uint64{start, end})
+		dst := cl.buf[start:end]
 		if typ == replyTypeOffsetHole {
 			clear(dst)
 		} else if _, err := io.ReadFull(cc.br, dst); err != nil {
