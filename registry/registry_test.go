@@ -105,10 +105,10 @@ func TestFindDrive(t *testing.T) {
 		{"aaaaaaaa-0000-4000-8000-000000000001", "aaaaaaaa-0000-4000-8000-000000000001", nil},
 		{"cccccccc", "cccccccc-0000-4000-8000-000000000003", nil},
 		{"CCCCCCCC-0", "cccccccc-0000-4000-8000-000000000003", nil},
-		{"aaaaaaa", "", ErrNotFound},   // shorter than MinPrefix
-		{"aaaaaaaa", "", nil},          // unique: 8 a's then '-'
-		{"aaaaaaa", "", ErrNotFound},   // 7 characters
-		{"eeeeeeee", "", ErrNotFound},  // no such drive
+		{"aaaaaaa", "", ErrNotFound},  // shorter than MinPrefix
+		{"aaaaaaaa", "", nil},         // unique: 8 a's then '-'
+		{"aaaaaaa", "", ErrNotFound},  // 7 characters
+		{"eeeeeeee", "", ErrNotFound}, // no such drive
 		{"/srv/img/b.img", "aaaaaaab-0000-4000-8000-000000000002", nil},
 		{"/srv/img/../img/b.img", "aaaaaaab-0000-4000-8000-000000000002", nil},
 		{"/srv/img/c.img", "", ErrNotFound},
