@@ -17,10 +17,11 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/atrest/atrest/blockcrypt"
-	"github.com/atrest/atrest/blockdev"
+	"github.com/atrest/atrest/drive"
 	"github.com/atrest/atrest/internal/exitcodes"
 	"github.com/atrest/atrest/keystore"
 	"github.com/atrest/atrest/luks2"
+	"github.com/atrest/atrest/registry"
 )
 
 func init() {
@@ -116,15 +117,15 @@ func runFormat(ctx context.Context, o formatOptions) error {
 	if o.sectorSize != 512 && o.sectorSize != 4096 {
 		return usagef("--sector-size %d: use 4096 or 512", o.sectorSize)
 	}
-	if o.volume != "" && !keystore.ValidVolumeName(o.volume) {
+	if o.volume != "" && !registry.ValidVolumeName(o.volume) {
 		return usagef("--volume %q: use 1 to 64 letters, digits, '.', '_' or '-'", o.volume)
 	}
 	// The lock first: nothing is created or checked while another command runs.
-	k, err := keystore.OpenLocked(o.keystore)
+	l, err := lockOffline(ctx, o.keystore)
 	if err != nil {
 		return keystoreError(err)
 	}
-	defer k.Close()
+	defer l.Close()
 	if o.create > 0 {
 		if err := createImage(o.path, o.create, o.force); err != nil {
 			return err
@@ -140,11 +141,11 @@ func runFormat(ctx context.Context, o formatOptions) error {
 				"formatting destroys it; rerun with --force if that is what you want")
 		}
 	}
-	fo := keystore.FormatOptions{Volume: o.volume, SectorSize: o.sectorSize, AllowDiscards: o.allowDiscards}
+	req := formatRequest{path: o.path, volume: o.volume, sectorSize: o.sectorSize, allowDiscards: o.allowDiscards}
 	if o.wipe {
-		fo.Wipe = func(dev *blockcrypt.Device) error { return wipeDevice(ctx, dev, o.errOut) }
+		req.wipe = func(dev *blockcrypt.Device) error { return wipeDevice(ctx, dev, o.errOut) }
 	}
-	d, err := k.FormatDrive(o.path, fo)
+	d, _, err := formatOffline(ctx, l, req)
 	if err != nil {
 		return keystoreError(err)
 	}
@@ -284,8 +285,8 @@ type adoptOptions struct {
 	out                             io.Writer
 }
 
-func runAdopt(_ context.Context, o adoptOptions) error {
-	if o.volume != "" && !keystore.ValidVolumeName(o.volume) {
+func runAdopt(ctx context.Context, o adoptOptions) error {
+	if o.volume != "" && !registry.ValidVolumeName(o.volume) {
 		return usagef("--volume %q: use 1 to 64 letters, digits, '.', '_' or '-'", o.volume)
 	}
 	var err error
@@ -297,19 +298,18 @@ func runAdopt(_ context.Context, o adoptOptions) error {
 		return fail(exitcodes.Key, err, "")
 	}
 	defer clear(key)
-	k, err := keystore.OpenLocked(o.keystore)
+	l, err := lockOffline(ctx, o.keystore)
 	if err != nil {
 		return keystoreError(err)
 	}
-	defer k.Close()
-	r, err := k.AdoptDrive(o.path, key, keystore.AdoptOptions{Volume: o.volume, KeepOldKeyslot: o.keepOld})
+	defer l.Close()
+	d, r, err := formatOffline(ctx, l, formatRequest{path: o.path, volume: o.volume, adoptKey: key, keepOldKeyslot: o.keepOld})
 	if err != nil {
 		if errors.Is(err, luks2.ErrWrongKey) {
 			return fail(exitcodes.Key, err, "the key file does not open this drive; nothing was changed")
 		}
 		return keystoreError(err)
 	}
-	d := r.Drive
 	fmt.Fprintf(o.out, "Adopted %s: drive %s, volume %s, sector size %d\n", d.Path, d.UUID, d.Volume, d.SectorSize)
 	if !o.keepOld {
 		fmt.Fprintf(o.out, "Wiped keyslot %d (the old key file no longer opens the drive)\n", r.OldSlot)
@@ -328,18 +328,18 @@ type driveListOptions struct {
 
 // driveListEntry is one line of `atrest drive list --json`.
 type driveListEntry struct {
-	keystore.Drive
+	keystore.LegacyDrive
 	Present bool `json:"present"`
 }
 
-func runDriveList(_ context.Context, o driveListOptions) error {
-	k, err := keystore.Open(o.keystore)
+func runDriveList(ctx context.Context, o driveListOptions) error {
+	_, r, err := openOffline(ctx, o.keystore)
 	if err != nil {
 		return keystoreError(err)
 	}
 	list := []driveListEntry{}
-	for _, d := range k.Drives() {
-		list = append(list, driveListEntry{Drive: d, Present: present(d)})
+	for _, d := range legacyDrives(r) {
+		list = append(list, driveListEntry{LegacyDrive: d, Present: drive.Probe(d.Path, d.UUID) == nil})
 	}
 	if o.json {
 		b, _ := json.MarshalIndent(list, "", "  ")
@@ -356,15 +356,4 @@ func runDriveList(_ context.Context, o driveListOptions) error {
 		fmt.Fprintf(tw, "%s\t%s\t%d/%d\t%d\t%s\t%s\t%s\t%s\n", e.UUID, e.Volume, e.MemberIndex+1, e.MemberCount, e.SectorSize, e.KeyID, e.State, p, e.Path)
 	}
 	return tw.Flush()
-}
-
-// present reports whether the drive's header is at its last known path.
-func present(d keystore.Drive) bool {
-	f, err := blockdev.OpenFile(d.Path, blockdev.FileOptions{ReadOnly: true})
-	if err != nil {
-		return false
-	}
-	defer f.Close()
-	h, err := luks2.Load(f)
-	return err == nil && h.UUID() == d.UUID
 }

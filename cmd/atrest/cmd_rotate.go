@@ -2,11 +2,13 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/atrest/atrest/internal/exitcodes"
 	"github.com/atrest/atrest/keystore"
 )
 
@@ -40,22 +42,36 @@ func init() {
 }
 
 func runRotate(ctx context.Context, o rotateOptions) error {
-	k, err := keystore.OpenLocked(o.keystore)
+	l, err := lockOffline(ctx, o.keystore)
 	if err != nil {
 		return keystoreError(err)
 	}
-	defer k.Close()
-	err = k.Rotate(ctx, keystore.RotateOptions{Force: o.force, Step: func(s keystore.Step) {
-		rotateProgress(o.out, s)
-		crashPoint(s.Name)
-	}})
+	defer l.Close()
+	_, r, err := openOffline(ctx, o.keystore)
 	if err != nil {
 		return keystoreError(err)
 	}
-	s := k.State()
+	_, err = l.Rotate(ctx, keystore.RotateOptions{
+		Drives: keystore.RotateDrives(r), Force: o.force,
+		Step: func(s keystore.Step) {
+			rotateProgress(o.out, s)
+			crashPoint(s.Name)
+		},
+		Finish: func(out keystore.RotateOutcome) error { return recordRotation(ctx, l, out) },
+	})
+	if err != nil {
+		if errors.Is(err, context.Canceled) {
+			return fail(exitcodes.Failure, err, "rerun 'atrest rotate-encryption-keys' to finish it")
+		}
+		return keystoreError(err)
+	}
+	s := l.State()
+	if _, r, err = openOffline(ctx, o.keystore); err != nil {
+		return keystoreError(err)
+	}
 	fmt.Fprintf(o.out, "Master key: %s\n", s.MasterKey.ID)
-	for _, d := range s.Drives {
-		if d.State == keystore.DriveRetired && d.KeyID != s.MasterKey.ID {
+	for _, d := range legacyDrives(r) {
+		if d.State == stateOldKey && d.KeyID != s.MasterKey.ID {
 			fmt.Fprintf(o.out, "Drive %s (volume %s) stays locked to old key %s\n", d.UUID, d.Volume, d.KeyID)
 		}
 	}

@@ -16,10 +16,12 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/atrest/atrest/drive"
 	"github.com/atrest/atrest/internal/exitcodes"
 	"github.com/atrest/atrest/keystore"
 	"github.com/atrest/atrest/luks2"
 	"github.com/atrest/atrest/nbd"
+	"github.com/atrest/atrest/registry"
 )
 
 // defaultSocket is where the daemon listens when no --listen is given and systemd
@@ -80,11 +82,11 @@ func runServe(ctx context.Context, o serveOptions) error {
 			return err
 		}
 	}
-	ks, err := keystore.Open(o.keystore)
+	ks, reg, err := openOffline(ctx, o.keystore)
 	if err != nil {
 		return keystoreError(err)
 	}
-	paths, err := drivePaths(ks, o.drives)
+	paths, err := drivePaths(reg, o.drives)
 	if err != nil {
 		return err
 	}
@@ -92,7 +94,7 @@ func runServe(ctx context.Context, o serveOptions) error {
 	// ready receives once per listener being served; the server calls Ready.
 	ready := make(chan struct{}, 64)
 	srv := nbd.NewServer(nbd.ServerConfig{Logf: logf, Ready: func(net.Addr) { ready <- struct{}{} }})
-	var drives []*keystore.UnlockedDrive
+	var drives []*drive.Unlocked
 	closeDrives := func() {
 		for _, d := range drives {
 			if err := d.Device.Close(); err != nil {
@@ -102,14 +104,14 @@ func runServe(ctx context.Context, o serveOptions) error {
 	}
 	defer closeDrives()
 	for _, p := range paths {
-		d, err := ks.Unlock(p, keystore.UnlockOptions{ReadOnly: o.readOnly, Direct: o.direct})
+		d, err := drive.Unlock(p, drive.UnlockOptions{ClusterUUID: ks.ClusterUUID(), Keys: ks.Keys, ReadOnly: o.readOnly, Direct: o.direct, Exclusive: true})
 		if err != nil {
 			return unlockError(ks, p, err)
 		}
 		drives = append(drives, d)
 		for _, other := range drives[:len(drives)-1] {
-			if other.Volume == d.Volume {
-				return usagef("drives %s and %s both hold volume %q: a volume is served from one drive (mirrors are not supported yet)", other.Path, d.Path, d.Volume)
+			if other.Token.Volume == d.Token.Volume {
+				return usagef("drives %s and %s both hold volume %q: a volume is served from one drive (mirrors are not supported yet)", other.Path, d.Path, d.Token.Volume)
 			}
 		}
 	}
@@ -118,7 +120,7 @@ func runServe(ctx context.Context, o serveOptions) error {
 		for _, name := range names[d] {
 			err := srv.AddExport(nbd.Export{
 				Name:        name,
-				Description: fmt.Sprintf("atrest volume %s (drive %s)", d.Volume, d.UUID),
+				Description: fmt.Sprintf("atrest volume %s (drive %s)", d.Token.Volume, d.UUID),
 				Device:      d.Device,
 				ReadOnly:    o.readOnly,
 				AllowTrim:   d.AllowDiscards,
@@ -127,7 +129,7 @@ func runServe(ctx context.Context, o serveOptions) error {
 				return err
 			}
 		}
-		logf("unlocked %s: volume %q, %d bytes, %d-byte sectors, key %s", d.Path, d.Volume, d.Device.Size(), d.SectorSize, d.KeyID)
+		logf("unlocked %s: volume %q, %d bytes, %d-byte sectors, key %s", d.Path, d.Token.Volume, d.Device.Size(), d.SectorSize, d.KeyID)
 	}
 
 	listeners, err := serveListeners(o.listen)
@@ -200,13 +202,15 @@ func runServe(ctx context.Context, o serveOptions) error {
 	return nil
 }
 
-// drivePaths expands the DRIVE arguments (paths or glob patterns), or lists the drives
-// the keystore knows when there are none.
-func drivePaths(ks *keystore.Keystore, args []string) ([]string, error) {
+// drivePaths expands the DRIVE arguments (paths or glob patterns), or lists the active
+// drives of the registry when there are none (a stale drive is never served again).
+func drivePaths(reg *registry.Registry, args []string) ([]string, error) {
 	var paths []string
 	if len(args) == 0 {
-		for _, d := range ks.Drives() {
-			paths = append(paths, d.Path)
+		for _, d := range reg.Drives {
+			if d.State == registry.DriveActive {
+				paths = append(paths, d.Path)
+			}
 		}
 		if len(paths) == 0 {
 			return nil, fail(exitcodes.DriveMissing, errors.New("the keystore knows no drives"), "format one with 'atrest drive format', or name drives on the command line")
@@ -279,10 +283,10 @@ func listenError(err error, specs []string) error {
 
 // exportNames gives each drive's export names: its volume's name, and also "" (the
 // default export) when it is the only one.
-func exportNames(drives []*keystore.UnlockedDrive) map[*keystore.UnlockedDrive][]string {
-	m := make(map[*keystore.UnlockedDrive][]string, len(drives))
+func exportNames(drives []*drive.Unlocked) map[*drive.Unlocked][]string {
+	m := make(map[*drive.Unlocked][]string, len(drives))
 	for _, d := range drives {
-		m[d] = []string{d.Volume}
+		m[d] = []string{d.Token.Volume}
 	}
 	if len(drives) == 1 {
 		m[drives[0]] = append(m[drives[0]], "")

@@ -9,8 +9,6 @@ import (
 	"time"
 
 	"github.com/urfave/cli/v2"
-
-	"github.com/atrest/atrest/keystore"
 )
 
 type statusOptions struct {
@@ -34,12 +32,12 @@ func init() {
 	})
 }
 
-func runStatus(_ context.Context, o statusOptions) error {
-	k, err := keystore.Open(o.keystore)
+func runStatus(ctx context.Context, o statusOptions) error {
+	k, r, err := openOffline(ctx, o.keystore)
 	if err != nil {
 		return keystoreError(err)
 	}
-	st, err := k.Status()
+	st, err := offlineStatus(k, r)
 	if err != nil {
 		return keystoreError(err)
 	}

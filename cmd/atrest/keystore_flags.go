@@ -12,9 +12,12 @@ import (
 	"github.com/urfave/cli/v2"
 	"golang.org/x/term"
 
+	"github.com/atrest/atrest/drive"
 	"github.com/atrest/atrest/internal/exitcodes"
+	"github.com/atrest/atrest/internal/securefile"
 	"github.com/atrest/atrest/keystore"
 	"github.com/atrest/atrest/luks2"
+	"github.com/atrest/atrest/registry"
 )
 
 // keystoreFlag is the --keystore flag of every command that uses the keystore.
@@ -27,7 +30,8 @@ func keystoreFlag() *cli.StringFlag {
 	}
 }
 
-// keystoreError maps the errors of keystore and luks2 to exit codes and hints.
+// keystoreError maps the errors of keystore, registry, drive and luks2 to exit codes
+// and hints.
 func keystoreError(err error) error {
 	if err == nil {
 		return nil
@@ -36,20 +40,30 @@ func keystoreError(err error) error {
 	if errors.As(err, &ce) {
 		return err
 	}
+	var unsafe *securefile.UnsafeError
+	var missing *keystore.MissingError
 	switch {
 	case errors.Is(err, keystore.ErrBusy):
 		return fail(exitcodes.Busy, err, "wait for the other atrest command to finish")
 	case errors.Is(err, keystore.ErrNoKeystore):
 		return fail(exitcodes.Keystore, err, "create one with 'atrest init', or point --keystore (ATREST_KEYSTORE) at it")
+	case errors.As(err, &unsafe) && unsafe.Fix != "":
+		return fail(exitcodes.Keystore, err, unsafe.Fix+" (the keystore must be root's alone: directory 0700, files 0600, no symlinks)")
 	case errors.Is(err, keystore.ErrUnsafe):
-		return fail(exitcodes.Keystore, err, "the keystore must be root's alone: directory 0700, files 0600, no symlinks; see the fix in the message")
-	case errors.Is(err, keystore.ErrCorrupt):
+		return fail(exitcodes.Keystore, err, "the keystore must be root's alone: directory 0700, files 0600, no symlinks")
+	case errors.Is(err, keystore.ErrStrayKey):
+		return fail(exitcodes.Keystore, err, "remove it if it is not a key you kept, then rerun 'atrest init'")
+	case errors.Is(err, keystore.ErrCorrupt), errors.Is(err, registry.ErrCorrupt):
 		return fail(exitcodes.Keystore, err, "restore the keystore from a backup; atrest never rewrites a keystore it cannot read")
-	case errors.Is(err, keystore.ErrExists), errors.Is(err, keystore.ErrVolumeExists), errors.Is(err, keystore.ErrRegistered):
+	case errors.Is(err, keystore.ErrRotationUnderWay):
+		return fail(exitcodes.Failure, err, "'atrest rotate-encryption-keys' finishes it")
+	case errors.Is(err, keystore.ErrExists), errors.Is(err, registry.ErrExists):
 		return fail(exitcodes.Exists, err, "")
+	case errors.As(err, &missing) && missing.Rewrapping:
+		return fail(exitcodes.DriveMissing, err, "reattach it and rerun; a drive already being rewrapped cannot be skipped")
 	case errors.Is(err, keystore.ErrDriveMissing):
 		return fail(exitcodes.DriveMissing, err, "reattach the drive and rerun, or rerun with --force to leave it locked to the old master key for good")
-	case errors.Is(err, keystore.ErrForeign):
+	case errors.Is(err, drive.ErrForeign):
 		return fail(exitcodes.Key, err, "a drive of another cluster, or one formatted by cryptsetup: bring it in with 'atrest drive adopt --key-file KEY PATH'")
 	case errors.Is(err, luks2.ErrWrongKey):
 		return fail(exitcodes.Key, err, "check the key file: it must be the one the drive was formatted or last opened with")
