@@ -50,7 +50,8 @@ type OpenOptions struct {
 	Exclusive bool
 }
 
-// Open opens the drive at path. Every open of a drive in atrest goes through here.
+// Open opens the drive at path. The operations of this package open drives through it,
+// and so should every caller that reads or writes a drive's header or data.
 func Open(path string, o OpenOptions) (*blockdev.File, error) {
 	// EXCLUSIVE: o.Exclusive becomes blockdev.FileOptions.Exclusive when branch i9-drives
 	// (the exclusive open) is merged; until then drives are opened shared.
