@@ -22,33 +22,42 @@ func flockHolder(fd int) string {
 	if err := unix.Fstat(fd, &st); err != nil {
 		return ""
 	}
-	f, err := os.Open("/proc/locks")
-	if err != nil {
-		return ""
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
+	holder := ""
+	scanFields("/proc/locks", func(fields []string) bool {
 		if len(fields) < 6 || fields[1] != "FLOCK" || fields[3] != "WRITE" {
-			continue
+			return true
 		}
 		id := strings.Split(fields[5], ":")
 		if len(id) != 3 {
-			continue
+			return true
 		}
 		major, err1 := strconv.ParseUint(id[0], 16, 32)
 		minor, err2 := strconv.ParseUint(id[1], 16, 32)
 		ino, err3 := strconv.ParseUint(id[2], 10, 64)
 		if err1 != nil || err2 != nil || err3 != nil ||
 			uint32(major) != unix.Major(st.Dev) || uint32(minor) != unix.Minor(st.Dev) || ino != st.Ino {
-			continue
+			return true
 		}
 		if pid, err := strconv.Atoi(fields[4]); err == nil && pid > 0 {
-			return "locked by " + describeProcess(pid)
+			holder = "locked by " + describeProcess(pid)
+			return false
 		}
+		return true
+	})
+	return holder
+}
+
+// scanFields calls fn with the fields of each line of a /proc file until fn returns
+// false; a file it cannot read has no lines.
+func scanFields(path string, fn func(fields []string) bool) {
+	f, err := os.Open(path)
+	if err != nil {
+		return
 	}
-	return ""
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() && fn(strings.Fields(sc.Text())) {
+	}
 }
 
 // blockDeviceHolder says why the kernel refuses an exclusive open of the block device
@@ -83,20 +92,16 @@ func blockDeviceHolder(path string) string {
 
 // mountOf returns the first mount point of the device "major:minor", or "".
 func mountOf(devno string) string {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return ""
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
+	mp := ""
+	scanFields("/proc/self/mountinfo", func(fields []string) bool {
 		// ID PARENT MAJOR:MINOR ROOT MOUNTPOINT ...
-		fields := strings.Fields(sc.Text())
 		if len(fields) > 4 && fields[2] == devno {
-			return unescapeMountinfo(fields[4])
+			mp = unescapeMountinfo(fields[4])
+			return false
 		}
-	}
-	return ""
+		return true
+	})
+	return mp
 }
 
 // unescapeMountinfo undoes the octal escapes (\040 for a space) of mountinfo paths.

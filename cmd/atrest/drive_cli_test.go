@@ -29,6 +29,15 @@ func commandPaths(prefix []string, cmds []*cli.Command) [][]string {
 	return out
 }
 
+// ksCluster builds the binary and makes a keystore with it in a temporary directory.
+func ksCluster(t *testing.T) (bin, dir, ks string) {
+	t.Helper()
+	bin, dir = ksBuild(t), t.TempDir()
+	ks = filepath.Join(dir, "keystore")
+	ksMust(t, bin, ks, "init")
+	return bin, dir, ks
+}
+
 // TestUnknownFlagOneLine: an unknown flag gets the same answer from every command and
 // subcommand: one error line and one hint line, exit code 2, no help text.
 func TestUnknownFlagOneLine(t *testing.T) {
@@ -52,10 +61,7 @@ func TestUnknownFlagOneLine(t *testing.T) {
 // TestDriveUsageErrors: command-line mistakes of drive format and adopt are usage
 // errors (exit code 2) that say what is wrong.
 func TestDriveUsageErrors(t *testing.T) {
-	bin := ksBuild(t)
-	dir := t.TempDir()
-	ks := filepath.Join(dir, "keystore")
-	ksMust(t, bin, ks, "init")
+	bin, dir, ks := ksCluster(t)
 	img := filepath.Join(dir, "d.img")
 	ksMust(t, bin, ks, "drive", "format", "--create", "20M", img)
 	for _, c := range []struct {
@@ -85,10 +91,7 @@ func TestDriveUsageErrors(t *testing.T) {
 // TestFormatCreateCleanup: a drive format --create that fails after creating its image
 // removes it, so that the rerun works; one that did not create the file leaves it.
 func TestFormatCreateCleanup(t *testing.T) {
-	bin := ksBuild(t)
-	dir := t.TempDir()
-	ks := filepath.Join(dir, "keystore")
-	ksMust(t, bin, ks, "init")
+	bin, dir, ks := ksCluster(t)
 	ksMust(t, bin, ks, "drive", "format", "--create", "20M", "--volume", "taken", filepath.Join(dir, "first.img"))
 	img := filepath.Join(dir, "second.img")
 	ksWant(t, ksRun(t, bin, ks, nil, "drive", "format", "--create", "20M", "--volume", "taken", img), exitcodes.Exists, "volume already exists")
@@ -111,10 +114,7 @@ func TestFormatCreateCleanup(t *testing.T) {
 
 // TestKeystoreMessages: keystore errors say each thing once, with the fix as the hint.
 func TestKeystoreMessages(t *testing.T) {
-	bin := ksBuild(t)
-	dir := t.TempDir()
-	ks := filepath.Join(dir, "keystore")
-	ksMust(t, bin, ks, "init")
+	bin, dir, ks := ksCluster(t)
 	checkOnce := func(r ksResult, code int, want ...string) {
 		t.Helper()
 		lines := strings.Split(strings.TrimSuffix(r.stderr, "\n"), "\n")
@@ -167,10 +167,7 @@ func copyKeystore(t *testing.T, from, to string) {
 // TestDriveListAsServe: drive list says present only for a drive that serve opens; a
 // truncated image is not, and the detail says why.
 func TestDriveListAsServe(t *testing.T) {
-	bin := ksBuild(t)
-	dir := t.TempDir()
-	ks := filepath.Join(dir, "keystore")
-	ksMust(t, bin, ks, "init")
+	bin, dir, ks := ksCluster(t)
 	good, cut := filepath.Join(dir, "good.img"), filepath.Join(dir, "cut.img")
 	ksMust(t, bin, ks, "drive", "format", "--create", "20M", good)
 	ksMust(t, bin, ks, "drive", "format", "--create", "20M", cut)
