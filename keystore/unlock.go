@@ -61,7 +61,9 @@ func (k *Keystore) Unlock(path string, o UnlockOptions) (*UnlockedDrive, error) 
 	return u, nil
 }
 
-// UnlockDevice is Unlock on an open device, which the returned Device then owns.
+// UnlockDevice is Unlock on an open device, which the returned Device then owns. How
+// dev was opened (Direct, Exclusive) is the caller's choice; o.ReadOnly still applies to
+// the returned Device.
 func (k *Keystore) UnlockDevice(dev blockdev.Device, path string, o UnlockOptions) (*UnlockedDrive, error) {
 	var lastErr error
 	for range unlockAttempts {
