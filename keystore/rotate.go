@@ -254,8 +254,11 @@ func (k *Keystore) rotateDrive(i int, oldKey, newKey []byte, o RotateOptions, st
 	}
 	if rd.State == RotPending {
 		vk, slot, err := h.UnlockAny(dev, atrestSlots(h), oldKey)
-		if err != nil {
+		if errors.Is(err, luks2.ErrWrongKey) {
 			return fmt.Errorf("%s: the current master key does not open drive %s: %w", d.Path, d.UUID, err)
+		}
+		if err != nil {
+			return fmt.Errorf("%s: drive %s: %w", d.Path, d.UUID, err)
 		}
 		clear(vk)
 		rd.OldSlot, rd.State = slot, RotAdding

@@ -112,9 +112,14 @@ func (k *Keystore) tryUnlock(dev blockdev.Device, path string, o UnlockOptions) 
 	var vk []byte
 	var keyID string
 	for _, nk := range keys {
-		if vk, _, err = h.UnlockAny(dev, slots, nk.key); err == nil {
+		vk, _, err = h.UnlockAny(dev, slots, nk.key)
+		if err == nil {
 			keyID = nk.id
 			break
+		}
+		if !errors.Is(err, luks2.ErrWrongKey) {
+			// A keyslot that cannot be read or is refused: no key would do better.
+			return nil, fmt.Errorf("%s: drive %s: %w", path, h.UUID(), err)
 		}
 	}
 	if vk == nil {

@@ -68,7 +68,7 @@ func keystoreError(err error) error {
 	case errors.Is(err, luks2.ErrDamaged):
 		return fail(exitcodes.Header, err, "restore the header from a backup (cryptsetup luksHeaderRestore); nothing was written")
 	case errors.Is(err, luks2.ErrTruncated), errors.Is(err, blockcrypt.ErrRegion):
-		return fail(exitcodes.Header, err, "the drive is smaller than its header says: a truncated image, or the header of another drive; nothing was written")
+		return fail(exitcodes.Header, err, "a truncated image, or a header copied from a larger drive: put back the whole image or the right drive; nothing was written")
 	case errors.Is(err, luks2.ErrUnsupported), errors.Is(err, luks2.ErrNotLUKS):
 		return fail(exitcodes.Header, err, "")
 	case errors.Is(err, os.ErrNotExist), errors.Is(err, os.ErrPermission):
