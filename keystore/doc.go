@@ -10,6 +10,12 @@
 // never need the lock: every file is replaced atomically, and Unlock copes with a
 // rotation running beside it.
 //
+// The keystore lock serialises the commands of one keystore; drives are held across
+// keystores: FormatDrive and AdoptDrive open the drive exclusively and fail with
+// blockdev.ErrInUse while another process holds it, as the daemon does with Unlock and
+// UnlockOptions.Exclusive (see blockdev.FileOptions.Exclusive). Rotation and Status
+// open drives without the hold, so they work beside the daemon.
+//
 // Key bytes are zeroed (clear) as soon as they are not needed. The Go caveat: that
 // covers only the buffers this package owns. Copies made by the runtime (stack
 // growth, the garbage collector moving nothing but freeing without zeroing, the

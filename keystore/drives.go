@@ -24,11 +24,45 @@ var (
 	ErrVolumeExists = errors.New("volume already exists")
 	// ErrForeign is returned when a drive carries no atrest token of this cluster.
 	ErrForeign = errors.New("drive is not a member of this cluster")
+	// ErrRotationUnderWay: a key rotation was interrupted; it must finish before a drive
+	// joins or leaves.
+	ErrRotationUnderWay = errors.New("a key rotation is under way")
 )
 
-// openDrive opens the drive at path read-write (or read-only).
-func openDrive(path string, readOnly bool) (*blockdev.File, error) {
-	return blockdev.OpenFile(path, blockdev.FileOptions{ReadOnly: readOnly})
+// Opening drives. A command that replaces a header or a data key (format, adopt) opens
+// the drive exclusively, and so does the daemon for the drives it serves (Unlock with
+// Exclusive): neither can then pull a drive from under the other, whichever keystore
+// each uses (blockdev.ErrInUse). Rotation only rewraps keyslots, crash-safely beside
+// a daemon, and status only reads: they open without the exclusive hold.
+
+// openDrive opens the drive at path read-write for a rotation step.
+func openDrive(path string) (*blockdev.File, error) {
+	return blockdev.OpenFile(path, blockdev.FileOptions{})
+}
+
+// openDriveReadOnly opens the drive at path to read it beside whoever uses it.
+func openDriveReadOnly(path string) (*blockdev.File, error) {
+	return blockdev.OpenFile(path, blockdev.FileOptions{ReadOnly: true})
+}
+
+// openDriveExclusive opens the drive at path read-write and holds it (format, adopt).
+func openDriveExclusive(path string) (*blockdev.File, error) {
+	return blockdev.OpenFile(path, blockdev.FileOptions{Exclusive: true})
+}
+
+// dataConfig is the blockcrypt configuration of a header's data segment, without the
+// key: Unlock opens it, FormatDrive wipes it and Status checks it against the drive
+// (blockcrypt.Config.RegionSize), so that all three apply the same rules.
+func dataConfig(h *luks2.Header) blockcrypt.Config {
+	s := h.Segment()
+	size := int64(0) // dynamic: to the end of the drive
+	if s.Size >= 0 {
+		size = s.Size
+	}
+	return blockcrypt.Config{
+		Offset: s.Offset, Size: size, SectorSize: s.SectorSize, IVTweak: s.IVTweak,
+		AllowDiscards: h.AllowDiscards(),
+	}
 }
 
 // loadHeader loads a drive's header; when repair is set (the lock is held), a
@@ -80,12 +114,12 @@ func (k *Keystore) FormatDrive(path string, o FormatOptions) (*Drive, error) {
 		panic("BUG: keystore: FormatDrive without the lock")
 	}
 	if k.state.Rotation != nil {
-		return nil, errors.New("a key rotation is under way (hint: atrest rotate-encryption-keys finishes it)")
+		return nil, ErrRotationUnderWay
 	}
 	if o.SectorSize == 0 {
 		o.SectorSize = 4096
 	}
-	dev, err := openDrive(path, false)
+	dev, err := openDriveExclusive(path)
 	if err != nil {
 		return nil, err
 	}
@@ -147,8 +181,9 @@ func (k *Keystore) FormatDrive(path string, o FormatOptions) (*Drive, error) {
 
 // wipeData opens the data segment and hands it to the caller's wipe function.
 func wipeData(lower blockdev.Device, h *luks2.Header, vk []byte, wipe func(*blockcrypt.Device) error) error {
-	s := h.Segment()
-	dev, err := blockcrypt.New(nopClose{lower}, blockcrypt.Config{Key: vk, Offset: s.Offset, SectorSize: s.SectorSize, IVTweak: s.IVTweak})
+	cfg := dataConfig(h)
+	cfg.Key = vk
+	dev, err := blockcrypt.New(nopClose{lower}, cfg)
 	if err != nil {
 		return err
 	}
@@ -223,9 +258,9 @@ func (k *Keystore) AdoptDrive(path string, oldKey []byte, o AdoptOptions) (*Adop
 		panic("BUG: keystore: AdoptDrive without the lock")
 	}
 	if k.state.Rotation != nil {
-		return nil, errors.New("a key rotation is under way (hint: atrest rotate-encryption-keys finishes it)")
+		return nil, ErrRotationUnderWay
 	}
-	dev, err := openDrive(path, false)
+	dev, err := openDriveExclusive(path)
 	if err != nil {
 		return nil, err
 	}

@@ -40,32 +40,44 @@ var (
 	ErrBusy = errors.New("another atrest process holds the keystore lock")
 )
 
+// UnsafeError is a keystore path that breaks the ownership and permission rules, with
+// what fixes it. It wraps ErrUnsafe.
+type UnsafeError struct {
+	Path    string
+	Problem string // what is wrong with it: "is a symlink", "has mode 0644, ..."
+	Fix     string // what the administrator can do about it, "" if nothing obvious
+}
+
+func (e *UnsafeError) Error() string { return fmt.Sprintf("%s %s: %v", e.Path, e.Problem, ErrUnsafe) }
+func (e *UnsafeError) Unwrap() error { return ErrUnsafe }
+
 // checkOwnerMode applies the ownership and permission rules (OpenSSH StrictModes):
 // owned by root or by the user running atrest (root in production), and nothing for
 // group or others.
 func checkOwnerMode(path string, st *unix.Stat_t, dir bool) error {
-	kind := uint32(unix.S_IFREG)
-	want := "a regular file"
+	kind, what, mode := uint32(unix.S_IFREG), "regular file", "0600"
 	if dir {
-		kind, want = unix.S_IFDIR, "a directory"
+		kind, what, mode = unix.S_IFDIR, "directory", "0700"
 	}
 	if st.Mode&unix.S_IFMT == unix.S_IFLNK {
-		return fmt.Errorf("%s is a symlink: %w (hint: replace it with the %s it points to)", path, ErrUnsafe, want)
+		return symlinkError(path, what)
 	}
 	if st.Mode&unix.S_IFMT != kind {
-		return fmt.Errorf("%s is not %s: %w", path, want, ErrUnsafe)
+		return &UnsafeError{Path: path, Problem: "is not a " + what}
 	}
 	if st.Uid != 0 && int(st.Uid) != os.Geteuid() {
-		return fmt.Errorf("%s is owned by uid %d: %w (hint: chown root:root %s)", path, st.Uid, ErrUnsafe, path)
+		return &UnsafeError{Path: path, Problem: fmt.Sprintf("is owned by uid %d", st.Uid), Fix: "chown root:root " + path}
 	}
 	if perm := st.Mode & 0o777; perm&0o077 != 0 {
-		fix := "0600"
-		if dir {
-			fix = "0700"
-		}
-		return fmt.Errorf("%s has mode %04o, which grants access to group or others: %w (hint: chmod %s %s)", path, perm, ErrUnsafe, fix, path)
+		return &UnsafeError{Path: path, Problem: fmt.Sprintf("has mode %04o, which grants access to group or others", perm), Fix: fmt.Sprintf("chmod %s %s", mode, path)}
 	}
 	return nil
+}
+
+// symlinkError refuses a keystore path that is a symlink to a regular file or a
+// directory (what).
+func symlinkError(path, what string) error {
+	return &UnsafeError{Path: path, Problem: "is a symlink", Fix: "replace it with the " + what + " it points to"}
 }
 
 // checkParents applies the rules to the directories above the keystore, as OpenSSH
@@ -90,10 +102,10 @@ func checkParents(dir string) error {
 				return &os.PathError{Op: "stat", Path: q, Err: err}
 			}
 			if st.Uid != 0 && int(st.Uid) != os.Geteuid() {
-				return fmt.Errorf("%s, above the keystore %s, is owned by uid %d: %w (hint: chown root %s, or move the keystore)", q, dir, st.Uid, ErrUnsafe, q)
+				return &UnsafeError{Path: q, Problem: fmt.Sprintf("(above the keystore %s) is owned by uid %d", dir, st.Uid), Fix: "chown root " + q + ", or move the keystore"}
 			}
 			if st.Mode&0o022 != 0 && st.Mode&unix.S_ISVTX == 0 {
-				return fmt.Errorf("%s, above the keystore %s, is writable by group or others: %w (hint: chmod go-w %s, or move the keystore)", q, dir, ErrUnsafe, q)
+				return &UnsafeError{Path: q, Problem: fmt.Sprintf("(above the keystore %s) is writable by group or others", dir), Fix: "chmod go-w " + q + ", or move the keystore"}
 			}
 			if q == "/" {
 				break
@@ -126,7 +138,7 @@ func readSecure(path string, max int64) ([]byte, error) {
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
 	if err != nil {
 		if errors.Is(err, unix.ELOOP) {
-			return nil, fmt.Errorf("%s is a symlink: %w (hint: replace it with the regular file it points to)", path, ErrUnsafe)
+			return nil, symlinkError(path, "regular file")
 		}
 		return nil, &os.PathError{Op: "open", Path: path, Err: err}
 	}
@@ -144,7 +156,11 @@ func readSecure(path string, max int64) ([]byte, error) {
 	}
 	b := make([]byte, st.Size)
 	if _, err := io.ReadFull(f, b); err != nil {
-		return nil, fmt.Errorf("read %s: %w", path, err)
+		if err == io.ErrUnexpectedEOF || err == io.EOF {
+			// Shrunk since fstat; the file's own errors name it.
+			err = fmt.Errorf("read %s: %w", path, err)
+		}
+		return nil, err
 	}
 	return b, nil
 }
@@ -198,11 +214,12 @@ func writeAtomic(dir, name string, data []byte) error {
 	if err := f.Chmod(0o600); err != nil {
 		return err
 	}
+	// The errors of f name it (write PATH: ..., sync PATH: ...).
 	if _, err := f.Write(data); err != nil {
-		return fmt.Errorf("write %s: %w", tmp, err)
+		return err
 	}
 	if err := f.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", tmp, err)
+		return err
 	}
 	if err := f.Close(); err != nil {
 		return err
@@ -220,10 +237,7 @@ func syncDir(dir string) error {
 		return err
 	}
 	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", dir, err)
-	}
-	return nil
+	return d.Sync() // its error names dir
 }
 
 // lock takes the keystore lock: an exclusive flock on dir/lock, not waiting.
@@ -232,7 +246,7 @@ func lock(dir string) (*os.File, error) {
 	fd, err := unix.Open(p, unix.O_RDWR|unix.O_CREAT|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		if errors.Is(err, unix.ELOOP) {
-			return nil, fmt.Errorf("%s is a symlink: %w", p, ErrUnsafe)
+			return nil, symlinkError(p, "regular file")
 		}
 		return nil, &os.PathError{Op: "open", Path: p, Err: err}
 	}

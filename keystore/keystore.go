@@ -90,7 +90,7 @@ func Init(dir string) (*Keystore, error) {
 	if exists(MasterKeyFile) {
 		if key, err = readKey(filepath.Join(dir, MasterKeyFile)); err != nil {
 			k.Close()
-			return nil, fmt.Errorf("an earlier init left %w (hint: remove it if it is not a key you kept)", err)
+			return nil, fmt.Errorf("an earlier init left %w", err)
 		}
 		k.resumed = true
 	} else {
@@ -199,7 +199,7 @@ func (k *Keystore) loadOnce() error {
 	}
 	s, err := ParseState(b)
 	if err != nil {
-		return fmt.Errorf("%s: %w (hint: restore it from a backup; atrest never rewrites a keystore it cannot read)", p, err)
+		return fmt.Errorf("%s: %w", p, err)
 	}
 	k.state = s
 	if testHookStateRead != nil {

@@ -54,14 +54,23 @@ type RotateOptions struct {
 }
 
 // MissingError lists the absent drives that made Rotate refuse.
-type MissingError struct{ Drives []Drive }
+type MissingError struct {
+	Drives []Drive
+	// Rewrapping: the drive vanished while the rotation was rewrapping it, so Force
+	// cannot leave it out; it must come back.
+	Rewrapping bool
+}
 
 func (e *MissingError) Error() string {
 	var s []string
 	for _, d := range e.Drives {
 		s = append(s, fmt.Sprintf("%s (volume %s, last seen at %s)", d.UUID, d.Volume, d.Path))
 	}
-	return fmt.Sprintf("%d drive(s) absent: %s", len(e.Drives), strings.Join(s, ", "))
+	msg := fmt.Sprintf("%d drive(s) absent: %s", len(e.Drives), strings.Join(s, ", "))
+	if e.Rewrapping {
+		msg += " (being rewrapped: it cannot be left out)"
+	}
+	return msg
 }
 
 func (e *MissingError) Unwrap() error { return ErrDriveMissing }
@@ -192,7 +201,7 @@ func (k *Keystore) startRotation(o RotateOptions, step func(Step)) error {
 
 // probe checks that the drive is at its path: a LUKS2 header with its UUID.
 func probe(d Drive) error {
-	dev, err := openDrive(d.Path, true)
+	dev, err := openDriveReadOnly(d.Path)
 	if err != nil {
 		return fmt.Errorf("drive %s at %s: %v: %w", d.UUID, d.Path, err, ErrDriveMissing)
 	}
@@ -230,11 +239,11 @@ func (k *Keystore) rotateDrive(i int, oldKey, newKey []byte, o RotateOptions, st
 			return nil
 		}
 		if errors.Is(err, ErrDriveMissing) {
-			return fmt.Errorf("%w (hint: reattach it and rerun; a drive already being rewrapped cannot be skipped)", &MissingError{Drives: []Drive{*d}})
+			return &MissingError{Drives: []Drive{*d}, Rewrapping: rd.State != RotPending}
 		}
 		return err
 	}
-	dev, err := openDrive(d.Path, false)
+	dev, err := openDrive(d.Path)
 	if err != nil {
 		return err
 	}
@@ -245,8 +254,11 @@ func (k *Keystore) rotateDrive(i int, oldKey, newKey []byte, o RotateOptions, st
 	}
 	if rd.State == RotPending {
 		vk, slot, err := h.UnlockAny(dev, atrestSlots(h), oldKey)
-		if err != nil {
+		if errors.Is(err, luks2.ErrWrongKey) {
 			return fmt.Errorf("%s: the current master key does not open drive %s: %w", d.Path, d.UUID, err)
+		}
+		if err != nil {
+			return fmt.Errorf("%s: drive %s: %w", d.Path, d.UUID, err)
 		}
 		clear(vk)
 		rd.OldSlot, rd.State = slot, RotAdding
@@ -266,7 +278,9 @@ func (k *Keystore) rotateDrive(i int, oldKey, newKey []byte, o RotateOptions, st
 		}
 		vk, slot, err := h.UnlockAny(dev, others, newKey)
 		if err != nil {
-			if !errors.Is(err, luks2.ErrWrongKey) {
+			// Not written yet, unless a slot could not be read; one outside the
+			// allow-list (an adopted drive's old passphrase) is not atrest's.
+			if !errors.Is(err, luks2.ErrWrongKey) && !errors.Is(err, luks2.ErrUnsupported) {
 				return fmt.Errorf("%s: %w", d.Path, err)
 			}
 			if vk, err = h.UnlockSlot(dev, rd.OldSlot, oldKey); err != nil {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"path/filepath"
 	"regexp"
 	"time"
 
@@ -55,7 +56,7 @@ type Drive struct {
 	MemberIndex int       `json:"member_index"`
 	MemberCount int       `json:"member_count"`
 	KeyID       string    `json:"key_id"` // master key that wraps its keyslot
-	Path        string    `json:"path"`   // last known path
+	Path        string    `json:"path"`   // last known path, absolute
 	SectorSize  int       `json:"sector_size"`
 	State       string    `json:"state"`
 	Added       time.Time `json:"added"`
@@ -172,8 +173,9 @@ func (s *State) validate() error {
 			return fmt.Errorf("drives[%d] is member %d of %d", i, d.MemberIndex, d.MemberCount)
 		case !keyIDPattern.MatchString(d.KeyID):
 			return fmt.Errorf("drives[%d].key_id %q is not a key id", i, d.KeyID)
-		case d.Path == "":
-			return fmt.Errorf("drives[%d].path is empty", i)
+		case !filepath.IsAbs(d.Path):
+			// A relative path would name another file in every working directory.
+			return fmt.Errorf("drives[%d].path %q is not an absolute path", i, d.Path)
 		case d.SectorSize != 512 && d.SectorSize != 4096:
 			return fmt.Errorf("drives[%d].sector_size %d", i, d.SectorSize)
 		case d.State != DriveActive && d.State != DriveRetired:

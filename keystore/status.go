@@ -3,6 +3,7 @@ package keystore
 import (
 	"errors"
 	"fmt"
+	"syscall"
 	"time"
 
 	"github.com/atrest/atrest/luks2"
@@ -12,11 +13,12 @@ import (
 const (
 	StatePresent   = "present"         // at its path; the master key opens it
 	StateAbsent    = "absent"          // not at its last known path
+	StateMissing   = "missing"         // at its path, but it cannot be read (I/O errors)
 	StateOldKey    = DriveRetired      // left to an old key by a forced rotation
 	StateRotating  = "rotating"        // a rotation is rewrapping it
 	StateWrongKey  = "wrong-key"       // there, but the master key does not open it
 	StateDegraded  = "header-degraded" // opens, but one header copy is damaged
-	StateDamaged   = "header-damaged"  // header unreadable or refused
+	StateDamaged   = "header-damaged"  // header damaged, refused, or larger than the drive
 	StateNotMember = "not-a-member"    // a LUKS2 drive without this cluster's token
 )
 
@@ -60,9 +62,16 @@ type DriveStatus struct {
 	Detail      string `json:"detail,omitempty"`
 }
 
-// Status reads the state of the cluster and checks every drive: present, and opened
-// by the key that should open it (a PBKDF2 derivation of 1000 iterations per drive).
-// It writes nothing and takes no lock.
+// Servable reports whether `atrest serve` opens the drive in this state: present,
+// rotating, or with one header copy damaged.
+func (d DriveStatus) Servable() bool {
+	return d.State == StatePresent || d.State == StateRotating || d.State == StateDegraded
+}
+
+// Status reads the state of the cluster and checks every drive as Unlock does: at its
+// path, readable, a valid header of this cluster, opened by a key of the keystore (a
+// PBKDF2 derivation of 1000 iterations per drive), and a data segment that fits the
+// drive. It writes nothing and takes no lock.
 func (k *Keystore) Status() (*Status, error) {
 	s := k.state
 	now := k.now()
@@ -109,10 +118,13 @@ func (k *Keystore) Status() (*Status, error) {
 	return st, nil
 }
 
-// checkDrive finds the drive and the key that opens it.
+// checkDrive finds the drive and the key that opens it, with the checks of Unlock.
 func (k *Keystore) checkDrive(d Drive, keys []namedKey) (state, keyID, detail string) {
-	dev, err := openDrive(d.Path, true)
+	dev, err := openDriveReadOnly(d.Path)
 	if err != nil {
+		if isIOError(err) {
+			return StateMissing, d.KeyID, err.Error()
+		}
 		return StateAbsent, d.KeyID, err.Error()
 	}
 	defer dev.Close()
@@ -121,7 +133,7 @@ func (k *Keystore) checkDrive(d Drive, keys []namedKey) (state, keyID, detail st
 	case errors.Is(err, luks2.ErrNotLUKS):
 		return StateAbsent, d.KeyID, fmt.Sprintf("%s holds no LUKS2 header", d.Path)
 	case err != nil:
-		return StateDamaged, d.KeyID, err.Error()
+		return headerState(err), d.KeyID, err.Error()
 	case h.UUID() != d.UUID:
 		return StateAbsent, d.KeyID, fmt.Sprintf("%s holds drive %s", d.Path, h.UUID())
 	}
@@ -130,13 +142,37 @@ func (k *Keystore) checkDrive(d Drive, keys []namedKey) (state, keyID, detail st
 		return StateNotMember, d.KeyID, fmt.Sprintf("no atrest token of cluster %s", k.state.ClusterUUID)
 	}
 	for _, nk := range keys {
-		if vk, _, err := h.UnlockAny(dev, atrestSlots(h), nk.key); err == nil {
-			clear(vk)
-			if bad, why := h.NeedsRepair(); bad {
-				return StateDegraded, nk.id, why.Error() + " (the next rotation, or any change, repairs it)"
+		vk, _, err := h.UnlockAny(dev, atrestSlots(h), nk.key)
+		if err != nil {
+			if errors.Is(err, luks2.ErrWrongKey) {
+				continue
 			}
-			return StatePresent, nk.id, ""
+			return headerState(err), d.KeyID, err.Error()
 		}
+		clear(vk)
+		if _, err := dataConfig(h).RegionSize(dev.Size()); err != nil {
+			return StateDamaged, nk.id, fmt.Sprintf("data segment: %v", err)
+		}
+		if bad, why := h.NeedsRepair(); bad {
+			return StateDegraded, nk.id, why.Error() + " (the next rotation, or any change, repairs it)"
+		}
+		return StatePresent, nk.id, ""
 	}
 	return StateWrongKey, tok.MasterKeyID, "the master key does not open it"
+}
+
+// headerState is the state of a drive whose header could not be loaded or used: a
+// header or keyslot that is damaged, refused or larger than the drive, or else (the
+// drive failed to read) missing.
+func headerState(err error) string {
+	if errors.Is(err, luks2.ErrDamaged) || errors.Is(err, luks2.ErrUnsupported) || errors.Is(err, luks2.ErrTruncated) {
+		return StateDamaged
+	}
+	return StateMissing
+}
+
+// isIOError reports whether opening a drive failed because the device is there but
+// does not answer (pulled, powered off, or a loop device without a backing file).
+func isIOError(err error) bool {
+	return errors.Is(err, syscall.EIO) || errors.Is(err, syscall.ENXIO) || errors.Is(err, syscall.ENODEV) || errors.Is(err, syscall.ENOMEDIUM)
 }

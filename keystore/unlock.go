@@ -16,6 +16,10 @@ type UnlockOptions struct {
 	ReadOnly bool
 	// Direct opens the drive with O_DIRECT.
 	Direct bool
+	// Exclusive holds the drive while it is open (blockdev.FileOptions.Exclusive), so
+	// that no format or adopt replaces its header under the daemon that serves it; a
+	// drive another process holds fails with blockdev.ErrInUse.
+	Exclusive bool
 }
 
 // UnlockedDrive is a drive opened with the master key: Device is its data segment,
@@ -45,7 +49,7 @@ const unlockAttempts = 4
 // each on the keyslots the atrest token names first, and reads everything again if
 // a concurrent change made it miss. The drive must carry this cluster's token.
 func (k *Keystore) Unlock(path string, o UnlockOptions) (*UnlockedDrive, error) {
-	dev, err := blockdev.OpenFile(path, blockdev.FileOptions{ReadOnly: o.ReadOnly, Direct: o.Direct})
+	dev, err := blockdev.OpenFile(path, blockdev.FileOptions{ReadOnly: o.ReadOnly, Direct: o.Direct, Exclusive: o.Exclusive})
 	if err != nil {
 		return nil, err
 	}
@@ -57,7 +61,9 @@ func (k *Keystore) Unlock(path string, o UnlockOptions) (*UnlockedDrive, error) 
 	return u, nil
 }
 
-// UnlockDevice is Unlock on an open device, which the returned Device then owns.
+// UnlockDevice is Unlock on an open device, which the returned Device then owns. How
+// dev was opened (Direct, Exclusive) is the caller's choice; o.ReadOnly still applies to
+// the returned Device.
 func (k *Keystore) UnlockDevice(dev blockdev.Device, path string, o UnlockOptions) (*UnlockedDrive, error) {
 	var lastErr error
 	for range unlockAttempts {
@@ -106,24 +112,23 @@ func (k *Keystore) tryUnlock(dev blockdev.Device, path string, o UnlockOptions) 
 	var vk []byte
 	var keyID string
 	for _, nk := range keys {
-		if vk, _, err = h.UnlockAny(dev, slots, nk.key); err == nil {
+		vk, _, err = h.UnlockAny(dev, slots, nk.key)
+		if err == nil {
 			keyID = nk.id
 			break
+		}
+		if !errors.Is(err, luks2.ErrWrongKey) {
+			// A keyslot that cannot be read or is refused: no key would do better.
+			return nil, fmt.Errorf("%s: drive %s: %w", path, h.UUID(), err)
 		}
 	}
 	if vk == nil {
 		return nil, fmt.Errorf("%s: the master key does not open drive %s: %w", path, h.UUID(), err)
 	}
 	defer clear(vk)
-	s := h.Segment()
-	size := int64(0)
-	if s.Size >= 0 {
-		size = s.Size
-	}
-	cd, err := blockcrypt.New(dev, blockcrypt.Config{
-		Key: vk, Offset: s.Offset, Size: size, SectorSize: s.SectorSize, IVTweak: s.IVTweak,
-		AllowDiscards: h.AllowDiscards(), ReadOnly: o.ReadOnly,
-	})
+	cfg := dataConfig(h)
+	cfg.Key, cfg.ReadOnly = vk, o.ReadOnly
+	cd, err := blockcrypt.New(dev, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
@@ -131,6 +136,6 @@ func (k *Keystore) tryUnlock(dev blockdev.Device, path string, o UnlockOptions) 
 		Device: cd, Path: path, UUID: h.UUID(), ClusterUUID: tok.ClusterUUID,
 		Volume: tok.Volume, VolumeUUID: tok.VolumeUUID,
 		MemberIndex: tok.MemberIndex, MemberCount: tok.MemberCount,
-		SectorSize: s.SectorSize, AllowDiscards: h.AllowDiscards(), KeyID: keyID,
+		SectorSize: cfg.SectorSize, AllowDiscards: cfg.AllowDiscards, KeyID: keyID,
 	}, nil
 }
