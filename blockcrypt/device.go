@@ -82,32 +82,13 @@ func newDevice(lower blockdev.Device, cfg Config, impl *implementation) (*Device
 	if lower == nil {
 		return nil, errors.New("blockcrypt: no lower device")
 	}
+	size, err := cfg.RegionSize(lower.Size())
+	if err != nil {
+		return nil, err
+	}
 	ss := int64(cfg.SectorSize)
 	if ss == 0 {
 		ss = 4096
-	}
-	if ss != 512 && ss != 4096 {
-		return nil, fmt.Errorf("blockcrypt: sector size %d: %w", cfg.SectorSize, ErrSectorSize)
-	}
-	lowerSize := lower.Size()
-	if cfg.Offset < 0 || cfg.Offset%ss != 0 {
-		return nil, fmt.Errorf("blockcrypt: region offset %d is not a multiple of the %d-byte sector size: %w", cfg.Offset, ss, ErrRegion)
-	}
-	if cfg.Size < 0 || cfg.Size%ss != 0 {
-		return nil, fmt.Errorf("blockcrypt: region size %d is not a multiple of the %d-byte sector size: %w", cfg.Size, ss, ErrRegion)
-	}
-	if cfg.Offset > lowerSize {
-		return nil, fmt.Errorf("blockcrypt: region offset %d is past the end of the %d-byte lower device: %w", cfg.Offset, lowerSize, ErrRegion)
-	}
-	size := cfg.Size
-	if size == 0 {
-		size = (lowerSize - cfg.Offset) / ss * ss
-		if size == 0 {
-			return nil, fmt.Errorf("blockcrypt: no whole %d-byte sector after offset %d on the %d-byte lower device: %w", ss, cfg.Offset, lowerSize, ErrRegion)
-		}
-	}
-	if size > lowerSize-cfg.Offset {
-		return nil, fmt.Errorf("blockcrypt: region of %d bytes at offset %d does not fit in the %d-byte lower device: %w", size, cfg.Offset, lowerSize, ErrRegion)
 	}
 	c, err := newCipherWith(impl, cfg.Key)
 	if err != nil {
@@ -120,6 +101,39 @@ func newDevice(lower blockdev.Device, cfg Config, impl *implementation) (*Device
 		allowDiscards: cfg.AllowDiscards,
 		readOnly:      cfg.ReadOnly,
 	}, nil
+}
+
+// RegionSize checks the sector size and the region of cfg against a lower device of
+// lowerSize bytes, as New does, and returns the size of the region. Callers that report
+// on a drive without opening it (a status) use it to apply New's checks.
+func (cfg Config) RegionSize(lowerSize int64) (int64, error) {
+	ss := int64(cfg.SectorSize)
+	if ss == 0 {
+		ss = 4096
+	}
+	if ss != 512 && ss != 4096 {
+		return 0, fmt.Errorf("blockcrypt: sector size %d: %w", cfg.SectorSize, ErrSectorSize)
+	}
+	if cfg.Offset < 0 || cfg.Offset%ss != 0 {
+		return 0, fmt.Errorf("blockcrypt: region offset %d is not a multiple of the %d-byte sector size: %w", cfg.Offset, ss, ErrRegion)
+	}
+	if cfg.Size < 0 || cfg.Size%ss != 0 {
+		return 0, fmt.Errorf("blockcrypt: region size %d is not a multiple of the %d-byte sector size: %w", cfg.Size, ss, ErrRegion)
+	}
+	if cfg.Offset > lowerSize {
+		return 0, fmt.Errorf("blockcrypt: region offset %d is past the end of the %d-byte lower device: %w", cfg.Offset, lowerSize, ErrRegion)
+	}
+	size := cfg.Size
+	if size == 0 {
+		size = (lowerSize - cfg.Offset) / ss * ss
+		if size == 0 {
+			return 0, fmt.Errorf("blockcrypt: no whole %d-byte sector after offset %d on the %d-byte lower device: %w", ss, cfg.Offset, lowerSize, ErrRegion)
+		}
+	}
+	if size > lowerSize-cfg.Offset {
+		return 0, fmt.Errorf("blockcrypt: region of %d bytes at offset %d does not fit in the %d-byte lower device: %w", size, cfg.Offset, lowerSize, ErrRegion)
+	}
+	return size, nil
 }
 
 // Size returns the size of the encrypted region.

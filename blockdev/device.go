@@ -82,6 +82,9 @@ var (
 	ErrClosed = errors.New("device is closed")
 	// ErrReadOnly is returned for a change to a read-only device.
 	ErrReadOnly = errors.New("device is read-only")
+	// ErrInUse is returned by OpenFile with Exclusive when another opener holds the
+	// drive (see FileOptions.Exclusive).
+	ErrInUse = errors.New("device is in use")
 )
 
 // CheckRange returns an error wrapping ErrOutOfRange unless [off, off+n) lies within a

@@ -23,6 +23,19 @@ type FileOptions struct {
 	// drive through this File. The size of a regular file opened with Direct must be a
 	// multiple of the alignment, so that no write ever reaches past its end.
 	Direct bool
+	// Exclusive holds the drive for as long as the File is open, against every other
+	// exclusive opener: a block device is opened with O_EXCL, which the kernel refuses
+	// while another O_EXCL opener holds the device or it is mounted or part of a
+	// device-mapper or md device; a regular file (an image) takes flock(LOCK_EX|LOCK_NB).
+	// When another opener holds it, OpenFile fails with an error wrapping ErrInUse that
+	// names the holder where it can be found.
+	//
+	// The lock keeps apart atrest's own processes (the daemon holds its drives; format
+	// and adopt need them exclusively) and the programs that open exclusively too
+	// (mount, mkfs, cryptsetup on a block device). It is advisory: an opener that does not
+	// ask for it, such as dd, a plain open or a reader beside the daemon, still reads and
+	// writes.
+	Exclusive bool
 }
 
 // File is a Device over a regular file or a block device, read and written with
@@ -88,14 +101,22 @@ func OpenFile(path string, opts FileOptions) (*File, error) {
 	if opts.Direct {
 		flags |= unix.O_DIRECT
 	}
+	if opts.Exclusive {
+		// Without O_CREAT, Linux honours O_EXCL on block devices and ignores it on
+		// other files; regular files take a flock below.
+		flags |= unix.O_EXCL
+	}
 	var fd int
 	err := retryEINTR(func() (err error) {
 		fd, err = unix.Open(path, flags, 0)
 		return err
 	})
 	if err != nil {
-		if opts.Direct && errors.Is(err, unix.EINVAL) {
+		switch {
+		case opts.Direct && errors.Is(err, unix.EINVAL):
 			return nil, fmt.Errorf("open %s with O_DIRECT: %w (the file system does not support direct I/O)", path, err)
+		case opts.Exclusive && errors.Is(err, unix.EBUSY):
+			return nil, inUse(path, blockDeviceHolder(path))
 		}
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
@@ -104,7 +125,34 @@ func OpenFile(path string, opts FileOptions) (*File, error) {
 		unix.Close(fd)
 		return nil, err
 	}
+	if opts.Exclusive && !f.blockDev {
+		if err := f.lockFile(); err != nil {
+			unix.Close(fd)
+			return nil, err
+		}
+	}
 	return f, nil
+}
+
+// lockFile takes the exclusive flock of a regular file opened with Exclusive. It goes
+// with the descriptor: Close releases it.
+func (f *File) lockFile() error {
+	err := retryEINTR(func() error { return unix.Flock(f.fd, unix.LOCK_EX|unix.LOCK_NB) })
+	switch {
+	case errors.Is(err, unix.EWOULDBLOCK):
+		return inUse(f.path, flockHolder(f.fd))
+	case err != nil:
+		return fmt.Errorf("flock %s: %w", f.path, err)
+	}
+	return nil
+}
+
+// inUse is the error of an exclusive open that another opener holds.
+func inUse(path, holder string) error {
+	if holder == "" {
+		return fmt.Errorf("open %s exclusively: %w", path, ErrInUse)
+	}
+	return fmt.Errorf("open %s exclusively: %w (%s)", path, ErrInUse, holder)
 }
 
 // probe fills in the size and the block sizes of the open drive.

@@ -44,18 +44,18 @@ type OpenOptions struct {
 	// Direct opens the drive with O_DIRECT (block devices and disk file systems).
 	Direct bool
 	// Exclusive holds the drive against other exclusive openers for as long as it is
-	// open: the daemon's unlocked drives, and Format and Adopt, which must not write a
-	// drive something else uses. Rewrap opens shared: a rotation rewraps drives the
-	// daemon serves.
+	// open (blockdev.FileOptions.Exclusive): the daemon holds the drives it serves, and
+	// format and adopt hold the drive they write, so that neither replaces a header
+	// under the other, whichever keystore each uses. A drive another process holds
+	// fails with blockdev.ErrInUse. A rotation opens shared: it only rewraps keyslots,
+	// crash-safely, beside the daemon; a status only reads.
 	Exclusive bool
 }
 
 // Open opens the drive at path. The operations of this package open drives through it,
 // and so should every caller that reads or writes a drive's header or data.
 func Open(path string, o OpenOptions) (*blockdev.File, error) {
-	// EXCLUSIVE: o.Exclusive becomes blockdev.FileOptions.Exclusive when branch i9-drives
-	// (the exclusive open) is merged; until then drives are opened shared.
-	return blockdev.OpenFile(path, blockdev.FileOptions{ReadOnly: o.ReadOnly, Direct: o.Direct})
+	return blockdev.OpenFile(path, blockdev.FileOptions{ReadOnly: o.ReadOnly, Direct: o.Direct, Exclusive: o.Exclusive})
 }
 
 // Info is what a drive's header says, read without a key.

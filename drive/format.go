@@ -31,9 +31,9 @@ type FormatOptions struct {
 }
 
 // Format writes a LUKS2 header to the drive dev (at path, named in errors) with a new
-// random data key wrapped by the master key, and the atrest token. The caller checked
-// that the drive holds nothing worth keeping, and holds the custody lock (a rotation
-// must not run meanwhile: its drive list is fixed).
+// random data key wrapped by the master key, and the atrest token. The caller opened dev
+// with Exclusive, checked that the drive holds nothing worth keeping, and holds the
+// custody lock (a rotation must not run meanwhile: its drive list is fixed).
 func Format(dev blockdev.Device, path string, o FormatOptions) (*Info, error) {
 	if o.SectorSize == 0 {
 		o.SectorSize = 4096
@@ -114,8 +114,8 @@ type Adopted struct {
 // cryptsetup) into the cluster without touching its data: it opens a keyslot with
 // OldKey, adds one wrapped by the master key, verifies it, writes the atrest token and
 // wipes the old keyslot (unless kept). A wrong OldKey changes nothing (the error wraps
-// luks2.ErrWrongKey). The caller checked, with Inspect, that the drive is not a member
-// already, and holds the custody lock.
+// luks2.ErrWrongKey). The caller opened dev with Exclusive, checked with Inspect that
+// the drive is not a member already, and holds the custody lock.
 func Adopt(dev blockdev.Device, path string, o AdoptOptions) (*Adopted, error) {
 	h, err := loadHeader(dev, path, true)
 	if err != nil {

@@ -71,8 +71,11 @@ func Rewrap(dev luks2.Device, path string, s RewrapState, o RewrapOptions) error
 	}
 	if s.Phase == PhasePending {
 		vk, slot, err := h.UnlockAny(dev, atrestSlots(h), o.Old.Key)
-		if err != nil {
+		if errors.Is(err, luks2.ErrWrongKey) {
 			return fmt.Errorf("%s: the current master key does not open drive %s: %w", path, h.UUID(), err)
+		}
+		if err != nil {
+			return fmt.Errorf("%s: drive %s: %w", path, h.UUID(), err)
 		}
 		clear(vk)
 		s = RewrapState{Phase: PhaseAdding, OldSlot: slot, NewSlot: -1}
@@ -122,7 +125,9 @@ func addSlot(dev luks2.Device, path string, h *luks2.Header, s *RewrapState, o R
 	}
 	vk, slot, err := h.UnlockAny(dev, others, o.New.Key)
 	if err != nil {
-		if !errors.Is(err, luks2.ErrWrongKey) {
+		// Not written yet, unless a slot could not be read; one outside the allow-list
+		// (an adopted drive's old passphrase) is not atrest's.
+		if !errors.Is(err, luks2.ErrWrongKey) && !errors.Is(err, luks2.ErrUnsupported) {
 			return fmt.Errorf("%s: %w", path, err)
 		}
 		if vk, err = h.UnlockSlot(dev, s.OldSlot, o.Old.Key); err != nil {

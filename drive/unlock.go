@@ -3,7 +3,6 @@ package drive
 import (
 	"errors"
 	"fmt"
-	"io/fs"
 	"slices"
 	"syscall"
 
@@ -116,9 +115,15 @@ func tryUnlock(dev blockdev.Device, path string, o UnlockOptions) (*Unlocked, *I
 	keyID := ""
 	err = luks2.ErrWrongKey
 	for _, k := range keys {
-		if vk, _, err = h.UnlockAny(dev, slots, k.Key); err == nil {
+		vk, _, err = h.UnlockAny(dev, slots, k.Key)
+		if err == nil {
 			keyID = k.ID
 			break
+		}
+		if !errors.Is(err, luks2.ErrWrongKey) {
+			// A keyslot that cannot be read, lies past the end of the drive or is
+			// refused: no other key would do better, and the key is not to blame.
+			return nil, in, fmt.Errorf("%s: drive %s: %w", path, h.UUID(), err)
 		}
 	}
 	if vk == nil {
@@ -150,12 +155,12 @@ func cryptConfig(h *luks2.Header, vk []byte, readOnly bool) blockcrypt.Config {
 // rotation journal, not on the drive.
 const (
 	StatePresent  = "present"         // found, and a key opens it
-	StateMissing  = "missing"         // the path does not open, or holds no LUKS2 header or another drive
+	StateMissing  = "missing"         // the path does not exist, holds no LUKS2 header or holds another drive
+	StateFailed   = "failed"          // the drive does not answer: an I/O error opening or reading it (a pulled drive behind a loop device, a dead disk)
 	StateForeign  = "foreign"         // a LUKS2 drive without this cluster's token
-	StateFailed   = "failed"          // there, but failing I/O
 	StateWrongKey = "wrong-key"       // this cluster's drive, but no key opens it
 	StateDegraded = "header-degraded" // opens, but one header copy is damaged or stale
-	StateDamaged  = "header-damaged"  // no valid header copy, or one Unlock refuses
+	StateDamaged  = "header-damaged"  // no valid header copy, one refused, or one larger than the drive
 )
 
 // Health is what Check found.
@@ -185,10 +190,10 @@ func Check(path string, o UnlockOptions) (Health, error) {
 	o.ReadOnly, o.Direct, o.Exclusive = true, false, false
 	dev, err := Open(path, OpenOptions{ReadOnly: true})
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ENXIO) || errors.Is(err, syscall.ENODEV) {
-			return Health{State: StateMissing, Detail: err.Error(), Err: err}, nil
+		if isIOError(err) {
+			return Health{State: StateFailed, Detail: err.Error(), Err: err}, nil
 		}
-		return Health{State: StateFailed, Detail: err.Error(), Err: err}, nil
+		return Health{State: StateMissing, Detail: err.Error(), Err: err}, nil
 	}
 	u, in, err := unlock(dev, path, o)
 	if err != nil {
@@ -218,11 +223,18 @@ func health(err error, in *Info) Health {
 		h.State, h.KeyID = StateForeign, "" // another cluster's key id says nothing here
 	case errors.Is(err, luks2.ErrWrongKey):
 		h.State = StateWrongKey
-	case errors.Is(err, luks2.ErrDamaged), errors.Is(err, luks2.ErrUnsupported),
+	case errors.Is(err, luks2.ErrDamaged), errors.Is(err, luks2.ErrUnsupported), errors.Is(err, luks2.ErrTruncated),
 		errors.Is(err, blockcrypt.ErrRegion), errors.Is(err, blockcrypt.ErrSectorSize):
 		h.State = StateDamaged
 	default:
+		// luks2 returns the drive's own read errors as they are: it does not answer.
 		h.State = StateFailed
 	}
 	return h
+}
+
+// isIOError reports whether opening a drive failed because the device is there but does
+// not answer (pulled, powered off, or a loop device without a backing file).
+func isIOError(err error) bool {
+	return errors.Is(err, syscall.EIO) || errors.Is(err, syscall.ENXIO) || errors.Is(err, syscall.ENODEV) || errors.Is(err, syscall.ENOMEDIUM)
 }

@@ -153,7 +153,7 @@ func TestServeErrors(t *testing.T) {
 		c.refused(exitcodes.Busy, "address already in use", []string{img},
 			spawnOpts{args: []string{"--listen", "tcp:" + l.Addr().String(), img}})
 	})
-	t.Run("same-volume-twice", func(t *testing.T) {
+	t.Run("same-drive-twice", func(t *testing.T) {
 		// The same drive under two names would be opened twice.
 		t.Parallel()
 		c := newCluster(t)
@@ -162,7 +162,22 @@ func TestServeErrors(t *testing.T) {
 		if err := os.Symlink(img, link); err != nil {
 			t.Fatal(err)
 		}
-		c.refused(exitcodes.Usage, `both hold volume "vol"`, []string{img}, spawnOpts{args: []string{img, link}})
+		c.refused(exitcodes.Usage, "are the same drive", []string{img}, spawnOpts{args: []string{img, link}})
+	})
+	t.Run("same-volume-twice", func(t *testing.T) {
+		// A copy of a drive holds the same volume.
+		t.Parallel()
+		c := newCluster(t)
+		img := c.format("vol", "32M")
+		dup := filepath.Join(c.dir, "copy.img")
+		b, err := os.ReadFile(img)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(dup, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		c.refused(exitcodes.Usage, `both hold volume "vol"`, []string{img, dup}, spawnOpts{args: []string{img, dup}})
 	})
 }
 

@@ -16,6 +16,11 @@
 // atomically (internal/securefile), and Open copes with a rotation finishing between its
 // reads. Locks are taken in the order custody, then registry.
 //
+// The custody lock serialises the changes of one keystore; drives are held across
+// keystores by their exclusive open (package drive): format and adopt hold the drive, as
+// the daemon holds the drives it serves. Rotate opens drives without the hold, so that it
+// rewraps them beside the daemon.
+//
 // Key bytes are zeroed (clear) as soon as they are not needed. The Go caveat: that
 // covers only the buffers this package and package drive own. Copies made by the
 // runtime (stack growth, the garbage collector freeing without zeroing, the string

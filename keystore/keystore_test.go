@@ -571,3 +571,50 @@ func TestRotateResumeNeedsItsDrives(t *testing.T) {
 	}
 	checkRotated(t, dir, paths, data, oldKey)
 }
+
+// TestRotateTruncatedDrive: a rotation that meets a drive shorter than its header stops
+// with ErrTruncated and does not blame the master key.
+func TestRotateTruncatedDrive(t *testing.T) {
+	l, dir := newKeystore(t)
+	paths, _ := formatDrives(t, l, dir, 1)
+	if err := os.Truncate(paths[0], 2*luks2.HeaderSize); err != nil {
+		t.Fatal(err)
+	}
+	_, err := rotate(t, l, dir, RotateOptions{})
+	if !errors.Is(err, luks2.ErrTruncated) || errors.Is(err, luks2.ErrWrongKey) || strings.Contains(err.Error(), "does not open") {
+		t.Fatalf("rotation over a truncated drive: %v, want ErrTruncated", err)
+	}
+}
+
+// TestRotateBesideDaemon: a rotation rewraps a drive that the daemon holds exclusively
+// and serves, and the served device goes on reading what was written through it.
+func TestRotateBesideDaemon(t *testing.T) {
+	l, dir := newKeystore(t)
+	paths, _ := formatDrives(t, l, dir, 1)
+	k, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u, err := drive.Unlock(paths[0], drive.UnlockOptions{ClusterUUID: k.ClusterUUID(), Keys: k.Keys, Exclusive: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Device.Close()
+	data := randomBytes(8192)
+	if _, err := u.Device.WriteAt(data, 4096); err != nil {
+		t.Fatal(err)
+	}
+	if err := u.Device.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rotate(t, l, dir, RotateOptions{}); err != nil {
+		t.Fatalf("rotation beside the daemon: %v", err)
+	}
+	got := make([]byte, len(data))
+	if _, err := u.Device.ReadAt(got, 4096); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("the served device after a rotation: %v", err)
+	}
+	if h, err := drive.Check(paths[0], drive.UnlockOptions{ClusterUUID: k.ClusterUUID(), Keys: k.Keys}); err != nil || h.State != drive.StatePresent || h.KeyID != l.State().MasterKey.ID {
+		t.Fatalf("check beside the daemon: %+v, %v", h, err)
+	}
+}

@@ -134,17 +134,21 @@ func TestV1RefusesChanges(t *testing.T) {
 	if snapshot(t, dir) != before {
 		t.Fatal("a refused change wrote something")
 	}
-	// A drive list that makes no registry (a relative path, as early atrest may have
-	// recorded one) is refused, and nothing is written.
-	if err := editState(dir, `"path": "/`, `"path": "relative/`); err != nil {
+	// A drive list that makes no registry (two drives of one volume name, which no
+	// atrest wrote but version 1 does not forbid) is refused, and nothing is written.
+	l2.Close()
+	l3, dir3 := newKeystore(t)
+	formatDrives(t, l3, dir3, 2)
+	l3.Close()
+	toV1(t, dir3)
+	if err := editState(dir3, `"volume": "vol1"`, `"volume": "vol0"`); err != nil {
 		t.Fatal(err)
 	}
-	before = snapshot(t, dir)
-	l2.Close()
-	if err := migrate(t, dir); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "relative/") {
-		t.Fatalf("migration of a relative path: %v", err)
+	before = snapshot(t, dir3)
+	if err := migrate(t, dir3); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "vol0") {
+		t.Fatalf("migration of a volume name used twice: %v", err)
 	}
-	if snapshot(t, dir) != before {
+	if snapshot(t, dir3) != before {
 		t.Fatal("a refused migration wrote something")
 	}
 }

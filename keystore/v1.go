@@ -2,6 +2,7 @@ package keystore
 
 import (
 	"fmt"
+	"path/filepath"
 	"time"
 
 	"github.com/atrest/atrest/internal/securefile"
@@ -62,8 +63,9 @@ func validateV1(s *State, drives []LegacyDrive) error {
 			return fmt.Errorf("drives[%d] is member %d of %d", i, d.MemberIndex, d.MemberCount)
 		case !keyIDPattern.MatchString(d.KeyID):
 			return fmt.Errorf("drives[%d].key_id %q is not a key id", i, d.KeyID)
-		case d.Path == "":
-			return fmt.Errorf("drives[%d].path is empty", i)
+		case !filepath.IsAbs(d.Path):
+			// A relative path would name another file in every working directory.
+			return fmt.Errorf("drives[%d].path %q is not an absolute path", i, d.Path)
 		case d.SectorSize != 512 && d.SectorSize != 4096:
 			return fmt.Errorf("drives[%d].sector_size %d", i, d.SectorSize)
 		case d.State != LegacyActive && d.State != LegacyOldKey:

@@ -28,7 +28,14 @@ var (
 	ErrWrongKey = errors.New("no keyslot opens with this key")
 	// ErrNoSpace: no free keyslot number or keyslot area is left.
 	ErrNoSpace = errors.New("no room for another keyslot")
+	// ErrTruncated: the header is valid but describes areas past the end of the drive
+	// (an image truncated, or the header copied onto a smaller drive).
+	ErrTruncated = errors.New("drive is smaller than its LUKS2 header says")
 )
+
+// Errors of the drive itself (a read that fails with EIO, a drive that is gone) are
+// none of these: they are returned wrapped as they are, so that a drive that cannot be
+// read is never taken for a damaged header.
 
 // Device is what the header code needs of a drive; every blockdev.Device has it.
 type Device interface {
@@ -76,13 +83,16 @@ type copyResult struct {
 	m    *meta
 	text []byte
 	err  error
+	// ioErr is set when a read failed for another reason than the end of the drive:
+	// the drive could not be read, so nothing is known about the copy.
+	ioErr error
 }
 
 // readCopy reads and validates one header copy at off.
 func readCopy(dev io.ReaderAt, off int64) copyResult {
 	b := make([]byte, binHeaderSize)
 	if _, err := dev.ReadAt(b, off); err != nil {
-		return copyResult{err: fmt.Errorf("read at %d: %w", off, err)}
+		return readFailed(nil, binHeaderSize, off, err)
 	}
 	bin, err := decodeBinary(b, off)
 	if err != nil {
@@ -92,7 +102,7 @@ func readCopy(dev io.ReaderAt, off int64) copyResult {
 	area := make([]byte, bin.hdrSize)
 	copy(area, b)
 	if _, err := dev.ReadAt(area[binHeaderSize:], off+binHeaderSize); err != nil {
-		return copyResult{bin: bin, err: fmt.Errorf("read %d bytes at %d: %w", bin.hdrSize-binHeaderSize, off+binHeaderSize, err)}
+		return readFailed(bin, bin.hdrSize-binHeaderSize, off+binHeaderSize, err)
 	}
 	if err := verifyChecksum(area); err != nil {
 		return copyResult{bin: bin, err: err}
@@ -112,16 +122,42 @@ func readCopy(dev io.ReaderAt, off int64) copyResult {
 	return copyResult{bin: bin, m: m, text: text}
 }
 
+// readFailed is the result of a read of n bytes at off that failed with err: a copy
+// cut short by the end of the drive is damaged; any other failure is an I/O error.
+func readFailed(bin *binHeader, n, off int64, err error) copyResult {
+	c := copyResult{bin: bin, err: fmt.Errorf("read %d bytes at %d: %w", n, off, err)}
+	if !isEOF(err) {
+		c.ioErr = err
+	}
+	return c
+}
+
+func isEOF(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
+}
+
 // Load reads both header copies, validates them like cryptsetup (magic and version
 // per copy, header size and offset, checksum, JSON rules) and keeps the valid one
 // with the higher seqid. It never writes: NeedsRepair tells whether a copy is damaged
 // or stale, and Repair rewrites it. The allow-list for the data segment and digest is
 // applied here; keyslots are checked when they are used.
+//
+// When no copy is valid and a read failed for another reason than the end of the
+// drive, Load returns that read error (not ErrDamaged): a drive that cannot be read
+// says nothing about its header.
 func Load(dev io.ReaderAt) (*Header, error) {
-	c0 := readCopy(dev, 0)
+	var ioErr error
+	read := func(off int64) copyResult {
+		c := readCopy(dev, off)
+		if ioErr == nil {
+			ioErr = c.ioErr
+		}
+		return c
+	}
+	c0 := read(0)
 	var c1 copyResult
 	if c0.bin != nil {
-		c1 = readCopy(dev, c0.bin.hdrSize)
+		c1 = read(c0.bin.hdrSize)
 	}
 	if c1.m == nil {
 		// The primary is unreadable or its size field lies: look for the secondary
@@ -131,7 +167,7 @@ func Load(dev io.ReaderAt) (*Header, error) {
 			if c0.bin != nil && off == c0.bin.hdrSize {
 				continue
 			}
-			c := readCopy(dev, off)
+			c := read(off)
 			if c.m != nil || (c1.bin == nil && c.bin != nil) {
 				c1 = c
 			}
@@ -144,6 +180,9 @@ func Load(dev io.ReaderAt) (*Header, error) {
 		}
 	}
 	if c0.m == nil && c1.m == nil {
+		if ioErr != nil {
+			return nil, fmt.Errorf("LUKS2 header unreadable: %w", ioErr)
+		}
 		if errors.Is(c0.err, ErrNotLUKS) && errors.Is(c1.err, ErrNotLUKS) {
 			return nil, ErrNotLUKS
 		}

@@ -45,6 +45,11 @@ func (h *Header) UnlockSlot(dev io.ReaderAt, slot int, passphrase []byte) ([]byt
 	if err := checkKeyslot(ks); err != nil {
 		return nil, fmt.Errorf("keyslot %d: %w", slot, err)
 	}
+	n := afAreaSize(ks.KeySize)
+	if s, ok := dev.(interface{ Size() int64 }); ok && ks.Area.Offset > s.Size()-n {
+		return nil, fmt.Errorf("keyslot %d: its key material [%d, %d) lies beyond the end of the %d-byte drive: %w",
+			slot, ks.Area.Offset, ks.Area.Offset+n, s.Size(), ErrTruncated)
+	}
 	areaKey, err := derive(&ks.KDF, passphrase, ks.Area.KeySize)
 	if err != nil {
 		return nil, fmt.Errorf("keyslot %d: %w", slot, err)
@@ -57,9 +62,12 @@ func (h *Header) UnlockSlot(dev io.ReaderAt, slot int, passphrase []byte) ([]byt
 		return nil, fmt.Errorf("keyslot %d: derived area key: %v: %w", slot, err, ErrWrongKey)
 	}
 	defer c.Close()
-	material := make([]byte, afAreaSize(ks.KeySize))
+	material := make([]byte, n)
 	defer clear(material)
 	if _, err := dev.ReadAt(material, ks.Area.Offset); err != nil {
+		if isEOF(err) {
+			return nil, fmt.Errorf("keyslot %d: read area at %d: %w: %w", slot, ks.Area.Offset, ErrTruncated, err)
+		}
 		return nil, fmt.Errorf("keyslot %d: read area at %d: %w", slot, ks.Area.Offset, err)
 	}
 	c.DecryptSectors(material, material, areaSectorSize, 0)
@@ -78,8 +86,12 @@ func (h *Header) UnlockSlot(dev io.ReaderAt, slot int, passphrase []byte) ([]byt
 
 // Unlock tries the keyslots (high priority first, then normal, each by id; slots of
 // priority 0 only when named with UnlockSlot) and returns the volume key and the
-// slot that opened. Slots outside the allow-list are skipped; if nothing opens, the
-// error wraps ErrWrongKey and names the skipped slots.
+// slot that opened. Slots outside the allow-list are skipped. If nothing opens:
+//   - a slot whose area could not be read (an I/O error, or ErrTruncated) may hold the
+//     key, so nothing is said about the key: the error wraps those slots' errors;
+//   - otherwise, if a slot was tried and refused the passphrase, the error wraps
+//     ErrWrongKey and names the skipped slots;
+//   - otherwise every slot was skipped, and the error wraps ErrUnsupported.
 func (h *Header) Unlock(dev io.ReaderAt, passphrase []byte) ([]byte, int, error) {
 	ids := slices.Sorted(maps.Keys(h.m.keyslots))
 	slices.SortStableFunc(ids, func(a, b int) int { return h.m.keyslots[b].Priority - h.m.keyslots[a].Priority })
@@ -88,24 +100,51 @@ func (h *Header) Unlock(dev io.ReaderAt, passphrase []byte) ([]byte, int, error)
 
 // UnlockAny is Unlock over the given slots, in that order.
 func (h *Header) UnlockAny(dev io.ReaderAt, slots []int, passphrase []byte) ([]byte, int, error) {
-	var refused []string
+	var skipped, failed []error
+	tried := false
 	for _, id := range slots {
 		ks, ok := h.m.keyslots[id]
 		if !ok || ks.Priority == 0 {
 			continue
 		}
 		key, err := h.UnlockSlot(dev, id, passphrase)
-		if err == nil {
+		switch {
+		case err == nil:
 			return key, id, nil
-		}
-		if !errors.Is(err, ErrWrongKey) {
-			refused = append(refused, err.Error())
+		case errors.Is(err, ErrWrongKey):
+			tried = true
+		case errors.Is(err, ErrUnsupported):
+			skipped = append(skipped, err)
+		default:
+			failed = append(failed, err)
 		}
 	}
-	if len(refused) > 0 {
-		return nil, -1, fmt.Errorf("%w (%s)", ErrWrongKey, strings.Join(refused, "; "))
+	switch {
+	case len(failed) > 0:
+		return nil, -1, joinErrors(failed)
+	case !tried && len(skipped) > 0:
+		return nil, -1, fmt.Errorf("no keyslot atrest can open: %w", joinErrors(skipped))
+	case len(skipped) > 0:
+		var s []string
+		for _, err := range skipped {
+			s = append(s, err.Error())
+		}
+		return nil, -1, fmt.Errorf("%w (skipped: %s)", ErrWrongKey, strings.Join(s, "; "))
 	}
 	return nil, -1, ErrWrongKey
+}
+
+// joinErrors wraps every error of errs on one line, separated by "; ".
+func joinErrors(errs []error) error {
+	if len(errs) == 1 {
+		return errs[0]
+	}
+	format := strings.TrimSuffix(strings.Repeat("%w; ", len(errs)), "; ")
+	args := make([]any, len(errs))
+	for i, err := range errs {
+		args[i] = err
+	}
+	return fmt.Errorf(format, args...)
 }
 
 // VerifyVolumeKey reports whether key is the volume key of the data segment.

@@ -90,7 +90,7 @@ func checkKeyslot(ks *Keyslot) error {
 			ks.AF.Type, ks.AF.Stripes, ks.AF.Hash, Stripes, ErrUnsupported)
 	}
 	if need := afAreaSize(ks.KeySize); ks.Area.Size < need {
-		return fmt.Errorf("area of %d bytes is smaller than the %d bytes the key material needs", ks.Area.Size, need)
+		return fmt.Errorf("area of %d bytes is smaller than the %d bytes the key material needs: %w", ks.Area.Size, need, ErrUnsupported)
 	}
 	return checkKDF(&ks.KDF)
 }

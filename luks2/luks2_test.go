@@ -338,6 +338,8 @@ func TestAllowListBeforeDerivation(t *testing.T) {
 		}, "parallel cost"},
 		"unknown kdf": {func(r object) { slot0(r)["kdf"].(object)["type"] = "scrypt" }, `kdf type "scrypt"`},
 		"stripes":     {func(r object) { slot0(r)["af"].(object)["stripes"] = jsonInt(1 << 30) }, "stripes"},
+		"one stripe":  {func(r object) { slot0(r)["af"].(object)["stripes"] = jsonInt(1) }, "with 1 stripes"},
+		"small area":  {func(r object) { slot0(r)["area"].(object)["size"] = "4096" }, "area of 4096 bytes"},
 		"area cipher": {func(r object) { slot0(r)["area"].(object)["encryption"] = "serpent-xts-plain64" }, "area cipher"},
 	}
 	for name, c := range cases {
@@ -351,10 +353,11 @@ func TestAllowListBeforeDerivation(t *testing.T) {
 			start := time.Now()
 			_, _, err = h.Unlock(dev, pass)
 			// Refused before derivation: no KDF ran (a millisecond budget would be a
-			// timing assertion; the error is the proof, the time is logged).
+			// timing assertion; the error is the proof, the time is logged). The only
+			// slot was refused, so nothing is known about the key: not ErrWrongKey.
 			t.Logf("refused in %v", time.Since(start))
-			if !errors.Is(err, ErrWrongKey) || !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), "not supported") {
-				t.Fatalf("got %v, want a refusal naming %q", err, c.want)
+			if !errors.Is(err, ErrUnsupported) || errors.Is(err, ErrWrongKey) || !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("got %v, want ErrUnsupported naming %q", err, c.want)
 			}
 		})
 	}

@@ -461,8 +461,8 @@ func TestClientSplitsAndErrors(t *testing.T) {
 	if err := pl.WriteZeroes(0, 4096, blockdev.ZeroFast); !errors.Is(err, blockdev.ErrNotFast) {
 		t.Fatalf("fast zero on a device without it: %v", err)
 	}
-	if _, err := Dial(context.Background(), ts.uri("nope"), ClientOptions{}); !errors.Is(err, ErrNoExport) {
-		t.Fatalf("dial of a missing export: %v", err)
+	if _, err := Dial(context.Background(), ts.uri("nope"), ClientOptions{}); !errors.Is(err, ErrNoExport) || bytes.Count([]byte(err.Error()), []byte("no export named")) > 1 {
+		t.Fatalf("dial of a missing export: %v (want ErrNoExport, the server's words once)", err)
 	}
 	if _, err := c.ReadAt(make([]byte, 10), 8<<20-5); err == nil {
 		t.Fatal("read across the end: no io.EOF")

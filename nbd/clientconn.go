@@ -181,7 +181,12 @@ func (cc *clientConn) negotiate(name string) (exportInfo, error) {
 			}
 			return info, info.check()
 		case typ == repErrUnknown:
-			return info, fmt.Errorf("no export named %q: %s: %w", name, msg, ErrNoExport)
+			err := fmt.Errorf("export %q: %w", name, ErrNoExport)
+			if msg != "" {
+				// In brackets: atrest's server repeats the name, others may not.
+				err = fmt.Errorf("%w (the server says: %s)", err, msg)
+			}
+			return info, err
 		case typ != repErrUnsup:
 			return info, fmt.Errorf("NBD_OPT_GO refused (reply %#x): %s", typ, msg)
 		}

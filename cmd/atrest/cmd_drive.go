@@ -11,12 +11,14 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/atrest/atrest/blockcrypt"
+	"github.com/atrest/atrest/blockdev"
 	"github.com/atrest/atrest/drive"
 	"github.com/atrest/atrest/internal/exitcodes"
 	"github.com/atrest/atrest/keystore"
@@ -70,13 +72,16 @@ func init() {
 					"The drive must use aes-xts-plain64 with a 512-bit key (cryptsetup's default).",
 				Flags: []cli.Flag{
 					keystoreFlag(),
-					&cli.StringFlag{Name: "key-file", Required: true, Usage: "key file that opens the drive now"},
+					&cli.StringFlag{Name: "key-file", Usage: "key file that opens the drive now (required)"},
 					&cli.StringFlag{Name: "volume", Usage: "volume name (default: the first free volN)"},
 					&cli.BoolFlag{Name: "keep-old-keyslot", Usage: "keep the keyslot the old key file opens"},
 				},
 				Action: func(c *cli.Context) error {
 					if c.NArg() != 1 {
 						return usagef("drive adopt takes one PATH")
+					}
+					if c.String("key-file") == "" {
+						return usagef("drive adopt needs --key-file: the key file that opens the drive now")
 					}
 					return runAdopt(c.Context, adoptOptions{
 						keystore: c.String("keystore"), path: c.Args().First(), keyFile: c.String("key-file"),
@@ -108,8 +113,7 @@ type formatOptions struct {
 	out, errOut            io.Writer
 }
 
-func runFormat(ctx context.Context, o formatOptions) error {
-	var err error
+func runFormat(ctx context.Context, o formatOptions) (err error) {
 	// The registry keeps absolute paths: the daemon runs elsewhere.
 	if o.path, err = filepath.Abs(o.path); err != nil {
 		return fail(exitcodes.Failure, err, "")
@@ -120,6 +124,12 @@ func runFormat(ctx context.Context, o formatOptions) error {
 	if o.volume != "" && !registry.ValidVolumeName(o.volume) {
 		return usagef("--volume %q: use 1 to 64 letters, digits, '.', '_' or '-'", o.volume)
 	}
+	if min := int64(luks2.DataOffset + o.sectorSize); o.create > 0 && o.create < min {
+		return usagef("--create: %d bytes is too small for a drive: its header area alone takes %d bytes, and one data sector more makes %d", o.create, luks2.DataOffset, min)
+	}
+	if err := checkDrivePath(o.path, o.create > 0); err != nil {
+		return err
+	}
 	// The lock first: nothing is created or checked while another command runs.
 	l, err := lockOffline(ctx, o.keystore)
 	if err != nil {
@@ -127,19 +137,29 @@ func runFormat(ctx context.Context, o formatOptions) error {
 	}
 	defer l.Close()
 	if o.create > 0 {
-		if err := createImage(o.path, o.create, o.force); err != nil {
+		var created bool
+		if created, err = createImage(o.path, o.force); err != nil {
 			return err
 		}
+		if created {
+			// A failed command leaves no image behind for its rerun to trip over.
+			defer func() {
+				if err != nil {
+					os.Remove(o.path)
+				}
+			}()
+		}
 	}
-	if !o.force {
-		found, err := signatures(o.path)
-		if err != nil {
-			return fail(exitcodes.IO, err, "")
-		}
-		if len(found) > 0 {
-			return fail(exitcodes.Exists, fmt.Errorf("%s holds %s", o.path, strings.Join(found, ", ")),
-				"formatting destroys it; rerun with --force if that is what you want")
-		}
+	// Held while PATH is checked and (for --create) sized, so that neither happens to
+	// a drive that a daemon serves; the format holds it again to write.
+	hold, err := drive.Open(o.path, drive.OpenOptions{Exclusive: true})
+	if err != nil {
+		return keystoreError(err)
+	}
+	err = prepareDrive(hold, o)
+	hold.Close()
+	if err != nil {
+		return err
 	}
 	req := formatRequest{path: o.path, volume: o.volume, sectorSize: o.sectorSize, allowDiscards: o.allowDiscards}
 	if o.wipe {
@@ -153,22 +173,64 @@ func runFormat(ctx context.Context, o formatOptions) error {
 	return nil
 }
 
-// createImage makes a sparse image file; an existing file is refused unless force.
-func createImage(path string, size int64, force bool) error {
-	flags := os.O_RDWR | os.O_CREATE | os.O_EXCL
-	if force {
-		flags = os.O_RDWR | os.O_CREATE | os.O_TRUNC
-	}
-	f, err := os.OpenFile(path, flags, 0o600)
-	if err != nil {
-		if errors.Is(err, os.ErrExist) {
-			return fail(exitcodes.Exists, err, "--create makes a new file; rerun with --force to replace it, or drop --create")
-		}
+// checkDrivePath refuses a PATH that cannot be a drive: a directory or anything else
+// that is neither a regular file nor a block device, or (without --create) nothing.
+func checkDrivePath(path string, create bool) error {
+	fi, err := os.Stat(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist) && create:
+		return nil
+	case errors.Is(err, os.ErrNotExist):
+		return fail(exitcodes.DriveMissing, err, "check the path; --create SIZE makes an image file")
+	case err != nil:
 		return fail(exitcodes.Failure, err, "")
+	case fi.IsDir():
+		return usagef("%s is a directory: name a block device or an image file", path)
+	case fi.Mode().IsRegular():
+		return nil
+	case fi.Mode()&os.ModeDevice == 0 || fi.Mode()&os.ModeCharDevice != 0:
+		return usagef("%s is neither a block device nor a regular file", path)
+	case create:
+		return usagef("%s is a block device: --create makes an image file", path)
 	}
-	defer f.Close()
-	if err := f.Truncate(size); err != nil {
-		return fail(exitcodes.IO, err, "")
+	return nil
+}
+
+// createImage creates PATH for --create, empty; it reports whether it created it (with
+// force an existing file is kept, and sized by prepareDrive once it is held).
+func createImage(path string, force bool) (created bool, err error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	switch {
+	case err == nil:
+		return true, f.Close()
+	case errors.Is(err, os.ErrExist) && force:
+		return false, nil
+	case errors.Is(err, os.ErrExist):
+		return false, fail(exitcodes.Exists, err, "--create makes a new file; rerun with --force to replace it, or drop --create")
+	}
+	return false, fail(exitcodes.Failure, err, "")
+}
+
+// prepareDrive, with the drive held exclusively, refuses one that holds something
+// (unless --force) and makes a --create image the size asked for, sparse and empty.
+func prepareDrive(hold *blockdev.File, o formatOptions) error {
+	if !o.force {
+		found, err := signatures(hold, o.path)
+		if err != nil {
+			return keystoreError(err)
+		}
+		if len(found) > 0 {
+			return fail(exitcodes.Exists, fmt.Errorf("%s holds %s", o.path, strings.Join(found, ", ")),
+				"formatting destroys it; rerun with --force if that is what you want")
+		}
+	}
+	if o.create > 0 {
+		if err := os.Truncate(o.path, 0); err != nil {
+			return keystoreError(err)
+		}
+		if err := os.Truncate(o.path, o.create); err != nil {
+			return keystoreError(err)
+		}
 	}
 	return nil
 }
@@ -198,17 +260,12 @@ func wipeDevice(ctx context.Context, dev *blockcrypt.Device, w io.Writer) error 
 	return nil
 }
 
-// signatures lists what PATH holds that formatting would destroy: atrest reads the
-// signatures it knows itself, and asks `blkid -p` (low-level probing, no cache) for
-// the others when it is installed.
-func signatures(path string) ([]string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
+// signatures lists what the drive at path (open as dev) holds that formatting would
+// destroy: atrest reads the signatures it knows itself, and asks `blkid -p` (low-level
+// probing, no cache) for the others when it is installed.
+func signatures(dev io.ReaderAt, path string) ([]string, error) {
 	head := make([]byte, 128<<10)
-	n, err := f.ReadAt(head, 0)
+	n, err := dev.ReadAt(head, 0)
 	if err != nil && err != io.EOF {
 		return nil, err
 	}
@@ -294,8 +351,11 @@ func runAdopt(ctx context.Context, o adoptOptions) error {
 		return fail(exitcodes.Failure, err, "")
 	}
 	key, err := os.ReadFile(o.keyFile)
-	if err != nil {
-		return fail(exitcodes.Key, err, "")
+	switch {
+	case errors.Is(err, os.ErrNotExist), errors.Is(err, syscall.EISDIR):
+		return usageError(fmt.Errorf("--key-file: %w", err))
+	case err != nil:
+		return fail(exitcodes.Failure, fmt.Errorf("--key-file: %w", err), "")
 	}
 	defer clear(key)
 	l, err := lockOffline(ctx, o.keystore)
@@ -329,17 +389,32 @@ type driveListOptions struct {
 // driveListEntry is one line of `atrest drive list --json`.
 type driveListEntry struct {
 	keystore.LegacyDrive
+	// Present: at its path and `atrest serve` opens it (the checks of encryption-status).
 	Present bool `json:"present"`
+	// Detail says why a drive is not present.
+	Detail string `json:"detail,omitempty"`
 }
 
 func runDriveList(ctx context.Context, o driveListOptions) error {
-	_, r, err := openOffline(ctx, o.keystore)
+	k, r, err := openOffline(ctx, o.keystore)
+	if err != nil {
+		return keystoreError(err)
+	}
+	// The checks of encryption-status, which are those of serve.
+	st, err := offlineStatus(k, r)
 	if err != nil {
 		return keystoreError(err)
 	}
 	list := []driveListEntry{}
-	for _, d := range legacyDrives(r) {
-		list = append(list, driveListEntry{LegacyDrive: d, Present: drive.Probe(d.Path, d.UUID) == nil})
+	for i, d := range legacyDrives(r) {
+		e := driveListEntry{LegacyDrive: d, Present: st.Drives[i].servable()}
+		if !e.Present {
+			e.Detail = st.Drives[i].State
+			if s := st.Drives[i].Detail; s != "" {
+				e.Detail += ": " + s
+			}
+		}
+		list = append(list, e)
 	}
 	if o.json {
 		b, _ := json.MarshalIndent(list, "", "  ")
@@ -355,5 +430,13 @@ func runDriveList(ctx context.Context, o driveListOptions) error {
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%d/%d\t%d\t%s\t%s\t%s\t%s\n", e.UUID, e.Volume, e.MemberIndex+1, e.MemberCount, e.SectorSize, e.KeyID, e.State, p, e.Path)
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	for _, e := range list {
+		if e.Detail != "" {
+			fmt.Fprintf(o.out, "  %s: %s\n", e.UUID, e.Detail)
+		}
+	}
+	return nil
 }

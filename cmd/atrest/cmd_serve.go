@@ -103,7 +103,12 @@ func runServe(ctx context.Context, o serveOptions) error {
 		}
 	}
 	defer closeDrives()
+	if err := sameDrive(paths); err != nil {
+		return err
+	}
 	for _, p := range paths {
+		// Held exclusively while served: no format or adopt replaces its header
+		// under the daemon, and no second daemon serves it.
 		d, err := drive.Unlock(p, drive.UnlockOptions{ClusterUUID: ks.ClusterUUID(), Keys: ks.Keys, ReadOnly: o.readOnly, Direct: o.direct, Exclusive: true})
 		if err != nil {
 			return unlockError(ks, p, err)
@@ -135,6 +140,11 @@ func runServe(ctx context.Context, o serveOptions) error {
 	listeners, err := serveListeners(o.listen)
 	if err != nil {
 		return listenError(err, o.listen)
+	}
+	for _, l := range listeners {
+		if a, ok := l.Addr().(*net.TCPAddr); ok && !a.IP.IsLoopback() {
+			logf("warning: listening on %s, which is not a loopback address: NBD carries the volumes' plaintext unencrypted and unauthenticated; anyone who reaches it reads and writes them (keep it on a trusted network, or tunnel it)", a)
+		}
 	}
 
 	// Serve gets a context that SIGTERM does not cancel: when its context ends, Serve
@@ -232,6 +242,25 @@ func drivePaths(reg *registry.Registry, args []string) ([]string, error) {
 	}
 	slices.Sort(paths)
 	return slices.Compact(paths), nil
+}
+
+// sameDrive refuses two DRIVE arguments that are one drive (a link and its target):
+// the second exclusive open would fail against the first.
+func sameDrive(paths []string) error {
+	seen := make([]os.FileInfo, len(paths))
+	for i, p := range paths {
+		fi, err := os.Stat(p)
+		if err != nil {
+			continue // Unlock says what is wrong with it
+		}
+		for j, other := range seen[:i] {
+			if other != nil && os.SameFile(fi, other) {
+				return usagef("drives %s and %s are the same drive", paths[j], p)
+			}
+		}
+		seen[i] = fi
+	}
+	return nil
 }
 
 // hasGlobMeta reports whether a DRIVE argument is a pattern rather than a path

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"strings"
 
 	"github.com/atrest/atrest/internal/exitcodes"
 )
@@ -48,9 +47,6 @@ func report(w io.Writer, err error) int {
 	var ce *cmdError
 	if errors.As(err, &ce) {
 		code, hint = ce.code, ce.hint
-	} else if strings.HasPrefix(err.Error(), "flag provided but not defined") ||
-		strings.Contains(err.Error(), "Required flag") {
-		code = exitcodes.Usage
 	}
 	fmt.Fprintf(w, "atrest: %v\n", err)
 	if hint != "" {

@@ -12,6 +12,8 @@ import (
 	"github.com/urfave/cli/v2"
 	"golang.org/x/term"
 
+	"github.com/atrest/atrest/blockcrypt"
+	"github.com/atrest/atrest/blockdev"
 	"github.com/atrest/atrest/drive"
 	"github.com/atrest/atrest/internal/exitcodes"
 	"github.com/atrest/atrest/internal/securefile"
@@ -45,6 +47,8 @@ func keystoreError(err error) error {
 	switch {
 	case errors.Is(err, keystore.ErrBusy):
 		return fail(exitcodes.Busy, err, "wait for the other atrest command to finish")
+	case errors.Is(err, blockdev.ErrInUse):
+		return fail(exitcodes.Busy, err, "the drive is in use: 'atrest serve' serves it, it is mounted, or another program holds it; stop that first (nothing was written)")
 	case errors.Is(err, keystore.ErrNoKeystore):
 		return fail(exitcodes.Keystore, err, "create one with 'atrest init', or point --keystore (ATREST_KEYSTORE) at it")
 	case errors.As(err, &unsafe) && unsafe.Fix != "":
@@ -52,15 +56,17 @@ func keystoreError(err error) error {
 	case errors.Is(err, keystore.ErrUnsafe):
 		return fail(exitcodes.Keystore, err, "the keystore must be root's alone: directory 0700, files 0600, no symlinks")
 	case errors.Is(err, keystore.ErrStrayKey):
-		return fail(exitcodes.Keystore, err, "remove it if it is not a key you kept, then rerun 'atrest init'")
+		return fail(exitcodes.Keystore, err, "remove it if it is not a key you kept, and rerun")
 	case errors.Is(err, keystore.ErrCorrupt), errors.Is(err, registry.ErrCorrupt):
 		return fail(exitcodes.Keystore, err, "restore the keystore from a backup; atrest never rewrites a keystore it cannot read")
 	case errors.Is(err, keystore.ErrRotationUnderWay):
-		return fail(exitcodes.Failure, err, "'atrest rotate-encryption-keys' finishes it")
+		return fail(exitcodes.Failure, err, "'atrest rotate-encryption-keys' finishes it; then rerun")
+	case errors.Is(err, keystore.ErrNotMigrated):
+		return fail(exitcodes.Keystore, err, "any command that changes the keystore (drive format, rotate-encryption-keys) migrates it")
 	case errors.Is(err, keystore.ErrExists), errors.Is(err, registry.ErrExists):
 		return fail(exitcodes.Exists, err, "")
 	case errors.As(err, &missing) && missing.Rewrapping:
-		return fail(exitcodes.DriveMissing, err, "reattach it and rerun; a drive already being rewrapped cannot be skipped")
+		return fail(exitcodes.DriveMissing, err, "reattach the drive and rerun: a drive the rotation was rewrapping must come back")
 	case errors.Is(err, keystore.ErrDriveMissing):
 		return fail(exitcodes.DriveMissing, err, "reattach the drive and rerun, or rerun with --force to leave it locked to the old master key for good")
 	case errors.Is(err, drive.ErrForeign):
@@ -69,6 +75,8 @@ func keystoreError(err error) error {
 		return fail(exitcodes.Key, err, "check the key file: it must be the one the drive was formatted or last opened with")
 	case errors.Is(err, luks2.ErrDamaged):
 		return fail(exitcodes.Header, err, "restore the header from a backup (cryptsetup luksHeaderRestore); nothing was written")
+	case errors.Is(err, luks2.ErrTruncated), errors.Is(err, blockcrypt.ErrRegion):
+		return fail(exitcodes.Header, err, "a truncated image, or a header copied from a larger drive: put back the whole image or the right drive; nothing was written")
 	case errors.Is(err, luks2.ErrUnsupported), errors.Is(err, luks2.ErrNotLUKS):
 		return fail(exitcodes.Header, err, "")
 	case errors.Is(err, os.ErrNotExist), errors.Is(err, os.ErrPermission):
@@ -76,7 +84,12 @@ func keystoreError(err error) error {
 	}
 	var errno syscall.Errno
 	if errors.As(err, &errno) {
-		return fail(exitcodes.IO, err, "")
+		hint := ""
+		switch errno {
+		case syscall.EIO, syscall.ENXIO, syscall.ENODEV, syscall.ENOMEDIUM:
+			hint = "a drive does not answer: is it attached and healthy? The kernel log (dmesg) says more"
+		}
+		return fail(exitcodes.IO, err, hint)
 	}
 	return err
 }

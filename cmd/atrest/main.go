@@ -23,6 +23,7 @@ func register(c *cli.Command) { commands = append(commands, c) }
 
 func newApp() *cli.App {
 	slices.SortFunc(commands, func(a, b *cli.Command) int { return strings.Compare(a.Name, b.Name) })
+	oneLineUsageErrors(commands)
 	return &cli.App{
 		Name:                 "atrest",
 		Usage:                "encryption at rest for Linux storage nodes",
@@ -32,12 +33,23 @@ func newApp() *cli.App {
 		HideVersion:          true,
 		// Errors are printed once, by main, with their hint and exit code.
 		ExitErrHandler: func(*cli.Context, error) {},
-		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
-			return usageError(err)
-		},
+		OnUsageError:   usageErrorHandler,
 		CommandNotFound: func(c *cli.Context, name string) {
 			os.Exit(report(c.App.ErrWriter, usagef("unknown command %q", name)))
 		},
+	}
+}
+
+// usageErrorHandler turns a command-line mistake (an unknown flag, a bad value) into a
+// usage error that main prints on one line with a hint, where urfave/cli would print
+// the whole help of the command.
+func usageErrorHandler(_ *cli.Context, err error, _ bool) error { return usageError(err) }
+
+// oneLineUsageErrors installs usageErrorHandler on every command and subcommand.
+func oneLineUsageErrors(cmds []*cli.Command) {
+	for _, c := range cmds {
+		c.OnUsageError = usageErrorHandler
+		oneLineUsageErrors(c.Subcommands)
 	}
 }
 

@@ -104,7 +104,8 @@ func recordRotation(ctx context.Context, l *keystore.Locked, out keystore.Rotate
 // Drive states as `encryption-status` and `drive list` printed them before the node.
 const (
 	statePresent   = drive.StatePresent
-	stateAbsent    = "absent"
+	stateAbsent    = "absent"  // not at its path
+	stateMissing   = "missing" // at its path, but it does not answer (drive.StateFailed)
 	stateOldKey    = keystore.LegacyOldKey
 	stateRotating  = "rotating"
 	stateDegraded  = drive.StateDegraded
@@ -158,6 +159,12 @@ type driveStatus struct {
 	Detail      string `json:"detail,omitempty"`
 }
 
+// servable reports whether `atrest serve` opens a drive in this state: present,
+// rotating, or with one header copy damaged.
+func (d driveStatus) servable() bool {
+	return d.State == statePresent || d.State == stateRotating || d.State == stateDegraded
+}
+
 // offlineStatus reads the custody state and checks every drive (drive.Check: present,
 // and opened by a key the keystore gives). It writes nothing and takes no lock.
 func offlineStatus(k *keystore.Keystore, r *registry.Registry) (*cliStatus, error) {
@@ -200,6 +207,8 @@ func offlineStatus(k *keystore.Keystore, r *registry.Registry) (*cliStatus, erro
 			switch h.State {
 			case drive.StateMissing:
 				ds.State = stateAbsent
+			case drive.StateFailed:
+				ds.State = stateMissing
 			case drive.StateForeign:
 				ds.State = stateNotMember
 			case drive.StateDegraded:

@@ -140,7 +140,11 @@ func ReadFile(path string, max int64) ([]byte, error) {
 	}
 	b := make([]byte, st.Size)
 	if _, err := io.ReadFull(f, b); err != nil {
-		return nil, fmt.Errorf("read %s: %w", path, err)
+		if err == io.ErrUnexpectedEOF || err == io.EOF {
+			// Shrunk since fstat; the file's own errors name it.
+			err = fmt.Errorf("read %s: %w", path, err)
+		}
+		return nil, err
 	}
 	return b, nil
 }
@@ -170,11 +174,12 @@ func WriteAtomic(dir, name string, data []byte) error {
 	if err := f.Chmod(0o600); err != nil {
 		return err
 	}
+	// The errors of f name it (write PATH: ..., sync PATH: ...).
 	if _, err := f.Write(data); err != nil {
-		return fmt.Errorf("write %s: %w", tmp, err)
+		return err
 	}
 	if err := f.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", tmp, err)
+		return err
 	}
 	if err := f.Close(); err != nil {
 		return err
@@ -196,10 +201,7 @@ func SyncDir(dir string) error {
 		return err
 	}
 	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", dir, err)
-	}
-	return nil
+	return d.Sync() // its error names dir
 }
 
 // Lock takes an exclusive flock on dir/name (created with mode 0600 if missing),

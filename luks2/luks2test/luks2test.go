@@ -5,7 +5,11 @@
 package luks2test
 
 import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -132,4 +136,50 @@ func InCryptsetup(t testing.TB) bool {
 // OpenReadOnly opens an image as a read-only blockdev.File.
 func OpenReadOnly(path string) (*blockdev.File, error) {
 	return blockdev.OpenFile(path, blockdev.FileOptions{ReadOnly: true})
+}
+
+// EditJSON edits the metadata of both header copies of a LUKS2 image and writes them
+// back with valid checksums, as a crafted header would be: the binary header's
+// hdr_size is at offset 8 (big-endian), the checksum (SHA-256 of the copy with the
+// field zeroed) at 0x1C0, the NUL-padded JSON after the first 4096 bytes
+// (specification §2). Numbers in the tree are json.Number.
+func EditJSON(t testing.TB, image string, edit func(root map[string]any)) {
+	t.Helper()
+	const binSize, offCsum, csumLen = 4096, 0x1C0, 64
+	f, err := os.OpenFile(image, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var size [8]byte
+	if _, err := f.ReadAt(size[:], 8); err != nil {
+		t.Fatal(err)
+	}
+	hdrSize := int64(binary.BigEndian.Uint64(size[:]))
+	for _, off := range []int64{0, hdrSize} {
+		area := make([]byte, hdrSize)
+		if _, err := f.ReadAt(area, off); err != nil {
+			t.Fatal(err)
+		}
+		text, _, _ := bytes.Cut(area[binSize:], []byte{0})
+		d := json.NewDecoder(bytes.NewReader(text))
+		d.UseNumber()
+		var root map[string]any
+		if err := d.Decode(&root); err != nil {
+			t.Fatalf("header JSON at %d: %v", off+binSize, err)
+		}
+		edit(root)
+		text, err := json.Marshal(root)
+		if err != nil {
+			t.Fatal(err)
+		}
+		clear(area[binSize:])
+		copy(area[binSize:], text)
+		clear(area[offCsum : offCsum+csumLen])
+		sum := sha256.Sum256(area)
+		copy(area[offCsum:], sum[:])
+		if _, err := f.WriteAt(area, off); err != nil {
+			t.Fatal(err)
+		}
+	}
 }
