@@ -385,7 +385,7 @@ func TestFormatInterop(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer u.Device.Close()
-			if u.Volume != "vol0" || u.UUID != d.UUID || u.SectorSize != ss || u.AllowDiscards || u.MemberCount != 1 {
+			if u.Volume != "vol0" || u.UUID != d.UUID || u.SectorSize != ss || u.Device.Caps().Trim || u.MemberCount != 1 {
 				t.Fatalf("unlocked %+v", u)
 			}
 			if u.Device.Size() != testDriveSize-luks2.DataOffset {
@@ -411,7 +411,7 @@ func TestFormatVolumeNames(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !u.AllowDiscards || u.Volume != "db" {
+	if !u.Device.Caps().Trim || u.Volume != "db" {
 		t.Fatalf("%+v", u)
 	}
 	u.Device.Close()

@@ -23,19 +23,19 @@ type UnlockOptions struct {
 }
 
 // UnlockedDrive is a drive opened with the master key: Device is its data segment,
-// decrypted. Closing Device closes the drive.
+// decrypted. Closing Device closes the drive. Whether the drive takes discards is in
+// Device.Caps (the header's allow-discards flag and the drive's own ability).
 type UnlockedDrive struct {
-	Device        *blockcrypt.Device
-	Path          string
-	UUID          string // the LUKS2 header's UUID
-	ClusterUUID   string
-	Volume        string
-	VolumeUUID    string
-	MemberIndex   int
-	MemberCount   int
-	SectorSize    int  // data segment sector size: the natural block size to export
-	AllowDiscards bool // the header's persistent allow-discards flag
-	KeyID         string
+	Device      *blockcrypt.Device
+	Path        string
+	UUID        string // the LUKS2 header's UUID
+	ClusterUUID string
+	Volume      string
+	VolumeUUID  string
+	MemberIndex int
+	MemberCount int
+	SectorSize  int // data segment sector size: the natural block size to export
+	KeyID       string
 }
 
 // unlockAttempts bounds Unlock's retries when a rotation in another process changes
@@ -136,6 +136,6 @@ func (k *Keystore) tryUnlock(dev blockdev.Device, path string, o UnlockOptions) 
 		Device: cd, Path: path, UUID: h.UUID(), ClusterUUID: tok.ClusterUUID,
 		Volume: tok.Volume, VolumeUUID: tok.VolumeUUID,
 		MemberIndex: tok.MemberIndex, MemberCount: tok.MemberCount,
-		SectorSize: cfg.SectorSize, AllowDiscards: cfg.AllowDiscards, KeyID: keyID,
+		SectorSize: cfg.SectorSize, KeyID: keyID,
 	}, nil
 }

@@ -126,7 +126,6 @@ func runServe(ctx context.Context, o serveOptions) error {
 				Description: fmt.Sprintf("atrest volume %s (drive %s)", d.Volume, d.UUID),
 				Device:      d.Device,
 				ReadOnly:    o.readOnly,
-				AllowTrim:   d.AllowDiscards,
 			})
 			if err != nil {
 				return err
