@@ -176,9 +176,9 @@ func checkRefused(t *testing.T, dir, img string, c brokenDrive) {
 	}
 }
 
-// TestStatusPulledDrive: a drive whose reads fail with EIO (a FUSE file over a device
-// that vanished, as a pulled drive answers) is missing in Status, and Unlock returns
-// the I/O error, not a damaged header.
+// TestStatusPulledDrive: a drive whose reads fail (a FUSE file over a device that
+// vanished answers ENODEV, as a pulled drive does) is missing in Status, and Unlock
+// returns the I/O error, not a damaged header.
 func TestStatusPulledDrive(t *testing.T) {
 	testutil.Root(t)
 	if _, err := os.Stat("/dev/fuse"); err != nil {
@@ -210,7 +210,7 @@ func TestStatusPulledDrive(t *testing.T) {
 		t.Fatal(err)
 	}
 	dev.Vanish()
-	checkRefused(t, dir, img, brokenDrive{state: StateMissing, detail: "input/output error", class: syscall.EIO})
+	checkRefused(t, dir, img, brokenDrive{state: StateMissing, detail: "no such device", class: syscall.ENODEV})
 }
 
 // TestRotateTruncatedDrive: a rotation that meets a drive shorter than its header
