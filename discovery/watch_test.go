@@ -268,8 +268,13 @@ func TestWatchClose(t *testing.T) {
 	if n := runtime.NumGoroutine(); n < before+3 {
 		t.Fatalf("%d goroutines while watching, %d before: the watcher runs fewer than 3", n, before)
 	}
-	w.Close()
-	w.Close()
+	closed := make(chan struct{})
+	go func() { w.Close(); w.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(seenBound):
+		t.Fatal("Close did not return")
+	}
 	if _, ok := <-w.Updates(); ok {
 		t.Error("an update after Close")
 	}
