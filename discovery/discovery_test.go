@@ -20,6 +20,7 @@ import (
 
 	"github.com/atrest/atrest/blockdev"
 	"github.com/atrest/atrest/discovery"
+	"github.com/atrest/atrest/fusefs"
 	"github.com/atrest/atrest/internal/drivebay"
 	"github.com/atrest/atrest/internal/testutil"
 	"github.com/atrest/atrest/luks2"
@@ -248,6 +249,37 @@ func TestLoopAndLinkCollapse(t *testing.T) {
 	c = only(t, scan(t, newScanner(t, discovery.Options{Sources: discovery.Sources{Paths: []string{dev}}})), id)
 	if c.Kind != discovery.KindLoop || !slices.Equal(c.Paths, []string{dev}) || c.BackingFile != img {
 		t.Errorf("the loop device alone: kind %s, paths %q, backing %q", c.Kind, c.Paths, c.BackingFile)
+	}
+}
+
+// TestAtrestViewSkipped: a loop device over a file of an atrest FUSE mount (the
+// plaintext view of a volume, as `atrest mount` makes it) is never a candidate, even
+// when it holds a LUKS2 header; the same header under a loop device over an image is.
+func TestAtrestViewSkipped(t *testing.T) {
+	testutil.LoopAndFUSE(t)
+	img, id := newDrive(t, "", token())
+	data, err := os.ReadFile(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem := blockdev.NewMem(int64(len(data)))
+	if _, err := mem.WriteAt(data, 0); err != nil {
+		t.Fatal(err)
+	}
+	srv, err := fusefs.Mount(filepath.Join(t.TempDir(), "fuse"), []fusefs.File{{Name: "vol", Device: mem}}, fusefs.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := srv.Unmount(); err != nil {
+			t.Error(err)
+		}
+	})
+	view, _ := attach(t, srv.Path("vol"))
+	drive, _ := attach(t, img)
+	snap := scan(t, newScanner(t, discovery.Options{Sources: discovery.Sources{Paths: []string{view, drive}}}))
+	if c := only(t, snap, id); c.Path != drive || len(snap.Candidates) != 1 {
+		t.Errorf("want only %s: %s", drive, describe(snap.Candidates))
 	}
 }
 

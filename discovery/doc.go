@@ -36,7 +36,13 @@
 // backing file's (st_dev, st_ino) (LOOP_GET_STATUS64, which the kernel answers with a
 // stat of the backing file), so that an image file and the loop devices attached over
 // it are one candidate; a loop device over a block device collapses with that device.
-// A by-id link collapses with the node it points to.
+// A by-id link collapses with the node it points to. A loop device whose probe has
+// never answered is keyed by its own device number until it does; one that answered
+// before keeps its backing file's key while it does not.
+//
+// A loop device over a file of an atrest FUSE mount (type fuse.atrest: the plaintext
+// of a volume that `atrest mount` serves) is never a candidate, and is not read: it is
+// no drive, and reading it would go through this node's own export.
 //
 // Each Candidate names the path to open, Path: the first of Paths, which are ordered
 // by preference: a path given in Sources.Paths, then a link under /dev/disk/by-id,
@@ -68,7 +74,9 @@
 // FUSE file under a loop device) is reported with ErrNotAnswering and does not stall
 // the scan. A probe stuck in the kernel cannot be cancelled; while it is stuck, later
 // scans report the device as not answering without starting another probe, so at most
-// one goroutine per device is ever stuck; when it returns, Watcher rescans. Probes run
+// one goroutine per device is ever stuck; when it returns, Watcher rescans. (A thread
+// stuck in the kernel also holds up the process's exit until the device answers or
+// fails, as it would for any other reader.) Probes run
 // at most Options.Parallel at a time, and a scan looks at no more than
 // Options.MaxNames names (directory entries included), reading directories in chunks:
 // a huge directory or a glob over thousands of files costs bounded memory and time,

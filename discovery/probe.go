@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/atrest/atrest/blockdev"
 	"github.com/atrest/atrest/luks2"
+	"github.com/atrest/atrest/volmount"
 )
 
 // loopMajor is the block major number of loop devices (include/uapi/linux/major.h).
@@ -176,6 +178,11 @@ func probe(n name) (r probeResult) {
 		major, minor := unix.Major(st.Rdev), unix.Minor(st.Rdev)
 		r.key, r.kind = blockKey(major, minor), KindBlock
 		if major == loopMajor {
+			r.backing = loopBacking(major, minor)
+			if atrestView(r.backing) {
+				r.gone = true // a volume's plaintext, never a drive
+				return r
+			}
 			info, err := unix.IoctlLoopGetStatus64(fd)
 			if errors.Is(err, unix.ENXIO) {
 				r.gone = true // an unbound loop device
@@ -190,7 +197,6 @@ func probe(n name) (r probeResult) {
 			} else {
 				r.key, r.kind = fileKey(unix.Major(info.Device), unix.Minor(info.Device), info.Inode), KindLoop
 			}
-			r.backing = loopBacking(major, minor)
 		}
 		size, err := unix.IoctlGetUint64(fd, unix.BLKGETSIZE64)
 		if err != nil {
@@ -277,6 +283,18 @@ func loopBacking(major, minor uint32) string {
 		return ""
 	}
 	return strings.TrimSuffix(string(b), "\n")
+}
+
+// atrestView reports whether a loop device's backing file is a file of an atrest
+// FUSE mount (type fuse.atrest): the plaintext of a volume that `atrest mount` serves,
+// which is never a drive. Reading it would go through this node's own NBD export, and
+// a probe stuck there (the volume's drive missing) could hold up the daemon's exit.
+func atrestView(backing string) bool {
+	if backing == "" {
+		return false
+	}
+	ok, err := volmount.IsFUSEMount(filepath.Dir(strings.TrimSuffix(backing, " (deleted)")))
+	return err == nil && ok
 }
 
 // dioAlign is the alignment of direct reads: at least every block device's logical
