@@ -88,11 +88,13 @@ func (s *Scanner) probeBounded(ctx context.Context, g *group) probeResult {
 	}()
 	timer := time.NewTimer(s.timeout)
 	defer timer.Stop()
+	cancelled := false
 	select {
 	case <-in.done:
 		return in.res
 	case <-timer.C:
 	case <-ctx.Done():
+		cancelled = true
 	}
 	s.mu.Lock()
 	if s.inflight[g.key] != in {
@@ -103,17 +105,25 @@ func (s *Scanner) probeBounded(ctx context.Context, g *group) probeResult {
 	}
 	in.abandoned = true
 	s.mu.Unlock()
-	s.log.Warn("discovery: device not answering", "path", n.path, "timeout", s.timeout)
+	if !cancelled {
+		s.log.Warn("discovery: device not answering", "path", n.path, "timeout", s.timeout)
+	}
 	return notAnswering(n, in.started)
+}
+
+// listed is what the listing knew of a name's device, before any probe.
+func listed(n name) probeResult {
+	r := probeResult{key: n.key, kind: KindBlock, size: n.size}
+	if n.mode == unix.S_IFREG {
+		r.kind = KindFile
+	}
+	return r
 }
 
 // notAnswering is the result for a name whose probe has not returned. Its message
 // does not change while the same probe is stuck, so that a Watcher reports it once.
 func notAnswering(n name, since time.Time) probeResult {
-	r := probeResult{key: n.key, kind: KindBlock, size: n.size}
-	if n.mode == unix.S_IFREG {
-		r.kind = KindFile
-	}
+	r := listed(n)
 	r.err = fmt.Errorf("%w: %s has not answered since %s", ErrNotAnswering, n.path, since.UTC().Format(time.RFC3339))
 	return r
 }
@@ -124,10 +134,7 @@ func notAnswering(n name, since time.Time) probeResult {
 // and only then reopened for reading through /proc/self/fd, which reaches the same
 // inode whatever the path has become since.
 func probe(n name) (r probeResult) {
-	r = probeResult{key: n.key, kind: KindBlock, size: n.size}
-	if n.mode == unix.S_IFREG {
-		r.kind = KindFile
-	}
+	r = listed(n)
 	pfd, err := openRetry(n.real, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC)
 	if err != nil {
 		return r.failOpen(n, err)

@@ -59,10 +59,10 @@
 // Where the scsi_debug module can be loaded (modprobe scsi_debug; /sys/bus/pseudo/
 // drivers/scsi_debug exists afterwards), a SCSI disk is a better drive: writing 1 to
 // /sys/block/sdX/device/delete removes it as a hot unplug does (the device node goes,
-// open descriptors get ENODEV/EIO), and writing "- - -" to
-// /sys/class/scsi_host/hostN/scan brings it back, under a new name if the old one is
-// taken. A test can prefer it when /sys/module/scsi_debug exists (or modprobe
-// succeeds). These sandboxes have neither modprobe nor scsi_debug (nor ublk), so the
+// open descriptors get errors), and writing "- - -" to
+// /sys/class/scsi_host/hostN/scan brings it back, under a new name while the old one
+// is still held. A test can prefer it when /sys/module/scsi_debug exists (or
+// `modprobe scsi_debug` succeeds). These sandboxes have neither modprobe nor scsi_debug (nor ublk), so the
 // bay is what the suite uses.
 //
 // A Bay's methods are safe for concurrent use.
