@@ -239,7 +239,7 @@ func Mount(dir string, files []File, opts Options) (*Server, error) {
 	// go-fuse opens /dev/fuse without O_CLOEXEC on the direct-mount path; a child
 	// process (mkfs, mount, ...) would inherit it and keep the FUSE connection alive
 	// after this process dies.
-	if err := closeOnExecFUSE(); err != nil {
+	if err := CloseOnExecFUSE(); err != nil {
 		_ = srv.Unmount()
 		return nil, fmt.Errorf("fusefs: %w", err)
 	}
