@@ -112,7 +112,6 @@ func TestConformanceFile(t *testing.T) {
 // pattern through a writable Device first.
 func TestConformanceReadOnly(t *testing.T) {
 	blockdevtest.Run(t, blockdevtest.Config{
-		ReadOnly: true,
 		New: func(t *testing.T, size int64) blockdev.Device {
 			mem := blockdev.NewMem(regionOffset + size)
 			w, err := blockcrypt.New(noClose{mem}, blockcrypt.Config{Key: conformanceKey, Offset: regionOffset, IVTweak: 7})
@@ -135,6 +134,26 @@ func TestConformanceReadOnly(t *testing.T) {
 			return d
 		},
 	})
+}
+
+// TestFaults: blockcrypt over a Faulty passes every error class of its drive on, asks
+// the drive for its capabilities, and trims only where the Config allows discards.
+func TestFaults(t *testing.T) {
+	for _, allow := range []bool{true, false} {
+		t.Run(map[bool]string{true: "discards", false: "nodiscards"}[allow], func(t *testing.T) {
+			blockdevtest.RunFaults(t, blockdevtest.FaultConfig{
+				Wrap: func(t *testing.T, lower blockdev.Device) blockdev.Device {
+					d, err := blockcrypt.New(lower, blockcrypt.Config{Key: conformanceKey, Offset: regionOffset, AllowDiscards: allow})
+					if err != nil {
+						t.Fatal(err)
+					}
+					closeQuietly(t, d)
+					return d
+				},
+				PassesTrim: allow,
+			})
+		})
+	}
 }
 
 // noClose keeps the lower device open when the Device over it closes.

@@ -25,9 +25,11 @@ type Config struct {
 	// IVTweak is the IV of the region's first sector, in 512-byte units (LUKS2
 	// iv_tweak). The sector at region offset o has IV IVTweak + o/512.
 	IVTweak uint64
-	// AllowDiscards passes Trim down to the lower device; without it Trim fails with
-	// blockdev.ErrNotSupported, so that the lower device never learns which sectors are
-	// unused.
+	// AllowDiscards passes Trim down to the lower device (the LUKS2 header's
+	// allow-discards flag); without it Trim fails with blockdev.ErrNotSupported, so that
+	// the lower device never learns which sectors are unused. This is atrest's one
+	// place for the policy "discards off by default": every layer above learns it from
+	// Caps.
 	AllowDiscards bool
 	// ReadOnly refuses every change with blockdev.ErrReadOnly.
 	ReadOnly bool
@@ -48,6 +50,9 @@ var (
 // one lower write per MiB. A partial sector at either end is a read-modify-write under
 // its sector lock; see locks.go for what concurrent calls on the same sector can expect.
 //
+// Errors of the lower device keep their class (blockdev.ErrGone, ErrMedium, ...),
+// wrapped with the lower offset.
+//
 // It is safe for concurrent use; Close waits for the calls in progress.
 type Device struct {
 	lower         blockdev.Device
@@ -64,11 +69,12 @@ type Device struct {
 }
 
 var (
-	_ blockdev.Device     = (*Device)(nil)
-	_ blockdev.Trimmer    = (*Device)(nil)
-	_ blockdev.ZeroWriter = (*Device)(nil)
-	_ blockdev.FUAWriter  = (*Device)(nil)
-	_ blockdev.BlockSizer = (*Device)(nil)
+	_ blockdev.Device       = (*Device)(nil)
+	_ blockdev.Trimmer      = (*Device)(nil)
+	_ blockdev.ZeroWriter   = (*Device)(nil)
+	_ blockdev.FUAWriter    = (*Device)(nil)
+	_ blockdev.BlockSizer   = (*Device)(nil)
+	_ blockdev.CapsReporter = (*Device)(nil)
 )
 
 // New returns a Device over the region of lower that cfg describes. The Device owns
@@ -141,6 +147,22 @@ func (d *Device) Size() int64 { return d.l.size }
 
 // PreferredBlockSize returns the sector size: aligned requests avoid read-modify-write.
 func (d *Device) PreferredBlockSize() int { return int(d.l.sectorSize) }
+
+// Caps reports what the encrypted device can do: trim only where the Config allows
+// discards and the lower device can trim; zero by itself, but never fast (zeroes must be
+// encrypted and written); FUA writes that are as cheap as the lower device's.
+func (d *Device) Caps() blockdev.Caps {
+	lower := blockdev.CapsOf(d.lower)
+	if d.readOnly || lower.ReadOnly {
+		return blockdev.Caps{ReadOnly: true, BlockSize: int(d.l.sectorSize)}
+	}
+	return blockdev.Caps{
+		Trim:      d.allowDiscards && lower.Trim,
+		Zeroes:    true,
+		FUA:       lower.FUA,
+		BlockSize: int(d.l.sectorSize),
+	}
+}
 
 // Implementation returns the name of the XTS implementation in use.
 func (d *Device) Implementation() string { return d.c.Implementation() }

@@ -1,15 +1,6 @@
-// Package blockdev defines Device, the interface that every storage layer of atrest
-// implements and wraps (drive → blockcrypt → NBD server; NBD client → FUSE), its optional
-// one-method capabilities, and the plain implementations: File (a regular file or a
-// block device), Mem (memory, for tests) and Faulty (fault injection, for tests).
-//
-// Every Device in the project is safe for concurrent use by several goroutines: reads
-// and writes of disjoint ranges may run in parallel, and Flush may run beside them.
-// Overlapping concurrent writes land in some order, as on a disk.
 package blockdev
 
 import (
-	"errors"
 	"fmt"
 	"io"
 	"sync"
@@ -69,23 +60,6 @@ type FUAWriter interface {
 type BlockSizer interface {
 	PreferredBlockSize() int
 }
-
-var (
-	// ErrOutOfRange is returned for an access that does not fit in the device.
-	ErrOutOfRange = errors.New("access outside the device")
-	// ErrNotSupported is returned for a capability the device does not have.
-	ErrNotSupported = errors.New("operation not supported by the device")
-	// ErrNotFast is returned by WriteZeroes with ZeroFast when zeroing would be no faster
-	// than writing zeroes.
-	ErrNotFast = errors.New("fast zeroing not possible")
-	// ErrClosed is returned for any call on a closed device.
-	ErrClosed = errors.New("device is closed")
-	// ErrReadOnly is returned for a change to a read-only device.
-	ErrReadOnly = errors.New("device is read-only")
-	// ErrInUse is returned by OpenFile with Exclusive when another opener holds the
-	// drive (see FileOptions.Exclusive).
-	ErrInUse = errors.New("device is in use")
-)
 
 // CheckRange returns an error wrapping ErrOutOfRange unless [off, off+n) lies within a
 // device of the given size. A zero-length range at size is valid.

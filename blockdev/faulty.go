@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 )
 
@@ -24,8 +25,9 @@ const (
 )
 
 // ErrVanished is wrapped by every error of a Faulty device that has vanished (see
-// Faulty.Vanish), together with syscall.EIO, what a pulled drive answers.
-var ErrVanished = errors.New("device vanished")
+// Faulty.Vanish), together with syscall.ENODEV, what the block layer answers for a
+// drive gone offline. It is of the class ErrGone.
+var ErrVanished = fmt.Errorf("%w: vanished", ErrGone)
 
 // PowerCutSector is the default unit in which Faulty.PowerCutRandom keeps or loses
 // unflushed changes: the smallest write any drive makes atomically. SetAtomicUnit
@@ -46,19 +48,24 @@ const PowerCutSector = 512
 //     leaves each 512-byte sector (or atomic unit, see SetAtomicUnit) changed since the
 //     last Flush with one of the contents it had since then, chosen at random (seeded),
 //     as a real drive may have written back part of its cache in any order.
-//   - Vanish makes every call fail as on a pulled drive, until Reinsert. It does not
-//     touch the cache. A power failure under a running system is Vanish then PowerCut,
-//     in that order: the other way round, writes made between the two calls land on a
-//     drive that has lost the earlier ones, which no real power failure does.
+//   - Vanish makes every call fail as on a pulled drive (ErrGone), until Reinsert. It
+//     does not touch the cache. A power failure under a running system is Vanish then
+//     PowerCut, in that order: the other way round, writes made between the two calls
+//     land on a drive that has lost the earlier ones, which no real power failure does.
 //   - Close writes the cache to the lower device (a drive left running writes its cache
 //     back eventually) and closes it; PowerCut first to lose it instead.
+//   - InjectError makes calls on a range fail: by default with a medium error
+//     (ErrMedium), as a drive with a bad range; an injected errno gets the class that
+//     File gives it (see Classify).
+//   - Hang makes calls block until released, as on a drive that stopped answering,
+//     for tests of time bounds (see Bound).
 //
 // In the cache, a trimmed range reads as zeroes; Flush passes it on as a Trim, after
 // which the lower device decides what it reads (one that refuses the Trim with
 // ErrNotSupported then keeps its old contents, which Trim allows). Trim fails with
-// ErrNotSupported when the lower device has no Trimmer, and WriteZeroes with ZeroFast
-// fails with ErrNotFast when it has no ZeroWriter; Flush passes zeroings on without
-// ZeroFast.
+// ErrNotSupported when the lower device cannot trim, and WriteZeroes with ZeroFast
+// fails with ErrNotFast when it cannot zero fast (its Caps); Flush passes zeroings on
+// without ZeroFast. Changes to a read-only lower device fail with ErrReadOnly.
 //
 // Injected errors fail the whole call: a failed read fills nothing, a failed change
 // changes nothing. A Faulty is safe for concurrent use, also while faults are switched
@@ -75,6 +82,17 @@ type Faulty struct {
 	cache    []cacheOp
 	unit     int64 // atomic write unit of PowerCutRandom
 	stats    FaultyStats
+
+	// hang, while not nil, blocks every call before it takes mu (see Hang).
+	hangMu sync.Mutex
+	hang   *hangGate
+	hung   atomic.Int64 // calls blocked by hang now
+}
+
+// hangGate is one Hang: calls wait until release closes open.
+type hangGate struct {
+	open chan struct{}
+	once sync.Once
 }
 
 // FaultyStats count the calls a Faulty device received, failed ones included.
@@ -84,6 +102,8 @@ type FaultyStats struct {
 	Failed int64
 	// Cached is the number of changes in the volatile cache, not yet durable.
 	Cached int
+	// Hung is the number of calls blocked by Hang right now.
+	Hung int
 }
 
 type fault struct {
@@ -111,11 +131,12 @@ type cacheOp struct {
 }
 
 var (
-	_ Device     = (*Faulty)(nil)
-	_ Trimmer    = (*Faulty)(nil)
-	_ ZeroWriter = (*Faulty)(nil)
-	_ FUAWriter  = (*Faulty)(nil)
-	_ BlockSizer = (*Faulty)(nil)
+	_ Device       = (*Faulty)(nil)
+	_ Trimmer      = (*Faulty)(nil)
+	_ ZeroWriter   = (*Faulty)(nil)
+	_ FUAWriter    = (*Faulty)(nil)
+	_ BlockSizer   = (*Faulty)(nil)
+	_ CapsReporter = (*Faulty)(nil)
 )
 
 // NewFaulty returns a Faulty device over lower, with an empty cache and no faults.
@@ -128,10 +149,11 @@ func NewFaulty(lower Device) *Faulty {
 func (f *Faulty) Lower() Device { return f.lower }
 
 // InjectError makes every call of the kinds in ops that touches [off, off+n) fail with
-// an error wrapping err, or syscall.EIO when err is nil, until the returned function
-// removes the fault (removing it twice is harmless). Several faults may be active at
-// once; where they overlap, the one injected first decides the error. It panics on a
-// negative range or an empty ops.
+// an error wrapping err, or a medium error (ErrMedium and syscall.EIO) when err is nil,
+// until the returned function removes the fault (removing it twice is harmless). An
+// errno gets its class (Classify: syscall.ENODEV is ErrGone). Several faults may be
+// active at once; where they overlap, the one injected first decides the error. It
+// panics on a negative range or an empty ops.
 func (f *Faulty) InjectError(off, n int64, ops FaultOp, err error) (remove func()) {
 	if off < 0 || n < 0 || ops&^FaultReadWrite != 0 || ops == 0 {
 		panic(fmt.Sprintf("blockdev: Faulty.InjectError(%d, %d, %#x): bad range or operations", off, n, ops))
@@ -151,8 +173,9 @@ func (f *Faulty) InjectError(off, n int64, ops FaultOp, err error) (remove func(
 	}
 }
 
-// FailFlush makes Flush fail with an error wrapping err, or syscall.EIO when err is nil,
-// without writing anything back, until the returned function removes the fault.
+// FailFlush makes Flush fail with an error wrapping err, or a medium error (ErrMedium
+// and syscall.EIO) when err is nil, without writing anything back, until the returned
+// function removes the fault. An errno gets its class, as with InjectError.
 func (f *Faulty) FailFlush(err error) (remove func()) {
 	if err == nil {
 		err = syscall.EIO
@@ -187,8 +210,8 @@ func (f *Faulty) SetAtomicUnit(unit int64) {
 	f.unit = unit
 }
 
-// Vanish makes every call but Size and Close fail with an error wrapping ErrVanished
-// and syscall.EIO, as on a pulled drive, until Reinsert.
+// Vanish makes every call but Size, Caps and Close fail with an error wrapping
+// ErrVanished (so ErrGone) and syscall.ENODEV, as on a pulled drive, until Reinsert.
 func (f *Faulty) Vanish() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -202,11 +225,49 @@ func (f *Faulty) Reinsert() {
 	f.vanished = false
 }
 
+// Hang makes every call but Size, Caps, Close and the power cuts block, before it does
+// anything, until release is called (calling it again is harmless); the blocked calls
+// then run as if they had just been made. Stats().Hung counts the calls blocked. Hang
+// while hanging returns the release of the hang in place.
+func (f *Faulty) Hang() (release func()) {
+	f.hangMu.Lock()
+	defer f.hangMu.Unlock()
+	g := f.hang
+	if g == nil {
+		g = &hangGate{open: make(chan struct{})}
+		f.hang = g
+	}
+	return func() {
+		g.once.Do(func() {
+			f.hangMu.Lock()
+			if f.hang == g {
+				f.hang = nil
+			}
+			f.hangMu.Unlock()
+			close(g.open)
+		})
+	}
+}
+
+// wait blocks while a Hang is in place. The caller does not hold mu.
+func (f *Faulty) wait() {
+	f.hangMu.Lock()
+	g := f.hang
+	f.hangMu.Unlock()
+	if g == nil {
+		return
+	}
+	f.hung.Add(1)
+	<-g.open
+	f.hung.Add(-1)
+}
+
 // Stats returns the counters.
 func (f *Faulty) Stats() FaultyStats {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	s := f.stats
+	s.Hung = int(f.hung.Load())
 	for _, op := range f.cache {
 		if !op.durable {
 			s.Cached++
@@ -303,8 +364,8 @@ func (f *Faulty) apply(op cacheOp) error {
 	case cacheZero:
 		return WriteZeroes(f.lower, op.off, op.n, op.flags&^ZeroFast)
 	case cacheTrim:
-		// A lower device that turns out unable to trim keeps its contents, which Trim
-		// allows; failing every later Flush over it would not.
+		// A lower device that turns out unable to trim (its Caps changed) keeps its
+		// contents, which Trim allows; failing every later Flush over it would not.
 		if err := Trim(f.lower, op.off, op.n); err != nil && !errors.Is(err, ErrNotSupported) {
 			return err
 		}
@@ -333,11 +394,11 @@ func (f *Faulty) check(name string, op FaultOp, off, n int64) error {
 		return fmt.Errorf("faulty %s: %w", name, ErrClosed)
 	}
 	if f.vanished {
-		return fmt.Errorf("faulty %s at offset %d: %w: %w", name, off, ErrVanished, syscall.EIO)
+		return fmt.Errorf("faulty %s at offset %d: %w: %w", name, off, ErrVanished, syscall.ENODEV)
 	}
 	for _, ft := range f.faults {
 		if ft.ops&op != 0 && off < ft.off+ft.n && ft.off < off+n {
-			return fmt.Errorf("faulty %s at offset %d length %d: injected error: %w", name, off, n, ft.err)
+			return fmt.Errorf("faulty %s at offset %d length %d: injected error: %w", name, off, n, Classify(ft.err))
 		}
 	}
 	return nil
@@ -355,8 +416,20 @@ func (f *Faulty) Size() int64 { return f.lower.Size() }
 // PreferredBlockSize returns the lower device's.
 func (f *Faulty) PreferredBlockSize() int { return PreferredBlockSize(f.lower) }
 
+// Caps are the lower device's, except that the cache zeroes by itself and makes FUA
+// writes (through blockdev.WriteFUA on the lower device) whatever the lower device can.
+func (f *Faulty) Caps() Caps {
+	c := CapsOf(f.lower)
+	if c.ReadOnly {
+		return c
+	}
+	c.Zeroes, c.FUA = true, true
+	return c
+}
+
 // ReadAt reads the lower device with the cache laid over it.
 func (f *Faulty) ReadAt(p []byte, off int64) (int, error) {
+	f.wait()
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.stats.Reads++
@@ -384,6 +457,7 @@ func (f *Faulty) ReadAt(p []byte, off int64) (int, error) {
 
 // WriteAt puts the write in the cache.
 func (f *Faulty) WriteAt(p []byte, off int64) (int, error) {
+	f.wait()
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.stats.Writes++
@@ -404,11 +478,15 @@ func (f *Faulty) checkChange(name string, off, n int64) error {
 	if err := CheckRange(off, n, f.lower.Size()); err != nil {
 		return fmt.Errorf("faulty %s: %w", name, err)
 	}
+	if CapsOf(f.lower).ReadOnly {
+		return fmt.Errorf("faulty %s: %w", name, ErrReadOnly)
+	}
 	return nil
 }
 
 // WriteAtFUA writes p through to the lower device durably, and into the cache.
 func (f *Faulty) WriteAtFUA(p []byte, off int64) (int, error) {
+	f.wait()
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.stats.FUAWrites++
@@ -427,13 +505,14 @@ func (f *Faulty) WriteAtFUA(p []byte, off int64) (int, error) {
 
 // Trim puts a trim in the cache; the range reads as zeroes until Flush passes it on.
 func (f *Faulty) Trim(off, n int64) error {
+	f.wait()
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.stats.Trims++
 	if err := f.checkChange("trim", off, n); err != nil {
 		return f.fail(err)
 	}
-	if _, ok := f.lower.(Trimmer); !ok {
+	if !CapsOf(f.lower).Trim {
 		return f.fail(fmt.Errorf("faulty trim: %w", ErrNotSupported))
 	}
 	if n > 0 {
@@ -444,13 +523,14 @@ func (f *Faulty) Trim(off, n int64) error {
 
 // WriteZeroes puts a zeroing in the cache.
 func (f *Faulty) WriteZeroes(off, n int64, flags ZeroFlags) error {
+	f.wait()
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.stats.WriteZeroes++
 	if err := f.checkChange("write zeroes", off, n); err != nil {
 		return f.fail(err)
 	}
-	if _, ok := f.lower.(ZeroWriter); !ok && flags&ZeroFast != 0 {
+	if flags&ZeroFast != 0 && !CapsOf(f.lower).FastZero {
 		return f.fail(fmt.Errorf("faulty write zeroes: %w", ErrNotFast))
 	}
 	if n > 0 {
@@ -461,6 +541,7 @@ func (f *Faulty) WriteZeroes(off, n int64, flags ZeroFlags) error {
 
 // Flush writes the cache back to the lower device and flushes it.
 func (f *Faulty) Flush() error {
+	f.wait()
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.stats.Flushes++
@@ -468,7 +549,7 @@ func (f *Faulty) Flush() error {
 		return f.fail(err)
 	}
 	if f.flushErr != nil {
-		return f.fail(fmt.Errorf("faulty flush: injected error: %w", f.flushErr))
+		return f.fail(fmt.Errorf("faulty flush: injected error: %w", Classify(f.flushErr)))
 	}
 	if err := f.writeBack(); err != nil {
 		return f.fail(fmt.Errorf("faulty flush: %w", err))

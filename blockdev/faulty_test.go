@@ -9,6 +9,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/atrest/atrest/blockdev"
 )
@@ -289,8 +290,8 @@ func TestFaultyVanishAndReinsert(t *testing.T) {
 	f.Vanish()
 	want := func(what string, err error) {
 		t.Helper()
-		if !errors.Is(err, blockdev.ErrVanished) || !errors.Is(err, syscall.EIO) {
-			t.Errorf("%s on a vanished device: %v, want ErrVanished and EIO", what, err)
+		if !errors.Is(err, blockdev.ErrVanished) || !errors.Is(err, blockdev.ErrGone) || !errors.Is(err, syscall.ENODEV) {
+			t.Errorf("%s on a vanished device: %v, want ErrVanished, ErrGone and ENODEV", what, err)
 		}
 	}
 	_, err := f.ReadAt(make([]byte, 10), 0)
@@ -426,6 +427,9 @@ type noCaps struct{ blockdev.Device }
 
 func TestFaultyWithoutLowerCapabilities(t *testing.T) {
 	f := blockdev.NewFaulty(noCaps{blockdev.NewMem(64 << 10)})
+	if c := f.Caps(); c.Trim || c.FastZero || !c.Zeroes || !c.FUA {
+		t.Errorf("Caps over a device without capabilities: %+v, want Zeroes and FUA only", c)
+	}
 	if err := f.Trim(0, 4096); !errors.Is(err, blockdev.ErrNotSupported) {
 		t.Errorf("Trim over a device that cannot: %v", err)
 	}
@@ -475,14 +479,14 @@ func TestFaultyTogglesUnderLoad(t *testing.T) {
 				case 3:
 					err = f.WriteZeroes(off, 4096, 0)
 				}
-				if err != nil && !errors.Is(err, syscall.EIO) {
+				if err != nil && !errors.Is(err, syscall.EIO) && !errors.Is(err, blockdev.ErrVanished) {
 					t.Errorf("call beside fault switching: %v", err)
 					return
 				}
 			}
 		})
 	}
-	for i := 0; f.Stats().Reads < 2000; i++ {
+	for i := 0; f.Stats().Reads < 2000 && !t.Failed(); i++ { // a failed worker returns
 		switch i % 4 {
 		case 0:
 			f.Vanish()
@@ -501,5 +505,94 @@ func TestFaultyTogglesUnderLoad(t *testing.T) {
 	wg.Wait()
 	if s := f.Stats(); s.Reads == 0 || s.Writes == 0 || s.Flushes == 0 || s.WriteZeroes == 0 {
 		t.Fatalf("the workers did not run: %+v", s)
+	}
+}
+
+// TestFaultyErrorClasses: an injected error without a cause is a medium error, an
+// injected errno gets its class, and a failed flush too.
+func TestFaultyErrorClasses(t *testing.T) {
+	f := blockdev.NewFaulty(blockdev.NewMem(64 << 10))
+	f.InjectError(0, 4096, blockdev.FaultReadWrite, nil)
+	f.InjectError(8192, 4096, blockdev.FaultRead, syscall.ENXIO)
+	f.InjectError(16384, 4096, blockdev.FaultRead, errors.New("no class"))
+	for _, c := range []struct {
+		off   int64
+		errno error
+		class error // nil: none
+	}{
+		{0, syscall.EIO, blockdev.ErrMedium},
+		{8192, syscall.ENXIO, blockdev.ErrGone},
+		{16384, nil, nil},
+	} {
+		_, err := f.ReadAt(make([]byte, 512), c.off)
+		if c.errno != nil && !errors.Is(err, c.errno) {
+			t.Errorf("read at %d: %v, want %v", c.off, err, c.errno)
+		}
+		for _, class := range []error{blockdev.ErrMedium, blockdev.ErrGone} {
+			if errors.Is(err, class) != (class == c.class) {
+				t.Errorf("read at %d: %v: matches %v is %v", c.off, err, class, class != c.class)
+			}
+		}
+	}
+	if _, err := f.WriteAt(make([]byte, 512), 100); !errors.Is(err, blockdev.ErrMedium) || !errors.Is(err, syscall.EIO) {
+		t.Errorf("write in a medium error: %v, want ErrMedium and EIO", err)
+	}
+	f.FailFlush(nil)
+	if err := f.Flush(); !errors.Is(err, blockdev.ErrMedium) || !errors.Is(err, syscall.EIO) {
+		t.Errorf("failed flush: %v, want ErrMedium and EIO", err)
+	}
+}
+
+// TestFaultyHang: calls block while the hang is in place and run when it is released;
+// Size, Caps, Close and the power cuts do not block.
+func TestFaultyHang(t *testing.T) {
+	f := blockdev.NewFaulty(blockdev.NewMem(64 << 10))
+	release := f.Hang()
+	if again := f.Hang(); again == nil {
+		t.Fatal("Hang while hanging returned no release")
+	}
+	done := make(chan error, 6)
+	calls := []func() error{
+		func() error { _, err := f.ReadAt(make([]byte, 512), 0); return err },
+		func() error { _, err := f.WriteAt(bytes.Repeat([]byte{3}, 512), 0); return err },
+		func() error { _, err := f.WriteAtFUA(make([]byte, 512), 4096); return err },
+		func() error { return f.Trim(8192, 512) },
+		func() error { return f.WriteZeroes(12288, 512, 0) },
+		f.Flush,
+	}
+	for _, call := range calls {
+		go func() { done <- call() }()
+	}
+	waitFor(t, "every call blocks", func() bool { return f.Stats().Hung == len(calls) })
+	select {
+	case err := <-done:
+		t.Fatalf("a call returned (%v) while the device hangs", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	if f.Size() != 64<<10 || f.Caps().BlockSize != 512 || f.PowerCut() != nil {
+		t.Error("Size, Caps or PowerCut misbehave while the device hangs")
+	}
+	release()
+	release() // harmless
+	for range calls {
+		if err := <-done; err != nil {
+			t.Errorf("a call released from the hang: %v", err)
+		}
+	}
+	if s := f.Stats(); s.Hung != 0 || s.Reads != 1 || s.Flushes != 1 {
+		t.Errorf("stats after the hang: %+v", s)
+	}
+	if _, err := f.ReadAt(make([]byte, 512), 0); err != nil {
+		t.Errorf("a call after the hang: %v", err)
+	}
+	release = f.Hang()
+	go func() { _, err := f.ReadAt(make([]byte, 512), 0); done <- err }()
+	waitFor(t, "a call blocks", func() bool { return f.Stats().Hung == 1 })
+	if err := f.Close(); err != nil {
+		t.Errorf("Close while a call hangs: %v", err)
+	}
+	release()
+	if err := <-done; !errors.Is(err, blockdev.ErrClosed) {
+		t.Errorf("a call released after Close: %v, want ErrClosed", err)
 	}
 }

@@ -49,6 +49,15 @@ type FileOptions struct {
 // and writes buffers of zeroes where the kernel answers EOPNOTSUPP. WriteAtFUA uses
 // pwritev2 with RWF_DSYNC. Flush is fdatasync.
 //
+// Caps answer from what the kernel says: a block device trims while its queue's
+// discard_max_bytes is not 0 (a loop device turns it to 0 when its file refuses a
+// discard) and zeroes fast when it offloads WRITE_ZEROES; a regular file trims and
+// zeroes fast until the file system answers EOPNOTSUPP, after which the File reports
+// the capability gone.
+//
+// Errors carry the class of their errno (see Classify): a pulled drive's ENODEV is
+// ErrGone, an EIO ErrMedium, and the errno stays wrapped.
+//
 // A File is safe for concurrent use. Close waits for the calls in progress, and every
 // call after it fails with ErrClosed: the descriptor is never used after it is closed.
 type File struct {
@@ -57,11 +66,12 @@ type File struct {
 	direct    bool
 	blockDev  bool
 	size      int64
-	blockSize int   // PreferredBlockSize
-	logical   int64 // block devices: logical block size, the unit of BLKDISCARD/BLKZEROOUT
-	dioAlign  int64 // Direct: alignment of offsets and lengths
-	memAlign  int   // Direct: alignment of buffer addresses
-	zeroFast  bool  // block devices: the device offloads WRITE_ZEROES
+	blockSize int    // PreferredBlockSize
+	logical   int64  // block devices: logical block size, the unit of BLKDISCARD/BLKZEROOUT
+	dioAlign  int64  // Direct: alignment of offsets and lengths
+	memAlign  int    // Direct: alignment of buffer addresses
+	zeroFast  bool   // block devices: the device offloads WRITE_ZEROES
+	rdev      uint64 // block devices: the device number, for its queue limits in sysfs
 	sys       sysCalls
 
 	// mu is held shared by every call that uses fd and exclusively by Close.
@@ -77,14 +87,18 @@ type File struct {
 	// noRWFDSync is set once pwritev2 turns out not to support RWF_DSYNC; WriteAtFUA then
 	// writes and calls fdatasync.
 	noRWFDSync atomic.Bool
+	// noTrim and noZero are set once the kernel refuses to punch holes or discard (noTrim)
+	// or to zero a range itself (noZero) with EOPNOTSUPP; Caps stop offering them.
+	noTrim, noZero atomic.Bool
 }
 
 var (
-	_ Device     = (*File)(nil)
-	_ Trimmer    = (*File)(nil)
-	_ ZeroWriter = (*File)(nil)
-	_ FUAWriter  = (*File)(nil)
-	_ BlockSizer = (*File)(nil)
+	_ Device       = (*File)(nil)
+	_ Trimmer      = (*File)(nil)
+	_ ZeroWriter   = (*File)(nil)
+	_ FUAWriter    = (*File)(nil)
+	_ BlockSizer   = (*File)(nil)
+	_ CapsReporter = (*File)(nil)
 )
 
 // bounceSize is the size of the aligned buffers that unaligned Direct I/O goes through.
@@ -185,7 +199,8 @@ func (f *File) probe() error {
 		}
 		f.logical = int64(logical)
 		f.blockSize = max(logical, physical)
-		f.zeroFast = blockZeroOffload(st.Rdev)
+		f.rdev = st.Rdev
+		f.zeroFast = queueLimit(st.Rdev, "write_zeroes_max_bytes") > 0
 	default:
 		return fmt.Errorf("%s is neither a regular file nor a block device", f.path)
 	}
@@ -232,6 +247,23 @@ func (f *File) Size() int64 { return f.size }
 // PreferredBlockSize returns the physical block size of a block device, or st_blksize of
 // a regular file, raised to the direct I/O alignment with Direct.
 func (f *File) PreferredBlockSize() int { return f.blockSize }
+
+// Caps reports what the drive can do now (see File).
+func (f *File) Caps() Caps {
+	if f.ro {
+		return Caps{ReadOnly: true, BlockSize: f.blockSize}
+	}
+	c := Caps{Zeroes: true, FUA: true, BlockSize: f.blockSize}
+	if f.blockDev {
+		c.Trim = !f.noTrim.Load() && queueLimit(f.rdev, "discard_max_bytes") > 0
+		c.FastZero = f.zeroFast && !f.noZero.Load()
+	} else {
+		// PUNCH_HOLE serves both Trim and a zeroing that may unmap.
+		c.Trim = !f.noTrim.Load()
+		c.FastZero = c.Trim || !f.noZero.Load()
+	}
+	return c
+}
 
 // ReadAt reads len(p) bytes at off; see Device for the behaviour at the end.
 func (f *File) ReadAt(p []byte, off int64) (int, error) {
@@ -326,7 +358,7 @@ func (f *File) preadFull(p []byte, off int64) (int, error) {
 		case errors.Is(err, unix.EINTR):
 			continue
 		case err != nil:
-			return done, fmt.Errorf("read %s at offset %d: %w", f.path, off+int64(done), err)
+			return done, fmt.Errorf("read %s at offset %d: %w", f.path, off+int64(done), Classify(err))
 		case n <= 0:
 			return done, fmt.Errorf("read %s at offset %d: %w (the drive is shorter than when it was opened)",
 				f.path, off+int64(done), io.ErrUnexpectedEOF)
@@ -356,7 +388,7 @@ func (f *File) pwriteFull(p []byte, off int64, fua bool) (int, error) {
 		case errors.Is(err, unix.EINTR):
 			continue
 		case err != nil:
-			return done, fmt.Errorf("write %s at offset %d: %w", f.path, off+int64(done), err)
+			return done, fmt.Errorf("write %s at offset %d: %w", f.path, off+int64(done), Classify(err))
 		case n <= 0:
 			return done, fmt.Errorf("write %s at offset %d: %w", f.path, off+int64(done), io.ErrShortWrite)
 		}
@@ -457,7 +489,7 @@ func (f *File) Flush() error {
 
 func (f *File) fdatasync() error {
 	if err := retryEINTR(func() error { return f.sys.fdatasync(f.fd) }); err != nil {
-		return fmt.Errorf("fdatasync %s: %w", f.path, err)
+		return fmt.Errorf("fdatasync %s: %w", f.path, Classify(err))
 	}
 	return nil
 }
@@ -489,9 +521,10 @@ func (f *File) Trim(off, n int64) error {
 	}
 	switch {
 	case isNotSupported(err):
+		f.noTrim.Store(true)
 		return fmt.Errorf("trim %s at offset %d length %d: %w: %w", f.path, off, n, ErrNotSupported, err)
 	case err != nil:
-		return fmt.Errorf("trim %s at offset %d length %d: %w", f.path, off, n, err)
+		return fmt.Errorf("trim %s at offset %d length %d: %w", f.path, off, n, Classify(err))
 	}
 	return nil
 }
@@ -522,7 +555,7 @@ func (f *File) WriteZeroes(off, n int64, flags ZeroFlags) error {
 		err = f.zeroRegular(off, n, flags)
 	}
 	if err != nil {
-		return fmt.Errorf("write zeroes %s at offset %d length %d: %w", f.path, off, n, err)
+		return fmt.Errorf("write zeroes %s at offset %d length %d: %w", f.path, off, n, Classify(err))
 	}
 	return nil
 }
@@ -536,9 +569,15 @@ func (f *File) zeroRegular(off, n int64, flags ZeroFlags) error {
 		var err error = unix.EOPNOTSUPP
 		if flags&ZeroMayUnmap != 0 {
 			err = f.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+			if isNotSupported(err) {
+				f.noTrim.Store(true)
+			}
 		}
 		if isNotSupported(err) {
 			err = f.fallocate(unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+			if isNotSupported(err) {
+				f.noZero.Store(true)
+			}
 		}
 		return err
 	}()
@@ -564,6 +603,9 @@ func (f *File) zeroBlockDev(off, n int64, flags ZeroFlags) error {
 			}
 			return retryEINTR(func() error { return f.sys.ioctlRange(f.fd, unix.BLKZEROOUT, a, b-a) })
 		}()
+		if isNotSupported(err) {
+			f.noZero.Store(true)
+		}
 		switch {
 		case isNotSupported(err) && flags&ZeroFast != 0:
 			return fmt.Errorf("%w: %w", ErrNotFast, err)

@@ -298,6 +298,9 @@ func TestFileFUAFallback(t *testing.T) {
 // buffers, or ErrNotFast and no change under ZeroFast.
 func TestFileZeroesFallback(t *testing.T) {
 	f, data := newTestFile(t, "", 3<<20, FileOptions{})
+	if c := f.Caps(); !c.Trim || !c.FastZero {
+		t.Fatalf("Caps of a file on a file system that punches holes: %+v", c)
+	}
 	f.sys.fallocate = func(int, uint32, int64, int64) error { return unix.EOPNOTSUPP }
 	for _, flags := range []ZeroFlags{ZeroFast, ZeroFast | ZeroMayUnmap} {
 		if err := f.WriteZeroes(1000, 2<<20, flags); !errors.Is(err, ErrNotFast) {
@@ -306,6 +309,9 @@ func TestFileZeroesFallback(t *testing.T) {
 	}
 	if err := f.Trim(0, 4096); !errors.Is(err, ErrNotSupported) {
 		t.Fatalf("Trim without fallocate: %v, want ErrNotSupported", err)
+	}
+	if c := f.Caps(); c.Trim || c.FastZero || !c.Zeroes {
+		t.Fatalf("Caps once fallocate answered EOPNOTSUPP: %+v, want no Trim, no FastZero", c)
 	}
 	checkContents(t, f, data)
 	if err := f.WriteZeroes(1000, 2<<20, ZeroMayUnmap); err != nil {
@@ -357,6 +363,44 @@ func TestFileZeroesOnTmpfs(t *testing.T) {
 	}
 	clear(data[100000:110000])
 	checkContents(t, f, data)
+	if c := f.Caps(); !c.Trim || !c.FastZero {
+		t.Errorf("Caps on tmpfs, which punches holes but does not zero ranges: %+v, want Trim and FastZero", c)
+	}
+}
+
+// TestFileErrorClasses: an errno from the kernel reaches the caller with its class and
+// itself, on every path.
+func TestFileErrorClasses(t *testing.T) {
+	f, _ := newTestFile(t, "", 64<<10, FileOptions{})
+	f.sys.pread = func(int, []byte, int64) (int, error) { return -1, unix.EIO }
+	f.sys.pwrite = func(int, []byte, int64) (int, error) { return -1, unix.ENODEV }
+	f.sys.pwritev2 = func(int, [][]byte, int64, int) (int, error) { return -1, unix.ENOSPC }
+	f.sys.fdatasync = func(int) error { return unix.ENOTCONN }
+	f.sys.fallocate = func(int, uint32, int64, int64) error { return unix.ENODATA }
+	_, readErr := f.ReadAt(make([]byte, 512), 0)
+	_, writeErr := f.WriteAt(make([]byte, 512), 0)
+	_, fuaErr := f.WriteAtFUA(make([]byte, 512), 0)
+	for _, c := range []struct {
+		what         string
+		err          error
+		errno, class error // class nil: none
+	}{
+		{"read", readErr, unix.EIO, ErrMedium},
+		{"write", writeErr, unix.ENODEV, ErrGone},
+		{"FUA write", fuaErr, unix.ENOSPC, nil},
+		{"flush", f.Flush(), unix.ENOTCONN, ErrGone},
+		{"trim", f.Trim(0, 4096), unix.ENODATA, ErrMedium},
+		{"write zeroes", f.WriteZeroes(0, 4096, 0), unix.ENODATA, ErrMedium},
+	} {
+		if !errors.Is(c.err, c.errno) {
+			t.Errorf("%s: %v, want %v", c.what, c.err, c.errno)
+		}
+		for _, class := range []error{ErrGone, ErrMedium, ErrTimeout} {
+			if errors.Is(c.err, class) != (class == c.class) {
+				t.Errorf("%s: %v: matches %v is %v", c.what, c.err, class, class != c.class)
+			}
+		}
+	}
 }
 
 // TestFileCloseWhileBusy closes a File under readers and writers: each call either

@@ -145,6 +145,9 @@ func TestFileLoopDevice(t *testing.T) {
 	if f.Size() != size {
 		t.Fatalf("Size = %d, want %d", f.Size(), size)
 	}
+	if c := f.Caps(); !c.Trim || !c.FastZero || !c.Zeroes || !c.FUA || c.ReadOnly || c.BlockSize != f.PreferredBlockSize() {
+		t.Errorf("Caps of a loop device over a file = %+v, want everything", c)
+	}
 	if want := sysfsInt(t, dev, "physical_block_size"); int64(f.PreferredBlockSize()) != max(want, sysfsInt(t, dev, "logical_block_size")) {
 		t.Errorf("PreferredBlockSize = %d, want the physical block size %d", f.PreferredBlockSize(), want)
 	}

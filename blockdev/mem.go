@@ -14,9 +14,10 @@ type Mem struct {
 }
 
 var (
-	_ Device     = (*Mem)(nil)
-	_ Trimmer    = (*Mem)(nil)
-	_ ZeroWriter = (*Mem)(nil)
+	_ Device       = (*Mem)(nil)
+	_ Trimmer      = (*Mem)(nil)
+	_ ZeroWriter   = (*Mem)(nil)
+	_ CapsReporter = (*Mem)(nil)
 )
 
 // NewMem returns a zero-filled memory device of size bytes.
@@ -26,6 +27,12 @@ func NewMem(size int64) *Mem {
 
 // Size returns the size of the device.
 func (m *Mem) Size() int64 { return int64(len(m.data)) }
+
+// Caps says that a Mem trims and zeroes (fast) by itself; its writes need no FUA, as
+// they are durable when they return.
+func (m *Mem) Caps() Caps {
+	return Caps{Trim: true, Zeroes: true, FastZero: true, BlockSize: 512}
+}
 
 // ReadAt reads len(p) bytes at off; see Device for the behaviour at the end.
 func (m *Mem) ReadAt(p []byte, off int64) (int, error) {

@@ -153,7 +153,6 @@ func TestFileReadOnlyConformance(t *testing.T) {
 			closeQuietly(t, f)
 			return f
 		},
-		ReadOnly: true,
 	})
 }
 
@@ -260,4 +259,43 @@ func TestFaultyFileConformance(t *testing.T) {
 		}
 	}
 	blockdevtest.Run(t, cfg)
+}
+
+// TestBoundedConformance: a Bounded over a device that never hangs is a plain Device,
+// durability included.
+func TestBoundedConformance(t *testing.T) {
+	newFaulty := faultyMemAfterCuts((*blockdev.Faulty).PowerCut)
+	blockdevtest.Run(t, blockdevtest.Config{
+		NewReopenable: func(t *testing.T, size int64) (blockdev.Device, blockdevtest.Reopen) {
+			f, reopen := newFaulty(t, size)
+			b := blockdev.Bound(f, time.Minute)
+			closeQuietly(t, b)
+			return b, func(t *testing.T) blockdev.Device {
+				b := blockdev.Bound(reopen(t), time.Minute)
+				closeQuietly(t, b)
+				return b
+			}
+		},
+		TrimZeroes: true,
+	})
+}
+
+// TestFaults: Faulty's own errors have the classes that RunFaults asks of every layer
+// over it, and a Bounded passes every class of the device below on.
+func TestFaults(t *testing.T) {
+	for name, wrap := range map[string]func(blockdev.Device) blockdev.Device{
+		"Faulty":  func(lower blockdev.Device) blockdev.Device { return lower },
+		"Bounded": func(lower blockdev.Device) blockdev.Device { return blockdev.Bound(lower, time.Minute) },
+	} {
+		t.Run(name, func(t *testing.T) {
+			blockdevtest.RunFaults(t, blockdevtest.FaultConfig{
+				Wrap: func(t *testing.T, lower blockdev.Device) blockdev.Device {
+					dev := wrap(lower)
+					closeQuietly(t, dev)
+					return dev
+				},
+				PassesTrim: true,
+			})
+		})
+	}
 }

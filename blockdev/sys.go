@@ -62,19 +62,22 @@ func isNotSupported(err error) bool {
 	return errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOTTY) || errors.Is(err, unix.ENOSYS)
 }
 
-// blockZeroOffload reports whether the block device rdev does WRITE_ZEROES itself
-// (BLKZEROOUT then does not fall back to writing pages of zeroes). It reads sysfs and
-// answers false when it cannot tell.
-func blockZeroOffload(rdev uint64) bool {
+// queueLimit returns the queue limit name (such as write_zeroes_max_bytes: the block
+// device does WRITE_ZEROES itself, so BLKZEROOUT does not fall back to writing pages of
+// zeroes) of the block device rdev from sysfs, or 0 when it cannot tell.
+func queueLimit(rdev uint64, name string) uint64 {
 	dir := fmt.Sprintf("/sys/dev/block/%d:%d", unix.Major(rdev), unix.Minor(rdev))
 	queue := dir + "/queue"
 	if _, err := os.Stat(dir + "/partition"); err == nil {
 		queue = dir + "/../queue"
 	}
-	b, err := os.ReadFile(queue + "/write_zeroes_max_bytes")
+	b, err := os.ReadFile(queue + "/" + name)
 	if err != nil {
-		return false
+		return 0
 	}
 	v, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
-	return err == nil && v > 0
+	if err != nil {
+		return 0
+	}
+	return v
 }

@@ -66,7 +66,8 @@ type Info struct {
 	Token *luks2.AtrestToken
 	// SectorSize is the data segment's sector size: the natural block size to export.
 	SectorSize int
-	// AllowDiscards is the header's persistent allow-discards flag.
+	// AllowDiscards is the header's persistent allow-discards flag. What an unlocked
+	// drive passes on is its Device's Caps (Trim: this flag and the drive's ability).
 	AllowDiscards bool
 	// Degraded says why a header copy is damaged or stale; nil when both are sound.
 	// The next writer (under the custody lock) repairs it.

@@ -202,7 +202,7 @@ func TestFormatInterop(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer u.Device.Close()
-			if u.Token.Volume != "vol0" || u.UUID != in.UUID || u.SectorSize != ss || u.AllowDiscards || u.Token.MemberCount != 1 || u.KeyID != key.ID {
+			if u.Token.Volume != "vol0" || u.UUID != in.UUID || u.SectorSize != ss || u.AllowDiscards || u.Device.Caps().Trim || u.Token.MemberCount != 1 || u.KeyID != key.ID {
 				t.Fatalf("unlocked %+v", u)
 			}
 			if u.Device.Size() != testDriveSize-luks2.DataOffset {
@@ -225,7 +225,7 @@ func TestFormatOptions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !u.AllowDiscards || u.Token.Volume != "db" || u.Token.VolumeUUID != testVolume {
+	if !u.AllowDiscards || !u.Device.Caps().Trim || u.Token.Volume != "db" || u.Token.VolumeUUID != testVolume {
 		t.Fatalf("unlocked %+v", u)
 	}
 	u.Device.Close()

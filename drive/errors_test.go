@@ -169,8 +169,8 @@ func checkRefused(t *testing.T, img string, key Key, c brokenDrive) {
 	}
 }
 
-// TestCheckPulledDrive: a drive whose reads fail with EIO (a FUSE file over a device
-// that vanished, as a pulled drive answers) is failed in Check, not damaged, and Unlock
+// TestCheckPulledDrive: a drive whose reads fail (a FUSE file over a device that vanished
+// answers ENODEV, as a pulled drive does) is failed in Check, not damaged, and Unlock
 // returns the I/O error.
 func TestCheckPulledDrive(t *testing.T) {
 	testutil.Root(t)
@@ -205,5 +205,5 @@ func TestCheckPulledDrive(t *testing.T) {
 		t.Fatal(err)
 	}
 	dev.Vanish()
-	checkRefused(t, img, key, brokenDrive{state: StateFailed, detail: "input/output error", class: syscall.EIO})
+	checkRefused(t, img, key, brokenDrive{state: StateFailed, detail: "no such device", class: syscall.ENODEV})
 }

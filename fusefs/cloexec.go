@@ -9,13 +9,14 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// closeOnExecFUSE sets FD_CLOEXEC on every descriptor of this process that is open on
+// CloseOnExecFUSE sets FD_CLOEXEC on every descriptor of this process that is open on
 // /dev/fuse. go-fuse v2.12's direct mount opens /dev/fuse without O_CLOEXEC, so every
 // program this process starts afterwards would inherit the FUSE connection and keep
 // it, and with it the mount, alive after this process dies (a killed `atrest mount`
 // would leave a hung mount instead of a dead one that cleanup can remove). A fork
 // by another goroutine between go-fuse's open and this call can still inherit it.
-func closeOnExecFUSE() error {
+// Mount calls it; any other go-fuse server of the process must call it after mounting.
+func CloseOnExecFUSE() error {
 	entries, err := os.ReadDir("/proc/self/fd")
 	if err != nil {
 		return fmt.Errorf("list open files: %w", err)

@@ -20,14 +20,13 @@ import (
 // every method may run concurrently with every other.
 type fileNode struct {
 	fs.Inode
-	name    string
-	dev     blockdev.Device
-	size    int64
-	logger  *slog.Logger
-	start   time.Time
-	discard bool
-	trim    func(file string) bool // Options.TrimHoles
-	refuse  atomic.Pointer[zeroWindow]
+	name   string
+	dev    blockdev.Device
+	size   int64
+	logger *slog.Logger
+	start  time.Time
+	trim   func(file string) bool // Options.TrimHoles
+	refuse atomic.Pointer[zeroWindow]
 }
 
 // zeroWindow is the range of Server.RefuseZeroRange while it runs.
@@ -134,7 +133,7 @@ func (n *fileNode) Allocate(ctx context.Context, fh fs.FileHandle, off, length u
 	return 0
 }
 
-// punchHole implements PUNCH_HOLE|KEEP_SIZE, when discards are on. fallocate(2) promises
+// punchHole implements PUNCH_HOLE|KEEP_SIZE, where the Device trims. fallocate(2) promises
 // that the range reads back as zeroes, and the kernel relies on it: a loop device turns
 // both a discard and a WRITE_ZEROES that allows unmapping (ext4's zeroout of inode
 // tables and extents) into this call (measured on Linux 6.18: blkdiscard, fstrim,
@@ -147,8 +146,8 @@ func (n *fileNode) Allocate(ctx context.Context, fh fs.FileHandle, off, length u
 // its discards off (queue/discard_max_bytes 0, write-zeroes stay: they fall back to
 // writing zero pages), and fstrim says "not supported".
 func (n *fileNode) punchHole(off, c int64) error {
-	if !n.discard {
-		return fmt.Errorf("punch hole: discards are off: %w", blockdev.ErrNotSupported)
+	if c := blockdev.CapsOf(n.dev); !c.Trim {
+		return fmt.Errorf("punch hole: the device takes no discards: %w", blockdev.ErrNotSupported)
 	}
 	if n.trim != nil && n.trim(n.name) {
 		return blockdev.Trim(n.dev, off, c)
@@ -197,14 +196,20 @@ func (n *fileNode) attr(a *fuse.Attr) {
 	a.SetTimes(&n.start, &n.start, &n.start)
 }
 
-// fail logs a Device error and turns it into the errno of the request.
+// fail logs a Device error and turns it into the errno of the request: the one the
+// block layer uses for its class (blk_errors in the kernel's block/blk-core.c), so that
+// a loop device over the file passes the class on.
 func (n *fileNode) fail(op string, off, length int64, err error) syscall.Errno {
-	errno := syscall.EIO
+	errno := syscall.EIO // ErrMedium, and errors without a class
 	switch {
 	case errors.Is(err, blockdev.ErrNotSupported):
 		return syscall.EOPNOTSUPP // a missing capability is no I/O error: not logged
 	case errors.Is(err, blockdev.ErrReadOnly):
 		errno = syscall.EROFS
+	case errors.Is(err, blockdev.ErrGone):
+		errno = syscall.ENODEV
+	case errors.Is(err, blockdev.ErrTimeout):
+		errno = syscall.ETIMEDOUT
 	}
 	n.logger.Error("device error", "file", n.name, "op", op, "offset", off, "length", length, "err", err, "errno", errno.Error())
 	return errno

@@ -14,12 +14,19 @@
 // write_zeroes_unmap_max_hw_bytes is 0). A punched hole must read back as zeroes, and a
 // trimmed range of an encrypted Device reads back as noise, so by default a hole is an
 // unmapping zeroing, which an encrypted Device refuses (then the loop device turns its
-// discards off). Linux 6.18's loop driver turns write-zeroes off for good, keeping
-// discards, when its file answers ZERO_RANGE with EOPNOTSUPP; the block layer then
-// zeroes by writing zero pages, and every punched hole left is a discard.
+// discards off). Holes are refused at once where the Device's Caps do not say Trim: it
+// takes no discards (an encrypted drive whose header does not allow them), so it learns
+// nothing of which blocks are free. Linux 6.18's loop driver turns write-zeroes off for
+// good, keeping discards, when its file answers ZERO_RANGE with EOPNOTSUPP; the block
+// layer then zeroes by writing zero pages, and every punched hole left is a discard.
 // Server.RefuseZeroRange provokes that without changing a byte, and Options.TrimHoles
 // lets holes through as trims while the caller sees write-zeroes off (`atrest mount`
-// does both when the export allows trims).
+// does both when the export offers trims).
+//
+// Errors: a Device error fails the request with the errno the block layer uses for its
+// class (blockdev.ErrGone ENODEV, ErrTimeout ETIMEDOUT, ErrMedium and any other EIO;
+// ErrReadOnly EROFS, ErrNotSupported EOPNOTSUPP), so a loop device over the file
+// reports a gone Device as offline (BLK_STS_OFFLINE) rather than as a medium error.
 //
 // Concurrency: Mount may be called from several goroutines for different directories.
 // A Server's methods (Dir, Path, Wait, Unmount) are safe for concurrent use. The
@@ -80,14 +87,10 @@ type Options struct {
 	MaxBackground int
 	// FsName is shown as the source in /proc/self/mountinfo; "" means "atrest".
 	FsName string
-	// Discard lets punched holes through to the Devices (see Mount). Without it,
-	// fallocate PUNCH_HOLE fails with EOPNOTSUPP: a loop device over the file then
-	// stops sending discards (fstrim says "not supported") and zeroes by writing
-	// zero pages, so the drives never learn which blocks are free.
-	Discard bool
-	// TrimHoles, when set and Discard is on, is asked for each punched hole whether it
-	// is a discard: then it reaches the Device as Trim, after which the range reads
-	// back as whatever the Device holds (noise on an encrypted one), not as zeroes.
+	// TrimHoles, when set, is asked for each punched hole in a file whose Device's Caps
+	// say Trim whether the hole is a discard: then it reaches the Device as Trim, after
+	// which the range reads back as whatever the Device holds (noise on an encrypted
+	// one), not as zeroes.
 	// The caller vouches for it: it returns true only while nothing can send the file
 	// a punched hole that must read back as zeroes. A loop device sends both its
 	// discards and its unmapping WRITE_ZEROES as punched holes, so `atrest mount`
@@ -124,17 +127,17 @@ type Server struct {
 //   - fallocate without flags or with KEEP_SIZE: nothing to do inside the file, EFBIG
 //     beyond its end without KEEP_SIZE;
 //   - fallocate ZERO_RANGE: blockdev.WriteZeroes without ZeroMayUnmap;
-//   - fallocate PUNCH_HOLE|KEEP_SIZE: with Options.Discard, blockdev.WriteZeroes with
-//     ZeroMayUnmap|ZeroFast, EOPNOTSUPP when the Device answers ErrNotFast; not
-//     Trim, since a punched hole must read back as zeroes and a loop device sends
-//     its WRITE_ZEROES this way too, unless Options.TrimHoles says that the hole is
-//     a discard (then blockdev.Trim, EOPNOTSUPP when the Device cannot trim).
-//     Without Options.Discard, EOPNOTSUPP;
+//   - fallocate PUNCH_HOLE|KEEP_SIZE: where the Device's Caps say Trim (asked at each
+//     hole), blockdev.WriteZeroes with ZeroMayUnmap|ZeroFast, EOPNOTSUPP when the
+//     Device answers ErrNotFast; not Trim, since a punched hole must read back as
+//     zeroes and a loop device sends its WRITE_ZEROES this way too, unless
+//     Options.TrimHoles says that the hole is a discard (then blockdev.Trim).
+//     Where the Caps do not say Trim, EOPNOTSUPP;
 //   - setattr: the size cannot change (EFBIG to grow, EPERM to shrink, also for
 //     open(O_TRUNC)), nor the owner or mode (EPERM); times are accepted and ignored.
 //
-// Any other Device error fails the request with EIO (EROFS for ErrReadOnly) and is
-// logged.
+// Any other Device error fails the request with the errno of its class (see the
+// package doc; EIO without one) and is logged.
 func Mount(dir string, files []File, opts Options) (*Server, error) {
 	if len(files) == 0 {
 		return nil, errors.New("fusefs: no files to serve")
@@ -186,13 +189,12 @@ func Mount(dir string, files []File, opts Options) (*Server, error) {
 	byName := make(map[string]*fileNode, len(files))
 	for _, f := range files {
 		n := &fileNode{
-			name:    f.Name,
-			dev:     f.Device,
-			size:    f.Device.Size(),
-			logger:  logger,
-			start:   root.start,
-			discard: opts.Discard,
-			trim:    opts.TrimHoles,
+			name:   f.Name,
+			dev:    f.Device,
+			size:   f.Device.Size(),
+			logger: logger,
+			start:  root.start,
+			trim:   opts.TrimHoles,
 		}
 		root.files = append(root.files, n)
 		byName[f.Name] = n
@@ -237,7 +239,7 @@ func Mount(dir string, files []File, opts Options) (*Server, error) {
 	// go-fuse opens /dev/fuse without O_CLOEXEC on the direct-mount path; a child
 	// process (mkfs, mount, ...) would inherit it and keep the FUSE connection alive
 	// after this process dies.
-	if err := closeOnExecFUSE(); err != nil {
+	if err := CloseOnExecFUSE(); err != nil {
 		_ = srv.Unmount()
 		return nil, fmt.Errorf("fusefs: %w", err)
 	}

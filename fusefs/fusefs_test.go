@@ -385,9 +385,11 @@ func TestFsync(t *testing.T) {
 
 func TestFallocate(t *testing.T) {
 	const size = 1 << 20
-	fast, slow := newProbe(size), newProbe(size)
+	// Devices that trim, so that holes reach them.
+	fastT, slowT := &trimProbe{probe: newProbe(size)}, &trimProbe{probe: newProbe(size)}
+	fast, slow := fastT.probe, slowT.probe
 	slow.slowZero = true
-	s := mount(t, Options{Discard: true}, File{"fast", fast}, File{"slow", slow})
+	s := mount(t, Options{}, File{"fast", fastT}, File{"slow", slowT})
 	ff := openT(t, s.Path("fast"), os.O_RDWR)
 	fs := openT(t, s.Path("slow"), os.O_RDWR)
 	fill := bytes.Repeat([]byte{0xA5}, size)
@@ -457,19 +459,24 @@ func TestFallocate(t *testing.T) {
 	}
 }
 
-func TestPunchHoleWithoutDiscard(t *testing.T) {
+// TestPunchHoleWithoutTrim: a Device whose Caps do not say Trim gets no holes, not even
+// as zeroings (it zeroes fast: only its Caps keep the hole away).
+func TestPunchHoleWithoutTrim(t *testing.T) {
 	vol := newProbe(1 << 20)
+	if c := blockdev.CapsOf(vol); c.Trim || !c.FastZero {
+		t.Fatalf("the probe's Caps %+v: want FastZero, no Trim", c)
+	}
 	s := mount(t, Options{}, File{"vol", vol})
 	f := openT(t, s.Path("vol"), os.O_RDWR)
 	err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, 0, 4096)
 	if !errors.Is(err, syscall.EOPNOTSUPP) {
-		t.Errorf("punch hole with discards off: %v, want EOPNOTSUPP", err)
+		t.Errorf("punch hole on a device without Trim: %v, want EOPNOTSUPP", err)
 	}
 	if z := vol.takeZeroes(); len(z) != 0 {
-		t.Errorf("punch hole with discards off reached the device: %v", z)
+		t.Errorf("punch hole on a device without Trim reached the device: %v", z)
 	}
 	if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_ZERO_RANGE, 0, 4096); err != nil {
-		t.Errorf("zero range with discards off: %v", err)
+		t.Errorf("zero range on a device without Trim: %v", err)
 	}
 }
 
@@ -489,6 +496,22 @@ func TestDeviceErrors(t *testing.T) {
 	}
 	if _, err := f.WriteAt(buf, 4096); !errors.Is(err, syscall.EROFS) {
 		t.Errorf("write on a read-only device: %v, want EROFS", err)
+	}
+	// The classes of blockdev reach the kernel as the block layer's errnos.
+	for _, c := range []struct {
+		err   error
+		errno syscall.Errno
+	}{
+		{fmt.Errorf("drive: %w: %w", blockdev.ErrMedium, syscall.EBADMSG), syscall.EIO},
+		{fmt.Errorf("drive: %w: %w", blockdev.ErrGone, syscall.EIO), syscall.ENODEV},
+		{fmt.Errorf("drive: %w", blockdev.ErrTimeout), syscall.ETIMEDOUT},
+	} {
+		vol.mu.Lock()
+		vol.failRead = c.err
+		vol.mu.Unlock()
+		if _, err := f.ReadAt(buf, 4096); !errors.Is(err, c.errno) {
+			t.Errorf("read failing with %v: %v, want %v", c.err, err, c.errno)
+		}
 	}
 	log := logs.String()
 	for _, want := range []string{"medium error", "op=read", "offset=4096", "file=vol", "read-only"} {

@@ -64,8 +64,8 @@ type Stack struct {
 // s) and nothing after it.
 //
 // Discards: fstrim on the volume reaches the drive as trims if the export offers trim
-// (atrest serve offers it where the drive allows discards), and is refused from its
-// first call otherwise (see prepareDiscards).
+// (the NBD client's Caps: atrest serve offers it where the drive allows discards), and
+// is refused from its first call otherwise (see prepareDiscards).
 func Mount(ctx context.Context, o Options) (*Stack, error) {
 	logf := o.Logf
 	if logf == nil {
@@ -129,13 +129,11 @@ func Mount(ctx context.Context, o Options) (*Stack, error) {
 	if fusefs.CheckName(s.name) != nil {
 		s.name = "volume"
 	}
-	// The export offers TRIM only where the drive allows discards (atrest serve).
-	discard := info.CanTrim && !info.ReadOnly
-	fopts := fusefs.Options{Logger: o.Logger, Discard: discard}
-	if discard {
-		path := filepath.Join(fuseDir, s.name)
-		fopts.TrimHoles = func(string) bool { return writeZeroesOff(path) }
-	}
+	// The export offers TRIM only where the drive allows discards (atrest serve); the
+	// FUSE file lets holes through exactly then, asking the client's Caps itself.
+	discard := client.Caps().Trim
+	path := filepath.Join(fuseDir, s.name)
+	fopts := fusefs.Options{Logger: o.Logger, TrimHoles: func(string) bool { return writeZeroesOff(path) }}
 	srv, err := fusefs.Mount(fuseDir, []fusefs.File{{Name: s.name, Device: client}}, fopts)
 	if err != nil {
 		s.closeClient()

@@ -35,7 +35,7 @@ func serveMem(t *testing.T, size int64) (nbd.Address, *blockdev.Mem) {
 	t.Helper()
 	mem := blockdev.NewMem(size)
 	srv := nbd.NewServer(nbd.ServerConfig{})
-	if err := srv.AddExport(nbd.Export{Name: "vol", Device: mem, AllowTrim: true}); err != nil {
+	if err := srv.AddExport(nbd.Export{Name: "vol", Device: mem}); err != nil {
 		t.Fatal(err)
 	}
 	sock := filepath.Join(t.TempDir(), "nbd.sock")

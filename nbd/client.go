@@ -58,12 +58,14 @@ func (o ClientOptions) withDefaults() ClientOptions {
 
 var (
 	// ErrDisconnected is returned (wrapped, with the last dial error) by requests that
-	// found no connection within ClientOptions.ReconnectTimeout.
-	ErrDisconnected = errors.New("connection to the nbd server lost")
+	// found no connection within ClientOptions.ReconnectTimeout. It is of the class
+	// blockdev.ErrGone: to the layer above, the device is gone.
+	ErrDisconnected = fmt.Errorf("%w: connection to the nbd server lost", blockdev.ErrGone)
 	// ErrWritesLost is returned once by Flush when a connection dropped while writes
 	// answered on it were not yet flushed and the replay log could not keep them: if
-	// the server crashed rather than restarted cleanly, they may be gone.
-	ErrWritesLost = errors.New("the nbd connection dropped before writes were flushed; they may be lost")
+	// the server crashed rather than restarted cleanly, they may be gone. It is of the
+	// class blockdev.ErrMedium, as a failed fsync after lost write-back is.
+	ErrWritesLost = fmt.Errorf("%w: the nbd connection dropped before writes were flushed; they may be lost", blockdev.ErrMedium)
 	// ErrNoExport is returned (wrapped, with the server's message) by Dial when the
 	// server has no export of the name asked for.
 	ErrNoExport = errors.New("no such export")
@@ -74,8 +76,13 @@ var (
 // It implements every optional capability of blockdev; those the server does not
 // advertise return blockdev.ErrNotSupported (Trim, and Flush without SEND_FLUSH), fall
 // back to plain writes (WriteZeroes without SEND_WRITE_ZEROES) or to a write and a Flush
-// (WriteAtFUA without SEND_FUA). Requests larger than the server's maximum payload are
-// split and sent together.
+// (WriteAtFUA without SEND_FUA). Its Caps are the server's transmission flags. Requests
+// larger than the server's maximum payload are split and sent together.
+//
+// Errors keep their class across the wire (see RemoteError): the server's EIO is
+// blockdev.ErrMedium, EPERM blockdev.ErrReadOnly, ESHUTDOWN blockdev.ErrGone (the
+// client reconnects first, and reports ErrDisconnected, also ErrGone, when its window
+// passed).
 //
 // # Reconnection and durability
 //
@@ -121,11 +128,12 @@ const (
 )
 
 var (
-	_ blockdev.Device     = (*Client)(nil)
-	_ blockdev.Trimmer    = (*Client)(nil)
-	_ blockdev.ZeroWriter = (*Client)(nil)
-	_ blockdev.FUAWriter  = (*Client)(nil)
-	_ blockdev.BlockSizer = (*Client)(nil)
+	_ blockdev.Device       = (*Client)(nil)
+	_ blockdev.Trimmer      = (*Client)(nil)
+	_ blockdev.ZeroWriter   = (*Client)(nil)
+	_ blockdev.FUAWriter    = (*Client)(nil)
+	_ blockdev.BlockSizer   = (*Client)(nil)
+	_ blockdev.CapsReporter = (*Client)(nil)
 )
 
 // Dial connects to addr (see ParseAddress) and negotiates the export. With
@@ -253,6 +261,7 @@ func (c *Client) currentInfo() exportInfo {
 // do sends one request, again on a new connection when its connection drops.
 func (c *Client) do(cl *call) error {
 	var first time.Time
+	backoff := 10 * time.Millisecond
 	for {
 		cc, err := c.conn()
 		if err != nil {
@@ -271,9 +280,19 @@ func (c *Client) do(cl *call) error {
 		// loop for ever.
 		if first.IsZero() {
 			first = time.Now()
-		} else if time.Since(first) > c.opts.ReconnectTimeout {
+			continue
+		}
+		if time.Since(first) > c.opts.ReconnectTimeout {
 			return fmt.Errorf("%s at %d: %w", cmdName(cl.typ), cl.off, ErrDisconnected)
 		}
+		// Lost again, on a connection that was made for it: the server ends the
+		// connection for this request (ESHUTDOWN from atrest's server whose device is
+		// gone). Each try costs a reconnect, so they grow apart.
+		select {
+		case <-time.After(backoff):
+		case <-c.closeCh:
+		}
+		backoff = min(2*backoff, time.Second)
 	}
 }
 
@@ -400,6 +419,23 @@ func (c *Client) Size() int64 { return c.size }
 
 // PreferredBlockSize returns the server's preferred block size (4096 by default).
 func (c *Client) PreferredBlockSize() int { return int(c.currentInfo().prefBlock) }
+
+// Caps are what the server advertised on the connections in use: READ_ONLY, SEND_TRIM,
+// SEND_WRITE_ZEROES, SEND_FAST_ZERO and SEND_FUA, and the preferred block size. They
+// change only at a reconnect, to a server that advertises other flags.
+func (c *Client) Caps() blockdev.Caps {
+	i := c.currentInfo()
+	if i.has(tflagReadOnly) {
+		return blockdev.Caps{ReadOnly: true, BlockSize: int(i.prefBlock)}
+	}
+	return blockdev.Caps{
+		Trim:      i.has(tflagSendTrim),
+		Zeroes:    i.has(tflagSendWriteZeroes),
+		FastZero:  i.has(tflagSendWriteZeroes) && i.has(tflagSendFastZero),
+		FUA:       i.has(tflagSendFUA),
+		BlockSize: int(i.prefBlock),
+	}
+}
 
 // ExportInfo describes the export as the server advertised it.
 type ExportInfo struct {

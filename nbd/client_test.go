@@ -38,7 +38,7 @@ func TestClientConformance(t *testing.T) {
 		NewReopenable: func(t *testing.T, size int64) (blockdev.Device, blockdevtest.Reopen) {
 			name := fmt.Sprintf("e%d", n.Add(1))
 			f := blockdev.NewFaulty(blockdev.NewMem(size))
-			if err := ts.AddExport(Export{Name: name, Device: f, AllowTrim: true}); err != nil {
+			if err := ts.AddExport(Export{Name: name, Device: f}); err != nil {
 				t.Fatal(err)
 			}
 			t.Cleanup(func() { ts.RemoveExport(context.Background(), name) })
@@ -442,9 +442,6 @@ func TestClientSplitsAndErrors(t *testing.T) {
 	if !errors.As(err, &rerr) || rerr.Errno != errIO || rerr.Op != "read" {
 		t.Fatalf("read of a failing sector: %v", err)
 	}
-	if err := c.Trim(0, 4096); !errors.Is(err, blockdev.ErrNotSupported) {
-		t.Fatalf("trim on an export without trim: %v", err)
-	}
 	ro, err := Dial(context.Background(), ts.uri("ro"), ClientOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -460,6 +457,9 @@ func TestClientSplitsAndErrors(t *testing.T) {
 	defer pl.Close()
 	if err := pl.WriteZeroes(0, 4096, blockdev.ZeroFast); !errors.Is(err, blockdev.ErrNotFast) {
 		t.Fatalf("fast zero on a device without it: %v", err)
+	}
+	if err := pl.Trim(0, 4096); !errors.Is(err, blockdev.ErrNotSupported) {
+		t.Fatalf("trim on an export whose device cannot trim: %v", err)
 	}
 	if _, err := Dial(context.Background(), ts.uri("nope"), ClientOptions{}); !errors.Is(err, ErrNoExport) || bytes.Count([]byte(err.Error()), []byte("no export named")) > 1 {
 		t.Fatalf("dial of a missing export: %v (want ErrNoExport, the server's words once)", err)
@@ -588,5 +588,109 @@ func TestClientNoReconnectKeepsOtherConns(t *testing.T) {
 	}
 	if err := c.Flush(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestClientFaults: the client over atrest's server over a Faulty device reports every
+// error class of the device (across the wire: ESHUTDOWN for a device gone, EIO for a
+// medium error or a timeout below the server), and its Caps follow the device's.
+func TestClientFaults(t *testing.T) {
+	checkLeaks(t)
+	ts := startServer(t, ServerConfig{Logf: func(string, ...any) {}})
+	var n atomic.Int32
+	blockdevtest.RunFaults(t, blockdevtest.FaultConfig{
+		Wrap: func(t *testing.T, lower blockdev.Device) blockdev.Device {
+			name := fmt.Sprintf("f%d", n.Add(1))
+			if err := ts.AddExport(Export{Name: name, Device: lower}); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() {
+				ts.RemoveExport(context.Background(), name)
+				lower.Close()
+			})
+			// A short window: a device gone is reported after it.
+			c, err := Dial(context.Background(), ts.uri(name), ClientOptions{ReconnectTimeout: 300 * time.Millisecond})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { c.Close() })
+			return c
+		},
+		PassesTrim:   true,
+		TimeoutBelow: blockdev.ErrMedium,
+	})
+}
+
+// TestClientDeviceGoneAndBack: while the server's device is gone, a request is retried
+// on new connections further and further apart (the server ends each with ESHUTDOWN),
+// and succeeds as soon as the device is back; with the device gone for longer than the
+// reconnect window, it fails with ErrGone.
+func TestClientDeviceGoneAndBack(t *testing.T) {
+	checkLeaks(t)
+	f := blockdev.NewFaulty(blockdev.NewMem(1 << 20))
+	ts := startServer(t, ServerConfig{}, Export{Device: f})
+	c, err := Dial(context.Background(), ts.addr, ClientOptions{ReconnectTimeout: 2 * time.Second, Connections: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+
+	f.Vanish()
+	accepted := ts.Stats().Accepted
+	start := time.Now()
+	_, err = c.ReadAt(make([]byte, 512), 0)
+	if !errors.Is(err, blockdev.ErrGone) || !errors.Is(err, ErrDisconnected) {
+		t.Fatalf("read of a device gone for good: %v, want ErrGone and ErrDisconnected", err)
+	}
+	// Backoff from 10 ms, doubling, for 2 s: about 8 tries; without it, hundreds.
+	if d, dials := time.Since(start), ts.Stats().Accepted-accepted; dials > 20 {
+		t.Errorf("%d connections in %v for one request to a device gone", dials, d)
+	}
+
+	go func() {
+		time.Sleep(300 * time.Millisecond)
+		f.Reinsert()
+	}()
+	if _, err := c.ReadAt(make([]byte, 512), 0); err != nil {
+		t.Fatalf("read while the device comes back within the window: %v", err)
+	}
+}
+
+// switchableTrim is a Mem whose Trim capability the test switches.
+type switchableTrim struct {
+	*blockdev.Mem
+	trim atomic.Bool
+}
+
+func (d *switchableTrim) Caps() blockdev.Caps {
+	c := d.Mem.Caps()
+	c.Trim = d.trim.Load()
+	return c
+}
+
+// TestExportFlagsFollowCaps: the server asks the device's Caps at each handshake, and
+// the client's Caps are what it advertised.
+func TestExportFlagsFollowCaps(t *testing.T) {
+	checkLeaks(t)
+	dev := &switchableTrim{Mem: blockdev.NewMem(1 << 20)}
+	ts := startServer(t, ServerConfig{}, Export{Device: dev}, Export{Name: "ro", Device: dev, ReadOnly: true})
+	caps := func(uri string) blockdev.Caps {
+		t.Helper()
+		c, err := Dial(context.Background(), uri, ClientOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		return c.Caps()
+	}
+	if c := caps(ts.addr); c.Trim || !c.Zeroes || !c.FastZero || !c.FUA || c.ReadOnly || c.BlockSize != 512 {
+		t.Errorf("Caps over a device that does not trim: %+v", c)
+	}
+	dev.trim.Store(true)
+	if c := caps(ts.addr); !c.Trim {
+		t.Errorf("Caps once the device trims: %+v", c)
+	}
+	if c := caps(ts.uri("ro")); c != (blockdev.Caps{ReadOnly: true, BlockSize: 512}) {
+		t.Errorf("Caps of a read-only export: %+v", c)
 	}
 }

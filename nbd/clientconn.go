@@ -409,6 +409,7 @@ func (cc *clientConn) lookup(cookie uint64, remove bool) *call {
 func (cc *clientConn) complete(cl *call, rerr *RemoteError) {
 	if rerr != nil {
 		rerr.Op, rerr.Offset, rerr.Length = cmdName(cl.typ), int64(cl.off), int64(cl.length)
+		rerr.fastZero = cl.typ == cmdWriteZeroes && cl.flags&cmdFlagFastZero != 0
 		if rerr.Errno == errShutdown {
 			// "If the client receives an NBD_ESHUTDOWN error it MUST initiate a soft
 			// disconnect": the request is retried on a new connection.
@@ -551,14 +552,23 @@ func (cc *clientConn) readChunk(h []byte) error {
 }
 
 // RemoteError is an error answered by the server for one request. It unwraps to the
-// matching syscall.Errno and, where one applies, to a blockdev sentinel error:
-// EPERM to blockdev.ErrReadOnly, ENOTSUP to blockdev.ErrNotFast.
+// matching syscall.Errno and, where one applies, to the blockdev error class: EIO to
+// blockdev.ErrMedium (atrest's server answers EIO for a medium error or a timeout of
+// its device), EPERM to blockdev.ErrReadOnly, ESHUTDOWN to blockdev.ErrGone (a server
+// shutting down, or atrest's server with its device gone: to the caller the device is
+// gone either way, and blockdev.ErrClosed would say that the caller closed it), ENOTSUP
+// to blockdev.ErrNotFast for a fast zeroing and to blockdev.ErrNotSupported otherwise.
+// EINVAL and ENOSPC have no class: a request out of range never leaves the client
+// (it returns blockdev.ErrOutOfRange itself, checking against the export size), so from
+// the server they mean something else (a request it refused, a full thin device).
 type RemoteError struct {
 	Op      string // "read", "write", "flush", "trim", "write-zeroes", "cache"
 	Offset  int64
 	Length  int64
 	Errno   uint32 // NBD error value ("Error values")
 	Message string // from a structured error chunk, if any
+
+	fastZero bool // the request was a WRITE_ZEROES with FAST_ZERO
 }
 
 func (e *RemoteError) Error() string {
@@ -576,9 +586,16 @@ func (e *RemoteError) Unwrap() []error {
 	switch e.Errno {
 	case errPerm:
 		return []error{blockdev.ErrReadOnly, syscall.EPERM}
+	case errIO:
+		return []error{blockdev.ErrMedium, syscall.EIO}
+	case errShutdown:
+		return []error{blockdev.ErrGone, syscall.ESHUTDOWN}
 	case errNotSup:
-		return []error{blockdev.ErrNotFast, syscall.ENOTSUP}
-	case errIO, errNoMem, errInval, errNoSpc, errOverflow, errShutdown:
+		if e.fastZero {
+			return []error{blockdev.ErrNotFast, syscall.ENOTSUP}
+		}
+		return []error{blockdev.ErrNotSupported, syscall.ENOTSUP}
+	case errNoMem, errInval, errNoSpc, errOverflow:
 		return []error{syscall.Errno(e.Errno)}
 	default:
 		// "The client SHOULD treat an unexpected error value as if it had been NBD_EINVAL".

@@ -15,6 +15,11 @@
 // options EXPORT_NAME, GO, INFO (INFO_EXPORT, INFO_BLOCK_SIZE, INFO_NAME,
 // INFO_DESCRIPTION), LIST, ABORT and STRUCTURED_REPLY, and the commands READ, WRITE,
 // FLUSH, TRIM, WRITE_ZEROES, CACHE and DISC with the flags FUA, NO_HOLE, FAST_ZERO and DF.
+// What an export advertises comes from its Device's blockdev.Caps, asked at each
+// handshake: SEND_TRIM where the Device trims (blockcrypt: where the drive's header
+// allows discards), READ_ONLY where the Device or the Export is read-only; FUA,
+// WRITE_ZEROES and FAST_ZERO on every writable export (a Device without them gets a write
+// and a flush, written zeroes, or a fast refusal).
 // Each connection has a reader, which runs small READs and WRITEs itself while the
 // device answers them fast (no goroutine wake-up per request; a watchdog hands reading to
 // a new goroutine if one of them blocks, so a stuck request never holds up the others),
@@ -34,7 +39,9 @@
 // Error replies follow "Error values": out-of-range reads and trims EINVAL, out-of-range
 // writes and write-zeroes ENOSPC (the payload is read and dropped, the connection
 // stays), changes to a read-only export EPERM, unknown commands and flags EINVAL, a
-// refused fast zero ENOTSUP, device failures EIO. A READ larger than the maximum payload
+// refused fast zero ENOTSUP; device errors by their class: a device gone
+// (blockdev.ErrGone) or closed ESHUTDOWN, which makes clients reconnect and so find the
+// device again if it comes back, and medium errors, timeouts and anything else EIO. A READ larger than the maximum payload
 // gets EOVERFLOW with structured replies and EINVAL without; a WRITE larger than the
 // maximum gets EINVAL after its payload is skipped, unless it is larger than twice
 // max(maximum, 32 MiB), when reading it would be the denial of service that "Size
@@ -57,7 +64,9 @@
 // Dial returns a *Client, a blockdev.Device with every optional capability: pipelined
 // requests demultiplexed by cookie, structured replies, several connections with
 // CAN_MULTI_CONN, requests split at the server's maximum payload, and reconnection with
-// a replay log (see Client). It honours the server's minimum block size, which it asks
+// a replay log (see Client). Its Caps are the server's transmission flags, and its
+// errors keep their blockdev class across the wire (see RemoteError and
+// ErrDisconnected). It honours the server's minimum block size, which it asks
 // for: with a server that advertises more than 1, an unaligned request fails with
 // blockdev.ErrNotSupported instead of being sent (atrest's server, nbdkit and qemu-nbd
 // on files advertise 1).

@@ -21,7 +21,7 @@ func fuzzServer(f *testing.F) *Server { return fuzzServerT(f) }
 func fuzzServerT(f testing.TB) *Server {
 	s := NewServer(ServerConfig{HandshakeTimeout: time.Second, MaxRequestSize: 64 << 10})
 	for _, e := range []Export{
-		{Name: "", Device: blockdev.NewMem(1 << 20), AllowTrim: true},
+		{Name: "", Device: blockdev.NewMem(1 << 20)},
 		{Name: "ro", Device: blockdev.NewMem(64 << 10), ReadOnly: true},
 		{Name: "plain", Device: plainDev{blockdev.NewMem(64 << 10)}},
 	} {
@@ -148,7 +148,7 @@ func FuzzRequests(f *testing.F) {
 func TestFuzzSeedsLeakNothing(t *testing.T) {
 	checkLeaks(t)
 	s := NewServer(ServerConfig{HandshakeTimeout: time.Second, MaxRequestSize: 64 << 10})
-	s.AddExport(Export{Name: "", Device: blockdev.NewMem(1 << 20), AllowTrim: true})
+	s.AddExport(Export{Name: "", Device: blockdev.NewMem(1 << 20)})
 	s.AddExport(Export{Name: "ro", Device: blockdev.NewMem(64 << 10), ReadOnly: true})
 	s.AddExport(Export{Name: "plain", Device: plainDev{blockdev.NewMem(64 << 10)}})
 	for _, in := range handshakeSeeds() {

@@ -244,8 +244,13 @@ func (h *optionPhase) infoOrGo(opt uint32, data []byte) (*export, error) {
 }
 
 // transmissionFlags are the flags advertised for e ("Transmission flags"): only what
-// the server really does.
+// the server really does, with the Device's capabilities asked now. FUA and
+// WRITE_ZEROES work on every Device (blockdev.WriteFUA and WriteZeroes fall back to a
+// write and a flush, or to writing zeroes), and FAST_ZERO is honoured by every one (a
+// Device that cannot zero fast refuses at once: "Servers MAY set this transmission flag
+// even if it will always use NBD_ENOTSUP failures"); TRIM only where the Device trims.
 func (e *export) transmissionFlags(structured bool) uint16 {
+	caps := blockdev.CapsOf(e.Device)
 	// Every connection to an export uses the same Device, whose Flush covers every write
 	// that returned before it, whichever goroutine made it: a FLUSH on one connection
 	// covers the writes answered on all of them, so CAN_MULTI_CONN is true.
@@ -256,14 +261,12 @@ func (e *export) transmissionFlags(structured bool) uint16 {
 	if e.Rotational {
 		f |= tflagRotational
 	}
-	if e.ReadOnly {
+	if e.ReadOnly || caps.ReadOnly {
 		return f | tflagReadOnly
 	}
 	f |= tflagSendFUA | tflagSendWriteZeroes | tflagSendFastZero
-	if e.AllowTrim {
-		if _, ok := e.Device.(blockdev.Trimmer); ok {
-			f |= tflagSendTrim
-		}
+	if caps.Trim {
+		f |= tflagSendTrim
 	}
 	return f
 }

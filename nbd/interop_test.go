@@ -37,12 +37,12 @@ func run(t *testing.T, timeout time.Duration, name string, args ...string) (stri
 }
 
 // threeExports: a writable default export with trims, a read-only one, and one
-// without trims.
+// without trims (its device cannot trim).
 func threeExports() []Export {
 	return []Export{
-		{Name: "", Description: "default export", Device: blockdev.NewMem(16 << 20), AllowTrim: true},
+		{Name: "", Description: "default export", Device: blockdev.NewMem(16 << 20)},
 		{Name: "ro", Description: "read only", Device: blockdev.NewMem(1 << 20), ReadOnly: true},
-		{Name: "notrim", Device: blockdev.NewMem(4 << 20)},
+		{Name: "notrim", Device: plainDev{blockdev.NewMem(4 << 20)}},
 	}
 }
 
@@ -142,7 +142,7 @@ func TestQemuIO(t *testing.T) {
 	qemuIO := testutil.Tool(t, "qemu-io")
 	checkLeaks(t)
 	mem := blockdev.NewMem(16 << 20)
-	ts := startServer(t, ServerConfig{}, Export{Device: mem, AllowTrim: true})
+	ts := startServer(t, ServerConfig{}, Export{Device: mem})
 	script := []string{
 		"write -P 0xab 0 64k",
 		"write -f -P 0xcd 64k 4k", // FUA
@@ -193,7 +193,7 @@ func TestNbdcopyBothWays(t *testing.T) {
 	checkLeaks(t)
 	const size = 32 << 20
 	mem := blockdev.NewMem(size)
-	ts := startServer(t, ServerConfig{}, Export{Device: mem, AllowTrim: true})
+	ts := startServer(t, ServerConfig{}, Export{Device: mem})
 	dir := t.TempDir()
 	src := filepath.Join(dir, "src.img")
 	data := pattern(size, 9)

@@ -67,7 +67,7 @@ func helperServe() error {
 			Notify("READY=1\nSTATUS=serving")
 		}
 	}})
-	if err := srv.AddExport(Export{Device: dev, AllowTrim: true}); err != nil {
+	if err := srv.AddExport(Export{Device: dev}); err != nil {
 		return err
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)

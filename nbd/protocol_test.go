@@ -252,10 +252,10 @@ func TestRequestErrors(t *testing.T) {
 	const max = 1 << 20
 	mem := blockdev.NewMem(8 << 20)
 	ts := startServer(t, ServerConfig{MaxRequestSize: max, Logf: func(string, ...any) {}},
-		Export{Name: "", Device: &failDev{Device: mem, failOff: 1 << 20}, AllowTrim: true},
+		Export{Name: "", Device: &failDev{Device: mem, failOff: 1 << 20}},
 		Export{Name: "ro", Device: mem, ReadOnly: true},
 		Export{Name: "plain", Device: plainDev{mem}},
-		Export{Name: "notrim", Device: mem},
+		Export{Name: "notrim", Device: plainDev{mem}}, // its Caps say no Trim
 	)
 	const size = 8 << 20
 	type tc struct {

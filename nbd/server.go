@@ -87,7 +87,10 @@ func (c *ServerConfig) withDefaults() ServerConfig {
 	return d
 }
 
-// Export is one device offered by a Server under a name.
+// Export is one device offered by a Server under a name. What it offers follows the
+// Device's blockdev.Caps, asked at each handshake: trims (NBD_FLAG_SEND_TRIM) exactly
+// where the Caps say Trim, so the Device decides (blockcrypt allows them only where the
+// drive's header does).
 type Export struct {
 	// Name is what clients ask for; "" is the default export.
 	Name string
@@ -96,11 +99,10 @@ type Export struct {
 	// Device is served; the Server never closes it. Every Device in the project is safe
 	// for concurrent use, which the server relies on (one goroutine per request).
 	Device blockdev.Device
-	// ReadOnly exports refuse every change with EPERM and advertise NBD_FLAG_READ_ONLY.
+	// ReadOnly exports refuse every change with EPERM and advertise NBD_FLAG_READ_ONLY,
+	// also over a writable Device (a Device whose Caps say ReadOnly is exported
+	// read-only anyway).
 	ReadOnly bool
-	// AllowTrim passes discards (NBD_CMD_TRIM) through to the device, when the device is
-	// a blockdev.Trimmer. Off by default: discards reveal which sectors are in use.
-	AllowTrim bool
 	// Rotational sets NBD_FLAG_ROTATIONAL, a scheduling hint for clients.
 	Rotational bool
 }

@@ -10,7 +10,7 @@ import (
 
 func TestClientServerRoundTrip(t *testing.T) {
 	checkLeaks(t)
-	ts := startServer(t, ServerConfig{}, Export{Name: "", Device: blockdev.NewMem(8 << 20), AllowTrim: true})
+	ts := startServer(t, ServerConfig{}, Export{Name: "", Device: blockdev.NewMem(8 << 20)})
 	c, err := Dial(context.Background(), ts.addr, ClientOptions{})
 	if err != nil {
 		t.Fatal(err)

@@ -694,10 +694,19 @@ func (c *serverConn) execute(r *request, buf *[]byte, rep *reply) {
 	}
 }
 
-// errnoFor maps a device error to an NBD error value ("Error values").
+// errnoFor maps a device error to an NBD error value ("Error values"), by its class
+// where it has one. A device gone answers ESHUTDOWN, which makes a client disconnect
+// and reconnect ("it MUST initiate a soft disconnect"): atrest's client then retries
+// until its reconnect window passes and reports blockdev.ErrGone, or finds the device
+// back (a drive reinserted) and goes on. A medium error or a timeout below answers EIO,
+// a failure of this request only.
 func errnoFor(err error, cmd uint16) uint32 {
 	write := cmd == cmdWrite || cmd == cmdWriteZeroes
 	switch {
+	case errors.Is(err, blockdev.ErrGone), errors.Is(err, blockdev.ErrClosed):
+		return errShutdown
+	case errors.Is(err, blockdev.ErrMedium), errors.Is(err, blockdev.ErrTimeout):
+		return errIO
 	case errors.Is(err, blockdev.ErrOutOfRange):
 		if write {
 			return errNoSpc
@@ -712,8 +721,6 @@ func errnoFor(err error, cmd uint16) uint32 {
 		return errInval
 	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT), errors.Is(err, syscall.EFBIG):
 		return errNoSpc
-	case errors.Is(err, blockdev.ErrClosed):
-		return errShutdown
 	default:
 		return errIO
 	}

@@ -133,7 +133,7 @@ func configure(n int, cfg *unix.LoopConfig, file string) (*Loop, error) {
 // Discards are not switched here: writing 0 to queue/discard_max_bytes would stick to
 // the loop device after it is detached (Linux 6.18 then refuses any other value until
 // the device is removed), spoiling it for its next user. Whether discards reach the
-// drive is decided under the loop device, by the FUSE file (fusefs.Options.Discard).
+// drive is decided under the loop device, by the FUSE file (from its Device's Caps).
 func (l *Loop) check() error {
 	dio, err := l.sysfs("loop/dio")
 	if err != nil {

@@ -36,7 +36,7 @@ type Options struct {
 	ReadOnly bool
 	// Discard lets mkfs discard the device before it creates a file system. Whether
 	// discards reach the drive at all is up to the FUSE file below
-	// (fusefs.Options.Discard); mount -o discard is a separate choice.
+	// (its Device's Caps); mount -o discard is a separate choice.
 	Discard bool
 	// BlockSize is the logical block size of the loop device (see AttachOptions).
 	BlockSize int

@@ -409,7 +409,7 @@ func TestEncryptedRoundTrip(t *testing.T) {
 	var sums map[string][32]byte
 	{
 		dev, drive := encrypted(t, img, key)
-		file, srv := serve(t, dev, fusefs.Options{Discard: true})
+		file, srv := serve(t, dev, fusefs.Options{})
 		v, err := Setup(file, mp, Options{Discard: true})
 		if err != nil {
 			t.Fatal(err)
@@ -470,7 +470,17 @@ type countingZeroes struct {
 	unmaps   int
 	unmapped int64
 	slow     bool // answer ErrNotFast for ZeroFast, like an encrypted device
+	trim     bool // take discards: the FUSE file lets holes through
 }
+
+func (c *countingZeroes) Caps() blockdev.Caps {
+	caps := blockdev.CapsOf(c.Device)
+	caps.Trim = c.trim
+	caps.FastZero = !c.slow
+	return caps
+}
+
+func (c *countingZeroes) Trim(off, n int64) error { return blockdev.Trim(c.Device, off, n) }
 
 func (c *countingZeroes) WriteZeroes(off, n int64, flags blockdev.ZeroFlags) error {
 	if c.slow && flags&blockdev.ZeroFast != 0 {
@@ -501,8 +511,8 @@ func TestFstrim(t *testing.T) {
 	requireLoop(t)
 	t.Run("allowed", func(t *testing.T) {
 		img := image(t, 256<<20)
-		dev := &countingZeroes{Device: openFile(t, img)}
-		file, _ := serve(t, dev, fusefs.Options{Discard: true})
+		dev := &countingZeroes{Device: openFile(t, img), trim: true}
+		file, _ := serve(t, dev, fusefs.Options{})
 		mp := filepath.Join(t.TempDir(), "mnt")
 		if _, err := Setup(file, mp, Options{Discard: true}); err != nil {
 			t.Fatal(err)
@@ -555,8 +565,8 @@ func TestFstrim(t *testing.T) {
 	})
 	t.Run("device cannot unmap", func(t *testing.T) {
 		img := image(t, 256<<20)
-		dev := &countingZeroes{Device: openFile(t, img), slow: true}
-		file, _ := serve(t, dev, fusefs.Options{Discard: true})
+		dev := &countingZeroes{Device: openFile(t, img), slow: true, trim: true}
+		file, _ := serve(t, dev, fusefs.Options{})
 		mp := filepath.Join(t.TempDir(), "mnt")
 		if _, err := Setup(file, mp, Options{Discard: true}); err != nil {
 			t.Fatal(err)

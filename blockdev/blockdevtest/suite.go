@@ -1,10 +1,14 @@
 // Package blockdevtest is the conformance suite that every blockdev.Device of atrest
-// passes (File, Mem, Faulty, blockcrypt, the NBD client): Run checks ranges around sector
-// boundaries and the end of the device, a random write/read model, concurrent callers,
-// flush and reopen, the optional capabilities and the behaviour after Close.
+// passes (File, Mem, Faulty, Bounded, blockcrypt, the NBD client): Run checks ranges
+// around sector boundaries and the end of the device, a random write/read model,
+// concurrent callers, flush and reopen, the optional capabilities and that the device's
+// Caps match what it does, and the behaviour after Close. RunFaults checks that a layer
+// that wraps another device surfaces each error class of the device below (injected
+// with blockdev.Faulty) as errors.Is-able, passes on its capabilities, and can be
+// bounded in time when the device below hangs.
 //
-// Run calls the Config's functions from its subtests, one at a time; it uses the devices
-// from several goroutines at once, as the Device contract allows.
+// Run and RunFaults call the Config's functions from their subtests, one at a time;
+// they use the devices from several goroutines at once, as the Device contract allows.
 package blockdevtest
 
 import (
@@ -26,15 +30,12 @@ type Config struct {
 	// New returns a fresh device of at least size bytes (the suite then uses its Size)
 	// and registers its own cleanup, which must accept a device that the suite closed
 	// already (Close then fails with ErrClosed). The contents of a writable device may be
-	// anything; a ReadOnly device must hold Fill's pattern.
+	// anything; a read-only one (its Caps say ReadOnly) must hold Fill's pattern, and
+	// the suite then only reads and checks that every change is refused.
 	New func(t *testing.T, size int64) blockdev.Device
 
 	// Size is what the suite asks New for; 0 means 2 MiB. Keep it a multiple of 4096.
 	Size int64
-
-	// ReadOnly says that the device refuses every change with ErrReadOnly. The suite
-	// then only reads, and checks the contents against Fill.
-	ReadOnly bool
 
 	// TrimZeroes says that a trimmed range reads back as zeroes (a regular file with
 	// punched holes, Mem). Otherwise the suite only checks that Trim leaves the rest of
@@ -81,7 +82,8 @@ func Run(t *testing.T, cfg Config) {
 	}
 	s := &suite{cfg: cfg}
 	t.Run("Size", s.testSize)
-	if cfg.ReadOnly {
+	if blockdev.CapsOf(s.newDevice(t)).ReadOnly {
+		t.Run("Caps", s.testCapsReadOnly)
 		t.Run("ReadOnlyBoundaries", s.testReadOnlyBoundaries)
 		t.Run("ReadOnlyRefusesChanges", s.testReadOnlyRefusesChanges)
 		t.Run("ConcurrentReads", s.testConcurrentReads)
@@ -102,6 +104,7 @@ func Run(t *testing.T, cfg Config) {
 	t.Run("WriteZeroes", s.testWriteZeroes)
 	t.Run("FUA", s.testFUA)
 	t.Run("PreferredBlockSize", s.testPreferredBlockSize)
+	t.Run("Caps", s.testCaps)
 	t.Run("Closed", s.testClosed)
 }
 
@@ -880,6 +883,80 @@ func (s *suite) testConcurrentReads(t *testing.T) {
 		})
 	}
 	wg.Wait()
+}
+
+// checkCapsTypes checks that the Caps of dev promise nothing its methods cannot do, and
+// that BlockSize is PreferredBlockSize.
+func checkCapsTypes(t *testing.T, dev blockdev.Device, c blockdev.Caps) {
+	t.Helper()
+	_, trimmer := dev.(blockdev.Trimmer)
+	_, zeroWriter := dev.(blockdev.ZeroWriter)
+	_, fuaWriter := dev.(blockdev.FUAWriter)
+	for _, m := range []struct {
+		cap, has bool
+		what     string
+	}{
+		{c.Trim, trimmer, "Trim without a Trim method"},
+		{c.Zeroes, zeroWriter, "Zeroes without a WriteZeroes method"},
+		{c.FastZero, zeroWriter, "FastZero without a WriteZeroes method"},
+		{c.FUA, fuaWriter, "FUA without a WriteAtFUA method"},
+	} {
+		if m.cap && !m.has {
+			t.Errorf("Caps %+v say %s", c, m.what)
+		}
+	}
+	if bs := blockdev.PreferredBlockSize(dev); c.BlockSize != bs {
+		t.Errorf("Caps.BlockSize = %d, PreferredBlockSize = %d", c.BlockSize, bs)
+	}
+}
+
+// testCaps checks that a writable device's Caps match what it does: one that says Trim
+// trims, one that does not refuses with ErrNotSupported; one without FastZero refuses
+// ZeroFast with ErrNotFast. Either refusal changes nothing. A capability may go away
+// when a call finds it missing (a File on a file system that cannot punch holes); then
+// the Caps asked afterwards must say so. FUA and Zeroes are checked by the FUA,
+// WriteZeroes and Reopen tests, ReadOnly by the suite's choice of tests.
+func (s *suite) testCaps(t *testing.T) {
+	m := s.newModel(t)
+	c := blockdev.CapsOf(m.dev)
+	t.Logf("Caps = %+v", c)
+	checkCapsTypes(t, m.dev, c)
+	m.write(m.random(64<<10), 0)
+
+	switch err := blockdev.Trim(m.dev, 4096, 8192); {
+	case c.Trim && err == nil:
+		copy(m.data[4096:], readOK(t, m.dev, 4096, 8192)) // contents unspecified
+	case c.Trim && errors.Is(err, blockdev.ErrNotSupported) && !blockdev.CapsOf(m.dev).Trim:
+		t.Logf("Trim went away: %v", err)
+	case c.Trim:
+		t.Errorf("Caps say Trim, and Trim(4096, 8192) = %v", err)
+	case !errors.Is(err, blockdev.ErrNotSupported):
+		t.Errorf("Caps do not say Trim, and Trim(4096, 8192) = %v, want ErrNotSupported", err)
+	}
+	m.checkAll()
+
+	for _, flags := range []blockdev.ZeroFlags{blockdev.ZeroFast, blockdev.ZeroFast | blockdev.ZeroMayUnmap} {
+		switch err := blockdev.WriteZeroes(m.dev, 20000, 10000, flags); {
+		case c.FastZero && err == nil:
+			clear(m.data[20000:30000])
+		case errors.Is(err, blockdev.ErrNotFast):
+		case c.FastZero:
+			t.Errorf("WriteZeroes(20000, 10000, %#x) = %v, want nil or ErrNotFast", flags, err)
+		default:
+			t.Errorf("Caps do not say FastZero, and WriteZeroes(20000, 10000, %#x) = %v, want ErrNotFast", flags, err)
+		}
+		m.checkAll()
+	}
+}
+
+// testCapsReadOnly checks the Caps of a read-only device: nothing that changes it.
+func (s *suite) testCapsReadOnly(t *testing.T) {
+	dev := s.newDevice(t)
+	c := blockdev.CapsOf(dev)
+	checkCapsTypes(t, dev, c)
+	if c.Trim || c.Zeroes || c.FastZero || c.FUA {
+		t.Errorf("Caps %+v of a read-only device offer changes", c)
+	}
 }
 
 func (s *suite) testFlushReadOnly(t *testing.T) {

@@ -34,6 +34,8 @@ var brokenDevices = map[string]struct {
 	"OpenAfterClose": {memConfig(func(m *blockdev.Mem) blockdev.Device { return openAfterClose{m} }), []string{"Closed"}},
 	"FlushIgnored":   {faultyConfig(func(f *blockdev.Faulty) blockdev.Device { return flushIgnored{f} }), []string{"Reopen"}},
 	"FUANotDurable":  {faultyConfig(func(f *blockdev.Faulty) blockdev.Device { return lazyFUA{f} }), []string{"Reopen"}},
+	"ClaimsTrim":     {memConfig(func(m *blockdev.Mem) blockdev.Device { return cannotTrim{m} }), []string{"Caps"}},
+	"HidesFastZero":  {memConfig(func(m *blockdev.Mem) blockdev.Device { return hidesFastZero{m} }), []string{"Caps"}},
 }
 
 func memConfig(wrap func(*blockdev.Mem) blockdev.Device) func() blockdevtest.Config {
@@ -199,6 +201,20 @@ type lazyFUA struct{ *blockdev.Faulty }
 
 func (d lazyFUA) WriteAtFUA(p []byte, off int64) (int, error) { return d.WriteAt(p, off) }
 
+// cannotTrim refuses every Trim while its Caps (Mem's) say Trim.
+type cannotTrim struct{ *blockdev.Mem }
+
+func (cannotTrim) Trim(off, n int64) error { return blockdev.ErrNotSupported }
+
+// hidesFastZero zeroes fast while its Caps say it cannot.
+type hidesFastZero struct{ *blockdev.Mem }
+
+func (d hidesFastZero) Caps() blockdev.Caps {
+	c := d.Mem.Caps()
+	c.FastZero = false
+	return c
+}
+
 // TestBrokenDevice runs the suite on the broken device named by
 // BLOCKDEVTEST_BROKEN; TestSuiteCatchesBrokenDevices runs it in a child process.
 func TestBrokenDevice(t *testing.T) {
@@ -214,32 +230,125 @@ func TestBrokenDevice(t *testing.T) {
 }
 
 func TestSuiteCatchesBrokenDevices(t *testing.T) {
-	names := make([]string, 0, len(brokenDevices))
-	for name := range brokenDevices {
+	failing := map[string][]string{}
+	for name, b := range brokenDevices {
+		failing[name] = b.failing
+	}
+	catchesBroken(t, "TestBrokenDevice", "BLOCKDEVTEST_BROKEN", failing)
+}
+
+// catchesBroken runs test in a child process once per broken subject (named in the
+// environment variable env), and checks that the subtests listed for it fail.
+func catchesBroken(t *testing.T, test, env string, failing map[string][]string) {
+	names := make([]string, 0, len(failing))
+	for name := range failing {
 		names = append(names, name)
 	}
 	sort.Strings(names)
-	failRE := regexp.MustCompile(`--- FAIL: TestBrokenDevice/(\w+)`)
+	failRE := regexp.MustCompile(`--- FAIL: ` + test + `/(\w+)`)
 	for _, name := range names {
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
-			only := "^TestBrokenDevice$/^(" + strings.Join(brokenDevices[name].failing, "|") + ")$"
+			only := "^" + test + "$/^(" + strings.Join(failing[name], "|") + ")$"
 			cmd := exec.Command(os.Args[0], "-test.run="+only, "-test.v", "-test.count=1")
-			cmd.Env = append(os.Environ(), "BLOCKDEVTEST_BROKEN="+name)
+			cmd.Env = append(os.Environ(), env+"="+name)
 			out, err := cmd.CombinedOutput()
 			var exit *exec.ExitError
 			if !errors.As(err, &exit) {
-				t.Fatalf("the suite passed on a broken device (or did not run: %v):\n%s", err, out)
+				t.Fatalf("the suite passed on %s (or did not run: %v):\n%s", name, err, out)
 			}
 			failed := map[string]bool{}
 			for _, m := range failRE.FindAllStringSubmatch(string(out), -1) {
 				failed[m[1]] = true
 			}
-			for _, want := range brokenDevices[name].failing {
+			for _, want := range failing[name] {
 				if !failed[want] {
 					t.Errorf("subtest %s did not fail; failures: %v\n%s", want, failed, out)
 				}
 			}
 		})
 	}
+}
+
+// The fault suite must catch broken layers: each one below wraps its lower device with
+// one bug, and the subtests named here must fail (in a child process, as above).
+var brokenLayers = map[string]struct {
+	wrap    func(lower blockdev.Device) blockdev.Device
+	failing []string
+}{
+	"LosesClasses":  {func(l blockdev.Device) blockdev.Device { return losesClasses{l} }, []string{"MediumRead", "MediumWrite", "MediumFlush", "Gone"}},
+	"ClaimsTrim":    {func(l blockdev.Device) blockdev.Device { return claimsTrim{l} }, []string{"Trim"}},
+	"HidesReadOnly": {func(l blockdev.Device) blockdev.Device { return hidesReadOnly{l} }, []string{"ReadOnly"}},
+}
+
+// losesClasses reports the errors of its lower device by their text only.
+type losesClasses struct{ blockdev.Device }
+
+func flatten(err error) error {
+	if err == nil || err == io.EOF {
+		return err
+	}
+	return errors.New(err.Error())
+}
+
+func (d losesClasses) ReadAt(p []byte, off int64) (int, error) {
+	n, err := d.Device.ReadAt(p, off)
+	return n, flatten(err)
+}
+
+func (d losesClasses) WriteAt(p []byte, off int64) (int, error) {
+	n, err := d.Device.WriteAt(p, off)
+	return n, flatten(err)
+}
+
+func (d losesClasses) Flush() error { return flatten(d.Device.Flush()) }
+
+// claimsTrim says Trim whatever its lower device can do.
+type claimsTrim struct{ blockdev.Device }
+
+func (d claimsTrim) Caps() blockdev.Caps {
+	c := blockdev.CapsOf(d.Device)
+	c.Trim = true
+	return c
+}
+
+func (d claimsTrim) Trim(off, n int64) error { return blockdev.Trim(d.Device, off, n) }
+
+// hidesReadOnly does not pass on that its lower device is read-only.
+type hidesReadOnly struct{ blockdev.Device }
+
+func (d hidesReadOnly) Caps() blockdev.Caps {
+	c := blockdev.CapsOf(d.Device)
+	c.ReadOnly = false
+	return c
+}
+
+// TestBrokenLayer runs the fault suite on the broken layer named by
+// BLOCKDEVTEST_BROKEN_LAYER; TestFaultSuiteCatchesBrokenLayers runs it in a child
+// process.
+func TestBrokenLayer(t *testing.T) {
+	name := os.Getenv("BLOCKDEVTEST_BROKEN_LAYER")
+	if name == "" {
+		t.Skip("run by TestFaultSuiteCatchesBrokenLayers")
+	}
+	b, ok := brokenLayers[name]
+	if !ok {
+		t.Fatalf("no broken layer %q", name)
+	}
+	blockdevtest.RunFaults(t, blockdevtest.FaultConfig{
+		Wrap: func(t *testing.T, lower blockdev.Device) blockdev.Device {
+			dev := b.wrap(lower)
+			t.Cleanup(func() { dev.Close() })
+			return dev
+		},
+		PassesTrim: true,
+	})
+}
+
+func TestFaultSuiteCatchesBrokenLayers(t *testing.T) {
+	failing := map[string][]string{}
+	for name, b := range brokenLayers {
+		failing[name] = b.failing
+	}
+	catchesBroken(t, "TestBrokenLayer", "BLOCKDEVTEST_BROKEN_LAYER", failing)
 }

@@ -128,7 +128,6 @@ func runServe(ctx context.Context, o serveOptions) error {
 				Description: fmt.Sprintf("atrest volume %s (drive %s)", d.Token.Volume, d.UUID),
 				Device:      d.Device,
 				ReadOnly:    o.readOnly,
-				AllowTrim:   d.AllowDiscards,
 			})
 			if err != nil {
 				return err

@@ -74,7 +74,7 @@ func TestFormatVolumeNames(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer u.Device.Close()
-	if !u.AllowDiscards || u.Token.Volume != "db" || u.Token.VolumeUUID != r.Volumes[0].UUID {
+	if !u.Device.Caps().Trim || u.Token.Volume != "db" || u.Token.VolumeUUID != r.Volumes[0].UUID {
 		t.Fatalf("%+v", u)
 	}
 }

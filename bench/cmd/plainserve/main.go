@@ -41,7 +41,7 @@ func main() {
 	flag.Var(&listens, "listen", "unix:PATH or tcp:HOST:PORT (repeatable)")
 	encrypt := flag.Bool("encrypt", false, "serve through blockcrypt with a random key")
 	direct := flag.Bool("direct", false, "open the files with O_DIRECT")
-	trim := flag.Bool("trim", false, "allow discards")
+	trim := flag.Bool("trim", false, "let blockcrypt pass discards on (-encrypt; a plain file takes them where its file system can)")
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile to this file until the server stops")
 	flag.Parse()
 	if *cpuprofile != "" {
@@ -110,7 +110,7 @@ func run(listens, files []string, encrypt, direct, trim bool) error {
 		if len(files) > 1 {
 			name = filepath.Base(path)
 		}
-		if err := srv.AddExport(nbd.Export{Name: name, Description: path, Device: dev, AllowTrim: trim}); err != nil {
+		if err := srv.AddExport(nbd.Export{Name: name, Description: path, Device: dev}); err != nil {
 			return err
 		}
 	}

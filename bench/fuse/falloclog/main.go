@@ -80,7 +80,7 @@ func main() {
 	defer d.Close()
 	logger := slog.New(slog.NewTextHandler(fallocates{}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	dev := &logDev{Device: d, slow: *slow, refuseZeroRange: *refuseZR}
-	srv, err := fusefs.Mount(*dir, []fusefs.File{{Name: "volume", Device: dev}}, fusefs.Options{Discard: true, Debug: true, Logger: logger})
+	srv, err := fusefs.Mount(*dir, []fusefs.File{{Name: "volume", Device: dev}}, fusefs.Options{Debug: true, Logger: logger})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "falloclog:", err)
 		os.Exit(1)
