@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -47,24 +46,6 @@ func serveMem(t *testing.T, size int64) (nbd.Address, *blockdev.Mem) {
 	go func() { srv.Serve(context.Background(), l); close(done) }()
 	t.Cleanup(func() { srv.Close(); <-done })
 	return nbd.Address{Network: "unix", Addr: sock, Export: "vol"}, mem
-}
-
-// logLines collects what the stack logs.
-type logLines struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *logLines) logf(format string, args ...any) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	fmt.Fprintf(&l.buf, format+"\n", args...)
-}
-
-func (l *logLines) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
 }
 
 // leftovers takes down whatever a failed test left of the stack on mp (not with
@@ -120,8 +101,8 @@ func TestMountClose(t *testing.T) {
 	requireStack(t)
 	addr, _ := serveMem(t, 64<<20)
 	mp := filepath.Join(t.TempDir(), "mnt")
-	var log logLines
-	opts := Options{Mountpoint: mp, Address: addr, MountOptions: "noatime", Logf: log.logf}
+	var log testutil.Log
+	opts := Options{Mountpoint: mp, Address: addr, MountOptions: "noatime", Logf: log.Logf}
 	leftovers(t, mp)
 
 	// A stale state file (its process is gone) is replaced.
@@ -179,7 +160,7 @@ func TestMountClose(t *testing.T) {
 	}
 	nothingLeft(t, mp, file)
 
-	log = logLines{}
+	log = testutil.Log{}
 	s, err = Mount(context.Background(), opts)
 	if err != nil {
 		t.Fatalf("Mount again: %v\n%s", err, log.String())
@@ -299,15 +280,15 @@ func TestCloseGivesUp(t *testing.T) {
 	addr, _ := serveMem(t, 64<<20)
 	mp := filepath.Join(t.TempDir(), "mnt")
 	leftovers(t, mp)
-	var log logLines
-	s, err := Mount(context.Background(), Options{Mountpoint: mp, Address: addr, Logf: log.logf})
+	var log testutil.Log
+	s, err := Mount(context.Background(), Options{Mountpoint: mp, Address: addr, Logf: log.Logf})
 	if err != nil {
 		t.Fatalf("Mount: %v\n%s", err, log.String())
 	}
 	if err := s.Close(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	s, err = Mount(context.Background(), Options{Mountpoint: mp, Address: addr, MountOptions: "ro", Logf: log.logf})
+	s, err = Mount(context.Background(), Options{Mountpoint: mp, Address: addr, MountOptions: "ro", Logf: log.Logf})
 	if err != nil {
 		t.Fatalf("Mount read-only: %v\n%s", err, log.String())
 	}
