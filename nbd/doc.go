@@ -70,4 +70,8 @@
 // that succeeds after a reconnect covers them. Without the log a Flush reports
 // ErrWritesLost once instead. A write is never acknowledged twice nor reordered against a
 // later one: replays precede every retried and new request.
+//
+// A request waits for a reconnect at most ClientOptions.ReconnectTimeout; once one has
+// waited that long in vain, the client fails requests at once, while it goes on trying
+// to reconnect, until it is back (see Client).
 package nbd
