@@ -424,6 +424,13 @@ func (c *Client) replay(cc *clientConn) error {
 	return nil
 }
 
+// Unflushed returns how many writes (trims and zeroings included) the client has sent
+// or had answered that no successful Flush covers yet, and how many bytes they change:
+// what the server may not hold durably, kept in the replay log to be sent again after
+// a reconnect, and lost if the client is abandoned before a Flush. Without the replay
+// log (ReplayBytes < 0) it counts only the writes answered, and bytes is -1.
+func (c *Client) Unflushed() (writes int, bytes int64) { return c.log.unflushed() }
+
 // Size returns the size of the export.
 func (c *Client) Size() int64 { return c.size }
 

@@ -445,6 +445,39 @@ func TestClientGivesUp(t *testing.T) {
 	}
 }
 
+// TestClientUnflushed: Unflushed counts the writes, trims and zeroings that no Flush
+// covers yet, and their bytes; a Flush empties it.
+func TestClientUnflushed(t *testing.T) {
+	checkLeaks(t)
+	ts := startServer(t, ServerConfig{}, Export{Device: blockdev.NewMem(1 << 20), AllowTrim: true})
+	c, err := Dial(context.Background(), ts.addr, ClientOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if n, b := c.Unflushed(); n != 0 || b != 0 {
+		t.Fatalf("Unflushed of a new client: %d, %d", n, b)
+	}
+	if _, err := c.WriteAt(make([]byte, 8192), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.WriteAt(make([]byte, 512), 1<<19); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Trim(4096, 4096); err != nil {
+		t.Fatal(err)
+	}
+	if n, b := c.Unflushed(); n != 3 || b != 8192+512+4096 {
+		t.Fatalf("Unflushed after 2 writes and a trim: %d requests, %d bytes; want 3, %d", n, b, 8192+512+4096)
+	}
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if n, b := c.Unflushed(); n != 0 || b != 0 {
+		t.Fatalf("Unflushed after Flush: %d, %d", n, b)
+	}
+}
+
 // TestClientSplitsAndErrors: requests above the server's maximum are split; the
 // server's errors arrive as RemoteError with the right sentinels.
 func TestClientSplitsAndErrors(t *testing.T) {

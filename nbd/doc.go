@@ -69,7 +69,8 @@
 // sends them again, in order, on the new connection before anything else, so a Flush
 // that succeeds after a reconnect covers them. Without the log a Flush reports
 // ErrWritesLost once instead. A write is never acknowledged twice nor reordered against a
-// later one: replays precede every retried and new request.
+// later one: replays precede every retried and new request. Client.Unflushed tells
+// what the log holds: what a client abandoned now would lose.
 //
 // A request waits for a reconnect at most ClientOptions.ReconnectTimeout; once one has
 // waited that long in vain, the client fails requests at once, while it goes on trying
