@@ -60,7 +60,8 @@
 // a replay log (see Client). It honours the server's minimum block size, which it asks
 // for: with a server that advertises more than 1, an unaligned request fails with
 // blockdev.ErrNotSupported instead of being sent (atrest's server, nbdkit and qemu-nbd
-// on files advertise 1).
+// on files advertise 1). Probe checks, without entering transmission, that a server
+// answers and offers an export.
 //
 // Durability across reconnects: the kernel's nbd client resends requests after a
 // reconnect and reports a later flush as a success, even when the server crashed and lost
