@@ -26,6 +26,11 @@ type Options struct {
 	FSType string
 	// MountOptions are mount(8) -o options, such as "noatime".
 	MountOptions string
+	// IOTimeout bounds how long a request of the volume waits for the NBD server while
+	// the client reconnects, before it fails (EIO in the file system): it is the NBD
+	// client's ReconnectTimeout (see nbd.ClientOptions). 0 means DefaultIOTimeout;
+	// negative means no reconnects at all.
+	IOTimeout time.Duration
 	// FUSEDir is the directory of the FUSE mount that holds the volume's file. ""
 	// means fusefs.DefaultRoot/<the mount point escaped as systemd-escape --path
 	// does>, which is removed again once unmounted (a directory given here stays).
@@ -38,6 +43,11 @@ type Options struct {
 	// fusefs.Options.Logger). Nil discards them.
 	Logger *slog.Logger
 }
+
+// DefaultIOTimeout is the default of Options.IOTimeout: longer than the 120 s for which
+// atrest serve holds the requests of a volume whose drive is missing, so that the
+// server, which knows why, answers first.
+const DefaultIOTimeout = 180 * time.Second
 
 // Stack is a stack that Mount set up and that this process serves until Close.
 type Stack struct {
@@ -112,8 +122,12 @@ func Mount(ctx context.Context, o Options) (*Stack, error) {
 		return nil, mark(fmt.Errorf("%s is already a FUSE mount of atrest", fuseDir), ErrFUSEDirInUse)
 	}
 
+	ioTimeout := o.IOTimeout
+	if ioTimeout == 0 {
+		ioTimeout = DefaultIOTimeout
+	}
 	dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	client, err := nbd.Dial(dctx, addr.String(), nbd.ClientOptions{Logf: func(f string, a ...any) { logf("nbd: "+f, a...) }})
+	client, err := nbd.Dial(dctx, addr.String(), nbd.ClientOptions{ReconnectTimeout: ioTimeout, Logf: func(f string, a ...any) { logf("nbd: "+f, a...) }})
 	cancel()
 	if err != nil {
 		err = fmt.Errorf("connect to %s: %w", addr, err)
@@ -143,7 +157,7 @@ func Mount(ctx context.Context, o Options) (*Stack, error) {
 	}
 	s.srv = srv
 	file := srv.Path(s.name)
-	state := &State{Mountpoint: mp, FUSEDir: fuseDir, File: file, PID: os.Getpid(), NBD: addr.String(), Export: addr.Export}
+	state := &State{Mountpoint: mp, FUSEDir: fuseDir, File: file, PID: os.Getpid(), NBD: addr.String(), Export: addr.Export, IOTimeout: ioTimeout.String()}
 	state.StartTime, _, _ = procStartTime(os.Getpid())
 	if err := writeState(state); err != nil {
 		return nil, s.abort(fmt.Errorf("record the mount in %s: %w", StateDir, err))

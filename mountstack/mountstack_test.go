@@ -124,7 +124,7 @@ func TestMountClose(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := State{Mountpoint: mp, FUSEDir: filepath.Dir(file), File: file, Loop: s.Loop(), PID: os.Getpid(), StartTime: st.StartTime, NBD: addr.String(), Export: "vol"}
+	want := State{Mountpoint: mp, FUSEDir: filepath.Dir(file), File: file, Loop: s.Loop(), PID: os.Getpid(), StartTime: st.StartTime, NBD: addr.String(), Export: "vol", IOTimeout: "3m0s"}
 	if *st != want || !st.Alive() {
 		t.Errorf("state %+v (alive %v), want %+v", *st, st.Alive(), want)
 	}

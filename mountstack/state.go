@@ -27,6 +27,9 @@ type State struct {
 	StartTime  uint64 `json:"start_time"` // of PID, in clock ticks since boot (proc(5) stat field 22)
 	NBD        string `json:"nbd"`
 	Export     string `json:"export"`
+	// IOTimeout is Options.IOTimeout as time.Duration writes it ("3m0s"); absent in the
+	// files of versions before it.
+	IOTimeout string `json:"io_timeout,omitempty"`
 }
 
 // AbsMountpoint returns p as Mount and Unmount name it (and its state file): absolute,

@@ -16,6 +16,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/urfave/cli/v2"
 	"golang.org/x/sys/unix"
@@ -36,6 +37,7 @@ type mountOptions struct {
 	fsType     string
 	options    string // mount(8) -o options
 	fuseDir    string // "" is fusefs.DefaultRoot/<escaped mount point>
+	ioTimeout  time.Duration
 	mountpoint string
 	background bool
 	log        io.Writer
@@ -57,7 +59,11 @@ func init() {
 			"A volume that reads as noise holds no signature: a freshly formatted drive's data area is\n" +
 			"noise (unless formatted with --wipe), so the first mount creates the file system.\n\n" +
 			"fstrim on the volume reaches the drive as trims if the drive was formatted with\n" +
-			"--allow-discards, and is refused (\"not supported\") otherwise.",
+			"--allow-discards, and is refused (\"not supported\") otherwise.\n\n" +
+			"When the NBD server goes away, the client reconnects and replays the writes not yet\n" +
+			"flushed; each request waits for it at most --io-timeout, then fails (EIO in the file\n" +
+			"system), and so do later requests, at once, until the server is back. Keep it longer\n" +
+			"than the time the server itself holds requests for a missing drive.",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "nbd", Usage: "NBD server: nbd+unix:///EXPORT?socket=PATH, nbd://HOST[:PORT]/EXPORT, unix:PATH or tcp:HOST:PORT (default: unix:" + defaultSocket + ")"},
 			&cli.StringFlag{Name: "export", Usage: "export (volume) name; overrides the one in --nbd (default: the server's default export)"},
@@ -65,6 +71,7 @@ func init() {
 			&cli.StringFlag{Name: "options", Aliases: []string{"o"}, Usage: "mount options, as for mount -o (e.g. noatime)"},
 			&cli.BoolFlag{Name: "background", Usage: "return once mounted; a child process serves the volume"},
 			&cli.StringFlag{Name: "fuse-dir", Usage: "directory for the FUSE mount (default: " + fusefs.DefaultRoot + "/<escaped mount point>)"},
+			&cli.DurationFlag{Name: "io-timeout", Value: mountstack.DefaultIOTimeout, Usage: "how long a request waits for the NBD server to come back before it fails with EIO"},
 		},
 		Action: func(c *cli.Context) error {
 			if c.NArg() != 1 {
@@ -73,7 +80,10 @@ func init() {
 			o := mountOptions{
 				nbd: c.String("nbd"), export: c.String("export"), fsType: c.String("fs"),
 				options: c.String("options"), fuseDir: c.String("fuse-dir"), mountpoint: c.Args().First(),
-				background: c.Bool("background"), log: c.App.ErrWriter,
+				background: c.Bool("background"), log: c.App.ErrWriter, ioTimeout: c.Duration("io-timeout"),
+			}
+			if o.ioTimeout <= 0 {
+				return usagef("--io-timeout must be positive, not %v", o.ioTimeout)
 			}
 			if fd := os.Getenv(readyFDEnv); fd != "" {
 				return runMountChild(c.Context, o, fd)
@@ -177,8 +187,9 @@ func runMount(ctx context.Context, o mountOptions, ready *readiness) error {
 
 	s, err := mountstack.Mount(ctx, mountstack.Options{
 		Mountpoint: mp, Address: addr, FSType: o.fsType, MountOptions: o.options, FUSEDir: fuseDir,
-		Logf:   logf,
-		Logger: slog.New(slog.NewTextHandler(out, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		IOTimeout: o.ioTimeout,
+		Logf:      logf,
+		Logger:    slog.New(slog.NewTextHandler(out, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	})
 	if err != nil {
 		return mountError(err, mp)
