@@ -5,9 +5,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -411,4 +413,59 @@ func TestAbandonRecordsLoss(t *testing.T) {
 		t.Fatalf("Close: %v\n%s", err, log.String())
 	}
 	nothingLeft(t, mp, file)
+}
+
+// TestServerGone: what Unmount takes for a server that is gone, from nbd.Probe's error:
+// nothing listening, and a listener that never greets (a hung server), are gone; one
+// that accepts and closes at once (at its connection limit) is there.
+func TestServerGone(t *testing.T) {
+	dir := t.TempDir()
+	probe := func(sock string) error {
+		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+		defer cancel()
+		return nbd.Probe(ctx, "unix:"+sock)
+	}
+	listen := func(name string, accept func(net.Conn)) string {
+		sock := filepath.Join(dir, name)
+		l, err := net.Listen("unix", sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { l.Close() })
+		go func() {
+			for {
+				c, err := l.Accept()
+				if err != nil {
+					return
+				}
+				accept(c)
+			}
+		}()
+		return sock
+	}
+	var (
+		mu   sync.Mutex
+		hung []net.Conn
+	)
+	t.Cleanup(func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range hung {
+			c.Close()
+		}
+	})
+	for _, c := range []struct {
+		name string
+		sock string
+		gone bool
+	}{
+		{"nothing listens", filepath.Join(dir, "nobody.sock"), true},
+		{"never greets", listen("hung.sock", func(c net.Conn) { mu.Lock(); hung = append(hung, c); mu.Unlock() }), true},
+		{"accepts and closes", listen("full.sock", func(c net.Conn) { c.Close() }), false},
+	} {
+		err := probe(c.sock)
+		if err == nil || serverGone(err) != c.gone {
+			t.Errorf("%s: probe %v, gone %v; want gone %v", c.name, err, serverGone(err), c.gone)
+		}
+	}
 }

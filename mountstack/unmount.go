@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"syscall"
 	"time"
@@ -89,7 +90,8 @@ var (
 // says what it found and did.
 //
 // While the process that serves the stack runs, Unmount first checks that the NBD
-// server answers and offers the export (nbd.Probe, a few seconds at most). If it does,
+// server answers and offers the export (nbd.Probe, a few seconds at most; a server that
+// accepts and closes the connection at once counts as there). If it does,
 // the teardown is ordered: Unmount unmounts the file system here (files still open
 // there are a refusal that changes nothing: ErrFilesOpen), then asks the process to
 // Close the stack (SIGTERM) and waits for it to exit, for at most timeout
@@ -135,7 +137,7 @@ func Unmount(ctx context.Context, mountpoint string, timeout time.Duration) (Unm
 		if ctx.Err() != nil {
 			return res, mark(fmt.Errorf("interrupted while checking that the NBD server at %s answers; nothing was changed", state.NBD), ErrInterrupted)
 		}
-		if perr != nil {
+		if serverGone(perr) {
 			res.Outcome, res.Unreachable = Abandoned, perr
 			return res, abandon(ctx, state, st, &res)
 		}
@@ -181,6 +183,14 @@ func Unmount(ctx context.Context, mountpoint string, timeout time.Duration) (Unm
 	}
 	removeFUSEDir(state.FUSEDir)
 	return res, removeState(mp)
+}
+
+// serverGone tells from nbd.Probe's error whether the NBD server is gone: nothing
+// listens, it does not greet in time (hung), or it no longer offers the export. A
+// server that accepts the connection and closes it at once is there, refusing
+// connections beyond its limits for now: the mount's own connections are not affected.
+func serverGone(err error) bool {
+	return err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, syscall.ECONNRESET)
 }
 
 // leftBehind reports whether anything of the stack of state remains besides its state
