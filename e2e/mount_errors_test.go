@@ -51,9 +51,12 @@ func TestMountErrors(t *testing.T) {
 	if r.code != exitcodes.Busy || !strings.Contains(r.stderr, "already has") {
 		t.Errorf("mount over a tmpfs: exit %d, want %d\n%s", r.code, exitcodes.Busy, r.stderr)
 	}
+	// umount refuses a mount of something else (Busy: the mount point is in use), and
+	// says that nothing is mounted, or that the path does not exist (Failure): never
+	// a silent success.
 	r = c.run("umount", mp)
-	if r.code != exitcodes.Failure || !strings.Contains(r.stderr, "not an atrest volume") || !strings.Contains(r.stderr, "umount(8)") {
-		t.Errorf("umount of a tmpfs: exit %d, want %d with a hint\n%s", r.code, exitcodes.Failure, r.stderr)
+	if r.code != exitcodes.Busy || !strings.Contains(r.stderr, "not an atrest volume") || !strings.Contains(r.stderr, "umount(8)") {
+		t.Errorf("umount of a tmpfs: exit %d, want %d with a hint\n%s", r.code, exitcodes.Busy, r.stderr)
 	}
 	if !isMountpoint(t, mp) {
 		t.Fatal("atrest umount removed a tmpfs it did not mount")
@@ -61,11 +64,28 @@ func TestMountErrors(t *testing.T) {
 	if err := unix.Unmount(mp, 0); err != nil {
 		t.Fatal(err)
 	}
-	// Nothing mounted: nothing to do.
-	if r := c.run("umount", mp); r.code != 0 {
-		t.Errorf("umount of an empty mount point: exit %d, want 0\n%s", r.code, r.stderr)
-	}
+	refused(exitcodes.Failure, "nothing is mounted on "+mp, "umount", mp)
+	refused(exitcodes.Failure, filepath.Join(mp, "nope")+" does not exist", "umount", filepath.Join(mp, "nope"))
 	refused(exitcodes.Usage, "one MOUNTPOINT", "umount")
+
+	// The record of a mount whose process is gone, with nothing mounted: umount
+	// removes it, says so and succeeds.
+	stale := `{"mountpoint": "` + mp + `", "fuse_dir": "` + filepath.Join(c.dir, "fuse") + `", "file": "` + filepath.Join(c.dir, "fuse", "err") +
+		`", "pid": 1073741824, "start_time": 1, "nbd": "` + d.uri("err") + `", "export": "err"}`
+	if err := os.MkdirAll(filepath.Dir(stateFile(mp)), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(stateFile(mp), []byte(stale), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Remove(stateFile(mp)) })
+	r = c.run("umount", mp)
+	if r.code != 0 || !strings.Contains(r.stderr, "nothing was mounted on "+mp+"; removed the stale record") {
+		t.Errorf("umount with a stale state file: exit %d, want 0 saying what it removed\n%s", r.code, r.stderr)
+	}
+	if fileExists(stateFile(mp)) {
+		t.Error("the stale state file is still there")
+	}
 
 	// Files open on the volume: umount refuses and changes nothing.
 	m := c.mount(d.uri("err"), mp)

@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/atrest/atrest/internal/testutil"
 )
 
@@ -267,6 +269,21 @@ func markers(data []byte) int { return bytes.Count(data, []byte(plainMarker)) }
 
 // syncAll is sync(1): everything written reaches the drives through the whole stack.
 func syncAll() { syscall.Sync() }
+
+// syncFS is sync -f: what was written to the file system mounted on mp reaches the
+// drive through the whole stack. Unlike sync(1), it does not wait for the other file
+// systems of the machine, such as another test's mount whose server is gone.
+func syncFS(t *testing.T, mp string) {
+	t.Helper()
+	fd, err := unix.Open(mp, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Syncfs(fd); err != nil {
+		t.Fatalf("syncfs %s: %v", mp, err)
+	}
+}
 
 // kernelLog follows the kernel log (/dev/kmsg) from the moment it is opened: the
 // ring buffer of a busy machine is full, so counting lines of dmesg would not do.

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/atrest/atrest/internal/exitcodes"
 	"github.com/atrest/atrest/internal/testutil"
 )
 
@@ -90,7 +91,7 @@ func TestMountRoundTrip(t *testing.T) {
 		t.Errorf("the background mount process %d still runs after atrest umount: %s", pid, b)
 	}
 	c.nothingLeft(mp, file)
-	if r := c.run("umount", mp); r.code != 0 {
-		t.Errorf("atrest umount with nothing mounted: exit %d, want 0 (idempotent)\n%s", r.code, r.stderr)
+	if r := c.run("umount", mp); r.code != exitcodes.Failure || !strings.Contains(r.stderr, "nothing is mounted on "+mp) {
+		t.Errorf("atrest umount with nothing mounted: exit %d, want %d saying so\n%s", r.code, exitcodes.Failure, r.stderr)
 	}
 }

@@ -7,6 +7,14 @@
 // file system, has the serving process stop (SIGTERM, so that process must answer it
 // with Close) and removes whatever a crash left behind, guided by the state file.
 //
+// A stack whose NBD server is gone cannot be taken down in order: every request would
+// wait for the server (Options.IOTimeout). Unmount checks that the server answers
+// first, and if it does not, it aborts the FUSE connection, so that everything stacked
+// on it fails at once, detaches the file system and the loop device lazily, and has the
+// serving process give the stack up without flushing (SIGUSR1, so that process must
+// answer it with Stack.Abandon and exit), which records in the state file what its NBD
+// client held unflushed, lost with it; Unmount reports it (Unmounted).
+//
 // The package prints nothing: it logs through Options.Logf and Options.Logger, and its
 // errors match the sentinels in errors.go where a caller has to tell cases apart. It
 // needs root (see volmount and fusefs). The process that calls Mount should already be

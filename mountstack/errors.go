@@ -35,6 +35,12 @@ var (
 	// ErrNotAtrest: Unmount found a file system mounted on the mount point that is
 	// not the one Mount set up there.
 	ErrNotAtrest = errors.New("not a mount of atrest")
+	// ErrNotMounted: Unmount found nothing mounted on the mount point (or no such
+	// path) and no state file of atrest's for it.
+	ErrNotMounted = errors.New("not mounted")
+	// ErrInterrupted: Unmount's context was done before it finished; what it did is
+	// consistent, and running Unmount again finishes the work.
+	ErrInterrupted = errors.New("interrupted")
 	// ErrState: the state file of the mount point exists but cannot be read.
 	ErrState = errors.New("the state file cannot be read")
 	// ErrUnreachable: Mount could not connect to the NBD server (or was cancelled

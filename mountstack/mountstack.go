@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"time"
 
@@ -26,6 +27,11 @@ type Options struct {
 	FSType string
 	// MountOptions are mount(8) -o options, such as "noatime".
 	MountOptions string
+	// IOTimeout bounds how long a request of the volume waits for the NBD server while
+	// the client reconnects, before it fails (EIO in the file system): it is the NBD
+	// client's ReconnectTimeout (see nbd.ClientOptions). 0 means DefaultIOTimeout;
+	// negative means no reconnects at all.
+	IOTimeout time.Duration
 	// FUSEDir is the directory of the FUSE mount that holds the volume's file. ""
 	// means fusefs.DefaultRoot/<the mount point escaped as systemd-escape --path
 	// does>, which is removed again once unmounted (a directory given here stays).
@@ -39,6 +45,11 @@ type Options struct {
 	Logger *slog.Logger
 }
 
+// DefaultIOTimeout is the default of Options.IOTimeout: longer than the 120 s for which
+// atrest serve holds the requests of a volume whose drive is missing, so that the
+// server, which knows why, answers first.
+const DefaultIOTimeout = 180 * time.Second
+
 // Stack is a stack that Mount set up and that this process serves until Close.
 type Stack struct {
 	mp      string
@@ -48,6 +59,8 @@ type Stack struct {
 	logf    func(format string, args ...any)
 	client  *nbd.Client
 	srv     *fusefs.Server
+	state   State      // as recorded in the state file
+	lossMu  sync.Mutex // serializes recordLoss (Abandon may run beside Close)
 }
 
 // Mount sets the stack up in order: it connects to the NBD export, serves it as a file
@@ -112,8 +125,12 @@ func Mount(ctx context.Context, o Options) (*Stack, error) {
 		return nil, mark(fmt.Errorf("%s is already a FUSE mount of atrest", fuseDir), ErrFUSEDirInUse)
 	}
 
+	ioTimeout := o.IOTimeout
+	if ioTimeout == 0 {
+		ioTimeout = DefaultIOTimeout
+	}
 	dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	client, err := nbd.Dial(dctx, addr.String(), nbd.ClientOptions{Logf: func(f string, a ...any) { logf("nbd: "+f, a...) }})
+	client, err := nbd.Dial(dctx, addr.String(), nbd.ClientOptions{ReconnectTimeout: ioTimeout, Logf: func(f string, a ...any) { logf("nbd: "+f, a...) }})
 	cancel()
 	if err != nil {
 		err = fmt.Errorf("connect to %s: %w", addr, err)
@@ -141,7 +158,7 @@ func Mount(ctx context.Context, o Options) (*Stack, error) {
 	}
 	s.srv = srv
 	file := srv.Path(s.name)
-	state := &State{Mountpoint: mp, FUSEDir: fuseDir, File: file, PID: os.Getpid(), NBD: addr.String(), Export: addr.Export}
+	state := &State{Mountpoint: mp, FUSEDir: fuseDir, File: file, PID: os.Getpid(), NBD: addr.String(), Export: addr.Export, IOTimeout: ioTimeout.String()}
 	state.StartTime, _, _ = procStartTime(os.Getpid())
 	if err := writeState(state); err != nil {
 		return nil, s.abort(fmt.Errorf("record the mount in %s: %w", StateDir, err))
@@ -169,6 +186,7 @@ func Mount(ctx context.Context, o Options) (*Stack, error) {
 	if err := writeState(state); err != nil {
 		logf("update %s: %v", StatePath(mp), err)
 	}
+	s.state = *state
 	how := "mounted"
 	if vol.Created {
 		how = "created " + vol.FSType + " and mounted"
@@ -230,23 +248,33 @@ func (s *Stack) Done() <-chan struct{} { return s.srv.Done() }
 // the FUSE mount and the state file for Unmount to remove; the NBD client is closed all
 // the same, so that those files fail from then on. Other errors of the teardown match
 // ErrBusy where something could not be taken off. A failed flush is joined after the
-// teardown's error (which decides what went wrong) and matches ErrFlush. Call Close
-// once, from a goroutine that does not serve FUSE.
+// teardown's error (which decides what went wrong) and matches ErrFlush; the state
+// file then stays, with what the NBD client held unflushed (State.Lost), for Unmount
+// to report. Call Close once, from a goroutine that does not serve FUSE.
 func (s *Stack) Close(ctx context.Context) error {
 	select {
 	case <-s.srv.Done():
 		// Someone ended the FUSE mount (Unmount without a state file, or by hand):
 		// what was above it is gone or dead.
 		s.logf("the FUSE mount %s was ended from outside", s.fuseDir)
+		// The state file stays while the flush waits for the server: `atrest umount`
+		// may meanwhile have the process Abandon the stack, which records in it what
+		// the client held.
+		err := mark(s.closeClient(), ErrFlush)
 		removeFUSEDir(s.fuseDir)
+		if err != nil {
+			s.recordLoss() // and keep the state file for Unmount to report it
+			return err
+		}
 		removeState(s.mp)
-		return mark(s.closeClient(), ErrFlush)
+		return nil
 	default:
 	}
 	s.logf("stopping: unmounting %s", s.mp)
 	err := s.teardown(ctx)
 	if cerr := s.closeClient(); cerr != nil {
 		err = errors.Join(err, mark(cerr, ErrFlush))
+		s.recordLoss() // the state file stays, for Unmount to report it
 	}
 	if err == nil {
 		removeState(s.mp)
@@ -298,6 +326,32 @@ func (s *Stack) teardown(ctx context.Context) error {
 	s.srv.Wait()
 	removeFUSEDir(s.srv.Dir())
 	return nil
+}
+
+// Abandon gives the stack up without touching it, for a process about to exit because
+// the NBD server is gone: `atrest umount` has Unmount send SIGUSR1 to the mount
+// process once it has aborted the FUSE connection and detached the file system, and
+// removes the rest once the process has exited. It records in the state file, for
+// Unmount to report, how many writes the NBD client holds that the server never
+// confirmed durable (nbd.Client.Unflushed), lost with this process, and returns them.
+// It waits for nothing (it may be called while Close waits for the server) and
+// changes nothing else. The error is that of the state file's update.
+func (s *Stack) Abandon() (writes int, bytes int64, err error) {
+	return s.recordLoss()
+}
+
+// recordLoss records in the state file what the NBD client holds unflushed (State.Lost),
+// unless Close has removed the state file.
+func (s *Stack) recordLoss() (writes int, bytes int64, err error) {
+	s.lossMu.Lock()
+	defer s.lossMu.Unlock()
+	writes, bytes = s.client.Unflushed()
+	st := s.state
+	st.Lost, st.LostWrites, st.LostBytes = true, writes, bytes
+	if _, err := os.Stat(StatePath(s.mp)); err != nil {
+		return writes, bytes, err
+	}
+	return writes, bytes, writeState(&st)
 }
 
 // removeFUSEDir removes a FUSE directory that Mount made under fusefs.DefaultRoot once

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -47,24 +48,6 @@ func serveMem(t *testing.T, size int64) (nbd.Address, *blockdev.Mem) {
 	go func() { srv.Serve(context.Background(), l); close(done) }()
 	t.Cleanup(func() { srv.Close(); <-done })
 	return nbd.Address{Network: "unix", Addr: sock, Export: "vol"}, mem
-}
-
-// logLines collects what the stack logs.
-type logLines struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *logLines) logf(format string, args ...any) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	fmt.Fprintf(&l.buf, format+"\n", args...)
-}
-
-func (l *logLines) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
 }
 
 // leftovers takes down whatever a failed test left of the stack on mp (not with
@@ -120,8 +103,8 @@ func TestMountClose(t *testing.T) {
 	requireStack(t)
 	addr, _ := serveMem(t, 64<<20)
 	mp := filepath.Join(t.TempDir(), "mnt")
-	var log logLines
-	opts := Options{Mountpoint: mp, Address: addr, MountOptions: "noatime", Logf: log.logf}
+	var log testutil.Log
+	opts := Options{Mountpoint: mp, Address: addr, MountOptions: "noatime", Logf: log.Logf}
 	leftovers(t, mp)
 
 	// A stale state file (its process is gone) is replaced.
@@ -143,7 +126,7 @@ func TestMountClose(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := State{Mountpoint: mp, FUSEDir: filepath.Dir(file), File: file, Loop: s.Loop(), PID: os.Getpid(), StartTime: st.StartTime, NBD: addr.String(), Export: "vol"}
+	want := State{Mountpoint: mp, FUSEDir: filepath.Dir(file), File: file, Loop: s.Loop(), PID: os.Getpid(), StartTime: st.StartTime, NBD: addr.String(), Export: "vol", IOTimeout: "3m0s"}
 	if *st != want || !st.Alive() {
 		t.Errorf("state %+v (alive %v), want %+v", *st, st.Alive(), want)
 	}
@@ -179,7 +162,7 @@ func TestMountClose(t *testing.T) {
 	}
 	nothingLeft(t, mp, file)
 
-	log = logLines{}
+	log = testutil.Log{}
 	s, err = Mount(context.Background(), opts)
 	if err != nil {
 		t.Fatalf("Mount again: %v\n%s", err, log.String())
@@ -269,7 +252,7 @@ func TestMountRefusals(t *testing.T) {
 	if err := os.WriteFile(StatePath(mp), []byte("{not json"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if err := Unmount(context.Background(), mp, time.Second); !errors.Is(err, ErrState) {
+	if _, err := Unmount(context.Background(), mp, time.Second); !errors.Is(err, ErrState) {
 		t.Errorf("Unmount with an unreadable state file: %v, want ErrState", err)
 	}
 	if b, _ := os.ReadFile(StatePath(mp)); string(b) != "{not json" {
@@ -278,14 +261,31 @@ func TestMountRefusals(t *testing.T) {
 }
 
 // TestUnmountNothing: Unmount of a mount point without a state file and with nothing
-// mounted does nothing, as `atrest umount` run twice must.
+// mounted, or of a path that does not exist, fails with ErrNotMounted, saying which
+// (`atrest umount` exits non-zero); a state file whose process is gone and nothing
+// else is stale: Unmount removes it and says so.
 func TestUnmountNothing(t *testing.T) {
+	testutil.Root(t) // the state files are root's
 	mp := t.TempDir()
-	if err := Unmount(context.Background(), mp, time.Second); err != nil {
-		t.Errorf("Unmount of an empty directory: %v", err)
+	if _, err := Unmount(context.Background(), mp, time.Second); !errors.Is(err, ErrNotMounted) || !strings.Contains(err.Error(), "nothing is mounted on "+mp) {
+		t.Errorf("Unmount of an empty directory: %v, want ErrNotMounted", err)
 	}
-	if err := Unmount(context.Background(), filepath.Join(mp, "missing"), time.Second); err != nil {
-		t.Errorf("Unmount of a missing directory: %v", err)
+	missing := filepath.Join(mp, "missing")
+	if _, err := Unmount(context.Background(), missing, time.Second); !errors.Is(err, ErrNotMounted) || !strings.Contains(err.Error(), missing+" does not exist") {
+		t.Errorf("Unmount of a missing directory: %v, want ErrNotMounted", err)
+	}
+
+	t.Cleanup(func() { removeState(mp) })
+	stale := &State{Mountpoint: mp, FUSEDir: filepath.Join(t.TempDir(), "fuse"), File: "/nonexistent/volume", PID: 1 << 30, NBD: "unix:/nonexistent"}
+	if err := writeState(stale); err != nil {
+		t.Fatal(err)
+	}
+	res, err := Unmount(context.Background(), mp, time.Second)
+	if err != nil || res.Outcome != StaleState || res.PID != 1<<30 || res.Mountpoint != mp {
+		t.Errorf("Unmount with a stale state file: %+v, %v; want StaleState", res, err)
+	}
+	if _, err := os.Lstat(StatePath(mp)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the stale state file: %v, want it removed", err)
 	}
 }
 
@@ -299,15 +299,15 @@ func TestCloseGivesUp(t *testing.T) {
 	addr, _ := serveMem(t, 64<<20)
 	mp := filepath.Join(t.TempDir(), "mnt")
 	leftovers(t, mp)
-	var log logLines
-	s, err := Mount(context.Background(), Options{Mountpoint: mp, Address: addr, Logf: log.logf})
+	var log testutil.Log
+	s, err := Mount(context.Background(), Options{Mountpoint: mp, Address: addr, Logf: log.Logf})
 	if err != nil {
 		t.Fatalf("Mount: %v\n%s", err, log.String())
 	}
 	if err := s.Close(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	s, err = Mount(context.Background(), Options{Mountpoint: mp, Address: addr, MountOptions: "ro", Logf: log.logf})
+	s, err = Mount(context.Background(), Options{Mountpoint: mp, Address: addr, MountOptions: "ro", Logf: log.Logf})
 	if err != nil {
 		t.Fatalf("Mount read-only: %v\n%s", err, log.String())
 	}
@@ -362,4 +362,110 @@ func TestCloseGivesUp(t *testing.T) {
 	removeFUSEDir(filepath.Dir(file))
 	removeState(mp)
 	nothingLeft(t, mp, file)
+}
+
+// TestAbandonRecordsLoss: Abandon records in the state file what the NBD client holds
+// that the server has not made durable (with ext4 mounted nobarrier nothing is ever
+// flushed, so all that fsync wrote is still held), for Unmount to report, and touches
+// nothing else: the stack still works and Close takes it down as usual.
+func TestAbandonRecordsLoss(t *testing.T) {
+	requireStack(t)
+	addr, _ := serveMem(t, 64<<20)
+	mp := filepath.Join(t.TempDir(), "mnt")
+	leftovers(t, mp)
+	var log testutil.Log
+	s, err := Mount(context.Background(), Options{Mountpoint: mp, Address: addr, MountOptions: "barrier=0", IOTimeout: 7 * time.Second, Logf: log.Logf})
+	if err != nil {
+		t.Fatalf("Mount: %v\n%s", err, log.String())
+	}
+	if st, err := ReadState(mp); err != nil || st.IOTimeout != "7s" || st.Lost {
+		t.Errorf("state %+v, %v; want io_timeout 7s and no loss", st, err)
+	}
+	data := bytes.Repeat([]byte("abandon!"), 1<<17) // 1 MiB
+	f, err := os.Create(filepath.Join(mp, "f"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Write(data); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+
+	writes, n, err := s.Abandon()
+	if err != nil || writes == 0 || n < int64(len(data)) {
+		t.Errorf("Abandon: %d writes, %d bytes, %v; want at least the %d bytes fsynced", writes, n, err, len(data))
+	}
+	st, err := ReadState(mp)
+	if err != nil || !st.Lost || st.LostWrites != writes || st.LostBytes != n || st.Loop != s.Loop() {
+		t.Errorf("state after Abandon: %+v, %v; want the loss recorded (%d, %d)", st, err, writes, n)
+	}
+	if loss := recordedLoss(mp); loss == nil || *loss != (Loss{Writes: writes, Bytes: n}) {
+		t.Errorf("recordedLoss: %+v", loss)
+	}
+	if got, err := os.ReadFile(filepath.Join(mp, "f")); err != nil || !bytes.Equal(got, data) {
+		t.Errorf("the file after Abandon: %d bytes, %v", len(got), err)
+	}
+	file := s.File()
+	if err := s.Close(context.Background()); err != nil {
+		t.Fatalf("Close: %v\n%s", err, log.String())
+	}
+	nothingLeft(t, mp, file)
+}
+
+// TestServerGone: what Unmount takes for a server that is gone, from nbd.Probe's error:
+// nothing listening, and a listener that never greets (a hung server), are gone; one
+// that accepts and closes at once (at its connection limit) is there.
+func TestServerGone(t *testing.T) {
+	dir := t.TempDir()
+	probe := func(sock string) error {
+		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+		defer cancel()
+		return nbd.Probe(ctx, "unix:"+sock)
+	}
+	listen := func(name string, accept func(net.Conn)) string {
+		sock := filepath.Join(dir, name)
+		l, err := net.Listen("unix", sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { l.Close() })
+		go func() {
+			for {
+				c, err := l.Accept()
+				if err != nil {
+					return
+				}
+				accept(c)
+			}
+		}()
+		return sock
+	}
+	var (
+		mu   sync.Mutex
+		hung []net.Conn
+	)
+	t.Cleanup(func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range hung {
+			c.Close()
+		}
+	})
+	for _, c := range []struct {
+		name string
+		sock string
+		gone bool
+	}{
+		{"nothing listens", filepath.Join(dir, "nobody.sock"), true},
+		{"never greets", listen("hung.sock", func(c net.Conn) { mu.Lock(); hung = append(hung, c); mu.Unlock() }), true},
+		{"accepts and closes", listen("full.sock", func(c net.Conn) { c.Close() }), false},
+	} {
+		err := probe(c.sock)
+		if err == nil || serverGone(err) != c.gone {
+			t.Errorf("%s: probe %v, gone %v; want gone %v", c.name, err, serverGone(err), c.gone)
+		}
+	}
 }

@@ -27,6 +27,17 @@ type State struct {
 	StartTime  uint64 `json:"start_time"` // of PID, in clock ticks since boot (proc(5) stat field 22)
 	NBD        string `json:"nbd"`
 	Export     string `json:"export"`
+	// IOTimeout is Options.IOTimeout as time.Duration writes it ("3m0s"); absent in the
+	// files of versions before it.
+	IOTimeout string `json:"io_timeout,omitempty"`
+	// Lost is set by a mount process that ends without flushing its NBD client (it
+	// abandoned the stack, see Stack.Abandon, or Close could not flush), with what the
+	// client held that the server had not made durable, lost with the process:
+	// LostWrites writes (trims and zeroings included) of LostBytes bytes in all (-1:
+	// unknown). Unmount reports it.
+	Lost       bool  `json:"lost,omitempty"`
+	LostWrites int   `json:"lost_writes,omitempty"`
+	LostBytes  int64 `json:"lost_bytes,omitempty"`
 }
 
 // AbsMountpoint returns p as Mount and Unmount name it (and its state file): absolute,

@@ -70,6 +70,14 @@ func TestStateFormat(t *testing.T) {
 	cases := map[string]State{
 		"state.json": {Mountpoint: "/srv/vol1", FUSEDir: "/run/atrest/fuse/srv-vol1", File: "/run/atrest/fuse/srv-vol1/vol1",
 			Loop: "/dev/loop3", PID: 4242, StartTime: 123456, NBD: "nbd+unix:///vol1?socket=%2Frun%2Fatrest%2Fnbd.sock", Export: "vol1"},
+		// With the I/O timeout of the NBD client.
+		"state-iotimeout.json": {Mountpoint: "/srv/vol1", FUSEDir: "/run/atrest/fuse/srv-vol1", File: "/run/atrest/fuse/srv-vol1/vol1",
+			Loop: "/dev/loop3", PID: 4242, StartTime: 123456, NBD: "nbd+unix:///vol1?socket=%2Frun%2Fatrest%2Fnbd.sock", Export: "vol1",
+			IOTimeout: "3m0s"},
+		// As a mount process left it when it lost what its NBD client held (State.Lost).
+		"state-lost.json": {Mountpoint: "/srv/vol1", FUSEDir: "/run/atrest/fuse/srv-vol1", File: "/run/atrest/fuse/srv-vol1/vol1",
+			Loop: "/dev/loop3", PID: 4242, StartTime: 123456, NBD: "nbd+unix:///vol1?socket=%2Frun%2Fatrest%2Fnbd.sock", Export: "vol1",
+			IOTimeout: "3m0s", Lost: true, LostWrites: 3, LostBytes: 12288},
 		// Recorded before the loop device is attached: no "loop".
 		"state-unattached.json": {Mountpoint: "/mnt/my vol", FUSEDir: "/tmp/fuse", File: "/tmp/fuse/volume",
 			PID: 7, StartTime: 99, NBD: "nbd://127.0.0.1:10809/"},

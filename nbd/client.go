@@ -24,9 +24,11 @@ type ClientOptions struct {
 	MaxInFlight int
 	// DialTimeout bounds one connection attempt, handshake included (default 10 s).
 	DialTimeout time.Duration
-	// ReconnectTimeout is how long requests wait, after the connection dropped, for a
-	// new one before they fail with ErrDisconnected (default 60 s; negative: never
-	// reconnect, fail at once).
+	// ReconnectTimeout bounds how long a request waits for a connection while the
+	// client reconnects, counted from the moment that request began to wait, before it
+	// fails with ErrDisconnected (default 60 s; negative: never reconnect, fail at
+	// once). Once a request has waited that long in vain the client gives up: later
+	// requests fail at once, until the reconnect, which goes on, succeeds (see Client).
 	ReconnectTimeout time.Duration
 	// ReplayBytes bounds the replay log: the writes answered since the last Flush, kept
 	// so that they can be sent again after a reconnect (default 64 MiB; when it is full
@@ -58,8 +60,9 @@ func (o ClientOptions) withDefaults() ClientOptions {
 
 var (
 	// ErrDisconnected is returned (wrapped, with the last dial error) by requests that
-	// found no connection within ClientOptions.ReconnectTimeout. It is of the class
-	// blockdev.ErrGone: to the layer above, the device is gone.
+	// found no connection within ClientOptions.ReconnectTimeout, and by every request
+	// while the client has given up (see Client). It is of the class blockdev.ErrGone:
+	// to the layer above, the device is gone.
 	ErrDisconnected = fmt.Errorf("%w: connection to the nbd server lost", blockdev.ErrGone)
 	// ErrWritesLost is returned once by Flush when a connection dropped while writes
 	// answered on it were not yet flushed and the replay log could not keep them: if
@@ -86,9 +89,16 @@ var (
 //
 // # Reconnection and durability
 //
-// When a connection drops, the client closes all of them, dials again with backoff for
-// up to ReconnectTimeout, and sends the requests that were in flight again (reads, and
-// writes, which are idempotent at a fixed offset). With ReconnectTimeout < 0 the requests
+// When a connection drops, the client closes all of them, dials again with backoff (at
+// most a second apart) until it succeeds or is closed, and sends the requests that
+// were in flight again (reads, and writes, which are idempotent at a fixed offset).
+// Meanwhile each request waits for the new connection for at most ReconnectTimeout,
+// counted from when it began to wait; the first one that waits that long in vain fails
+// with ErrDisconnected and the client gives up: from then on new requests fail at once
+// instead of waiting (so that a read(2), which the kernel may send as several requests
+// one after the other, fails after ReconnectTimeout and not a multiple of it), until a
+// reconnect succeeds and requests are served again. Requests already waiting keep their
+// own deadline. With ReconnectTimeout < 0 the requests
 // in flight on the dropped connection fail with ErrDisconnected and the client goes on
 // with its other connections, if it has any. Writes that were answered but not yet
 // flushed are in the replay log: it is sent again, in order, before any other request
@@ -108,8 +118,9 @@ type Client struct {
 	conns   []*clientConn
 	info    exportInfo
 	epoch   uint64
-	attempt uint64 // reconnect attempts started
-	failErr error  // why the last reconnect attempt gave up
+	failErr error // stateFailed: why
+	dialErr error // stateDown: why the last reconnect attempt failed
+	gaveUp  error // stateDown: set once a request waited ReconnectTimeout in vain
 	calls   sync.WaitGroup
 	closeCh chan struct{}
 	bg      sync.WaitGroup
@@ -121,9 +132,9 @@ type Client struct {
 type clientState int
 
 const (
-	stateUp clientState = iota
-	stateDown
-	stateFailed
+	stateUp     clientState = iota
+	stateDown               // reconnecting
+	stateFailed             // no connection left and no reconnect (ReconnectTimeout < 0)
 	stateClosed
 )
 
@@ -205,6 +216,7 @@ func (c *Client) install(conns []*clientConn, info exportInfo, epoch uint64) boo
 		return false
 	}
 	c.conns, c.info, c.epoch, c.state = conns, info, epoch, stateUp
+	c.dialErr, c.gaveUp = nil, nil
 	c.cond.Broadcast()
 	c.mu.Unlock()
 	return true
@@ -227,11 +239,12 @@ func (c *Client) begin() error {
 	return nil
 }
 
-// conn returns a connection to send on, waiting for a reconnect if one runs.
-func (c *Client) conn() (*clientConn, error) {
+// conn returns a connection to send on, waiting for a reconnect if one runs: until
+// *deadline, which it sets when the call first has to wait (see ClientOptions.
+// ReconnectTimeout), or not at all once the client has given up.
+func (c *Client) conn(deadline *time.Time) (*clientConn, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	waited := uint64(0)
 	for {
 		switch c.state {
 		case stateUp:
@@ -239,16 +252,39 @@ func (c *Client) conn() (*clientConn, error) {
 		case stateClosed:
 			return nil, blockdev.ErrClosed
 		case stateFailed:
-			if waited == c.attempt || c.opts.ReconnectTimeout < 0 {
-				return nil, c.failErr
-			}
-			// A later call: try again.
-			c.startReconnectLocked()
+			return nil, c.failErr
 		case stateDown:
-			waited = c.attempt
-			c.cond.Wait()
+			now := time.Now()
+			if deadline.IsZero() {
+				if c.gaveUp != nil {
+					return nil, c.gaveUp
+				}
+				*deadline = now.Add(c.opts.ReconnectTimeout)
+			}
+			if !now.Before(*deadline) {
+				if c.gaveUp == nil {
+					c.gaveUp = fmt.Errorf("%w: no connection to %s for %v", ErrDisconnected, c.addr, c.opts.ReconnectTimeout)
+					if c.dialErr != nil {
+						c.gaveUp = fmt.Errorf("%w: %w", c.gaveUp, c.dialErr)
+					}
+					c.logf("nbd: %v; requests fail at once until it is back", c.gaveUp)
+				}
+				return nil, c.gaveUp
+			}
+			c.waitLocked(deadline.Sub(now))
 		}
 	}
+}
+
+// waitLocked waits for a change of state (cond), for at most d.
+func (c *Client) waitLocked(d time.Duration) {
+	t := time.AfterFunc(d, func() {
+		c.mu.Lock()
+		c.cond.Broadcast()
+		c.mu.Unlock()
+	})
+	c.cond.Wait()
+	t.Stop()
 }
 
 // currentInfo returns what the connections in use negotiated.
@@ -260,10 +296,10 @@ func (c *Client) currentInfo() exportInfo {
 
 // do sends one request, again on a new connection when its connection drops.
 func (c *Client) do(cl *call) error {
-	var first time.Time
+	var deadline time.Time // set once the request has to wait for a connection
 	backoff := 10 * time.Millisecond
 	for {
-		cc, err := c.conn()
+		cc, err := c.conn(&deadline)
 		if err != nil {
 			return err
 		}
@@ -277,12 +313,12 @@ func (c *Client) do(cl *call) error {
 			return fmt.Errorf("%s at %d: %w: %w", cmdName(cl.typ), cl.off, ErrDisconnected, err)
 		}
 		// A request that the server drops the connection for, again and again, must not
-		// loop for ever.
-		if first.IsZero() {
-			first = time.Now()
+		// loop for ever: its deadline runs from the first drop.
+		if deadline.IsZero() {
+			deadline = time.Now().Add(c.opts.ReconnectTimeout)
 			continue
 		}
-		if time.Since(first) > c.opts.ReconnectTimeout {
+		if !time.Now().Before(deadline) {
 			return fmt.Errorf("%s at %d: %w", cmdName(cl.typ), cl.off, ErrDisconnected)
 		}
 		// Lost again, on a connection that was made for it: the server ends the
@@ -333,7 +369,6 @@ func (c *Client) connLost(cc *clientConn, err error) {
 
 func (c *Client) startReconnectLocked() {
 	c.state = stateDown
-	c.attempt++
 	epoch := c.epoch + 1
 	c.cond.Broadcast()
 	c.bg.Add(1)
@@ -343,11 +378,11 @@ func (c *Client) startReconnectLocked() {
 	}()
 }
 
-// reconnect dials until it succeeds or ReconnectTimeout passes, then replays the log.
+// reconnect dials until it succeeds, then replays the log; it gives up only when the
+// client is closed. (Requests stop waiting for it by their own deadlines: see conn.)
 func (c *Client) reconnect(epoch uint64) {
-	deadline := time.Now().Add(c.opts.ReconnectTimeout)
 	backoff := 10 * time.Millisecond
-	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go func() {
 		select {
@@ -356,16 +391,16 @@ func (c *Client) reconnect(epoch uint64) {
 		case <-ctx.Done():
 		}
 	}()
-	var err error
 	for {
-		var conns []*clientConn
-		var info exportInfo
-		conns, info, err = c.dialAll(ctx, epoch)
+		conns, info, err := c.dialAll(ctx, epoch)
 		if err == nil && info.size != c.size {
 			err = fmt.Errorf("export size changed from %d to %d bytes", c.size, info.size)
 		}
 		if err == nil {
+			// A server that accepted but does not answer must not hold up Close.
+			stop := context.AfterFunc(ctx, func() { conns[0].nc.Close() })
 			err = c.replay(conns[0])
+			stop()
 		}
 		if err == nil {
 			if c.install(conns, info, epoch) {
@@ -376,21 +411,15 @@ func (c *Client) reconnect(epoch uint64) {
 		for _, cc := range conns {
 			cc.nc.Close()
 		}
-		if time.Now().Add(backoff).After(deadline) || ctx.Err() != nil {
-			break
-		}
+		c.mu.Lock()
+		c.dialErr = err
+		c.mu.Unlock()
 		select {
 		case <-time.After(backoff):
 		case <-ctx.Done():
+			return
 		}
 		backoff = min(2*backoff, time.Second)
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.state == stateDown {
-		c.state = stateFailed
-		c.failErr = fmt.Errorf("%w: no connection to %s within %v: %w", ErrDisconnected, c.addr, c.opts.ReconnectTimeout, err)
-		c.cond.Broadcast()
 	}
 }
 
@@ -413,6 +442,13 @@ func (c *Client) replay(cc *clientConn) error {
 	}
 	return nil
 }
+
+// Unflushed returns how many writes (trims and zeroings included) the client has sent
+// or had answered that no successful Flush covers yet, and how many bytes they change:
+// what the server may not hold durably, kept in the replay log to be sent again after
+// a reconnect, and lost if the client is abandoned before a Flush. Without the replay
+// log (ReplayBytes < 0) it counts only the writes answered, and bytes is -1.
+func (c *Client) Unflushed() (writes int, bytes int64) { return c.log.unflushed() }
 
 // Size returns the size of the export.
 func (c *Client) Size() int64 { return c.size }

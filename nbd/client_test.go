@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -384,31 +385,96 @@ func TestClientWritesLost(t *testing.T) {
 	}
 }
 
-// TestClientGivesUp: with no server coming back, requests fail with ErrDisconnected
-// after ReconnectTimeout.
+// TestClientGivesUp: with no server coming back, a request fails with ErrDisconnected
+// once it has waited ReconnectTimeout, counted from when it began to wait (not from
+// the drop: a read that started later waited less, which is how `atrest mount` read
+// EIO after 58 s of a 60 s timeout); then the client has given up and later requests
+// fail at once (a read(2) that the kernel sends as several requests one after the
+// other fails after one timeout, not several); the reconnect goes on, and once the
+// server is back requests succeed again.
 func TestClientGivesUp(t *testing.T) {
 	checkLeaks(t)
+	const timeout = 2 * time.Second
 	sock := filepath.Join(shortDir(t), "s")
 	srv, done := serveOn(t, sock, blockdev.NewMem(1<<20))
-	c, err := Dial(context.Background(), "unix:"+sock, ClientOptions{ReconnectTimeout: 300 * time.Millisecond})
+	var log testutil.Log
+	c, err := Dial(context.Background(), "unix:"+sock, ClientOptions{ReconnectTimeout: timeout, Logf: log.Logf})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
 	srv.Close()
 	<-done
+	// The reader goroutine notices the drop and starts the reconnect at once; the read
+	// starts well after it.
+	for !strings.Contains(log.String(), "connection to") {
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(timeout / 2)
 	start := time.Now()
 	if _, err := c.ReadAt(make([]byte, 512), 0); !errors.Is(err, ErrDisconnected) {
 		t.Fatalf("read: %v, want ErrDisconnected", err)
 	}
-	if d := time.Since(start); d > 10*time.Second {
-		t.Fatalf("gave up after %v", d)
+	if d := time.Since(start); d < timeout-100*time.Millisecond || d > timeout+10*time.Second {
+		t.Fatalf("the read gave up after %v, want the %v it may wait", d, timeout)
 	}
-	// The server comes back: a later call reconnects.
+	if !strings.Contains(log.String(), "requests fail at once until it is back") {
+		t.Errorf("the client did not log that it gave up:\n%s", log.String())
+	}
+	start = time.Now()
+	if _, err := c.ReadAt(make([]byte, 512), 0); !errors.Is(err, ErrDisconnected) {
+		t.Fatalf("read after the client gave up: %v, want ErrDisconnected", err)
+	}
+	if d := time.Since(start); d > timeout/2 {
+		t.Fatalf("a read after the client gave up waited %v, want a failure at once", d)
+	}
+	// The server comes back: the reconnect, which went on, finds it.
 	srv, done = serveOn(t, sock, blockdev.NewMem(1<<20))
 	defer func() { srv.Shutdown(context.Background()); <-done }()
-	if _, err := c.ReadAt(make([]byte, 512), 0); err != nil {
-		t.Fatalf("read after the server came back: %v", err)
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		_, err := c.ReadAt(make([]byte, 512), 0)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("read 30 s after the server came back: %v", err)
+		}
+	}
+	if !strings.Contains(log.String(), "reconnected") {
+		t.Errorf("no reconnect logged:\n%s", log.String())
+	}
+}
+
+// TestClientUnflushed: Unflushed counts the writes, trims and zeroings that no Flush
+// covers yet, and their bytes; a Flush empties it.
+func TestClientUnflushed(t *testing.T) {
+	checkLeaks(t)
+	ts := startServer(t, ServerConfig{}, Export{Device: blockdev.NewMem(1 << 20)})
+	c, err := Dial(context.Background(), ts.addr, ClientOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if n, b := c.Unflushed(); n != 0 || b != 0 {
+		t.Fatalf("Unflushed of a new client: %d, %d", n, b)
+	}
+	if _, err := c.WriteAt(make([]byte, 8192), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.WriteAt(make([]byte, 512), 1<<19); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Trim(4096, 4096); err != nil {
+		t.Fatal(err)
+	}
+	if n, b := c.Unflushed(); n != 3 || b != 8192+512+4096 {
+		t.Fatalf("Unflushed after 2 writes and a trim: %d requests, %d bytes; want 3, %d", n, b, 8192+512+4096)
+	}
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if n, b := c.Unflushed(); n != 0 || b != 0 {
+		t.Fatalf("Unflushed after Flush: %d, %d", n, b)
 	}
 }
 

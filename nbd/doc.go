@@ -69,7 +69,8 @@
 // ErrDisconnected). It honours the server's minimum block size, which it asks
 // for: with a server that advertises more than 1, an unaligned request fails with
 // blockdev.ErrNotSupported instead of being sent (atrest's server, nbdkit and qemu-nbd
-// on files advertise 1).
+// on files advertise 1). Probe checks, without entering transmission, that a server
+// answers and offers an export.
 //
 // Durability across reconnects: the kernel's nbd client resends requests after a
 // reconnect and reports a later flush as a success, even when the server crashed and lost
@@ -78,5 +79,10 @@
 // sends them again, in order, on the new connection before anything else, so a Flush
 // that succeeds after a reconnect covers them. Without the log a Flush reports
 // ErrWritesLost once instead. A write is never acknowledged twice nor reordered against a
-// later one: replays precede every retried and new request.
+// later one: replays precede every retried and new request. Client.Unflushed tells
+// what the log holds: what a client abandoned now would lose.
+//
+// A request waits for a reconnect at most ClientOptions.ReconnectTimeout; once one has
+// waited that long in vain, the client fails requests at once, while it goes on trying
+// to reconnect, until it is back (see Client).
 package nbd

@@ -195,6 +195,24 @@ func (l *replayLog) endReplay() {
 	}
 }
 
+// unflushed counts the changing requests that no successful Flush covers yet (sent or
+// answered, not failed) and the bytes they change; without a log, it counts the writes
+// answered since the last Flush and bytes is -1 (unknown).
+func (l *replayLog) unflushed() (n int, bytes int64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.limit < 0 {
+		return int(l.acked - l.flushedAcked), -1
+	}
+	for _, e := range l.entries {
+		if e.state != entryFailed {
+			n++
+			bytes += int64(e.length)
+		}
+	}
+	return n, bytes
+}
+
 // droppedDirty reports, for a connection that just dropped, whether answered writes
 // that no log keeps were not yet flushed.
 func (l *replayLog) droppedDirty() bool {

@@ -92,6 +92,45 @@ func UnmountFUSE(dir string) error {
 	return unmountFUSE(dir)
 }
 
+// fuseControlDir is where the fusectl file system shows one directory per FUSE
+// connection (Documentation/filesystems/fuse.rst, "Control filesystem").
+const fuseControlDir = "/sys/fs/fuse/connections"
+
+// AbortFUSE aborts the FUSE connection of the fusefs mount on dir, by writing to its
+// abort file in the fusectl file system (mounted on /sys/fs/fuse/connections first if
+// nothing is mounted there, as systemd does at boot): every request pending on the
+// connection fails at once, and every later one fails with ENOTCONN, whether its
+// server answers or not, so that what is stacked on the file (a loop device, a file
+// system) gets I/O errors instead of waiting. The server's reads of /dev/fuse fail
+// from then on; the mount stays until unmounted (UnmountFUSE). A dir that is not a
+// fusefs mount is left alone.
+func AbortFUSE(dir string) error {
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return err
+	}
+	mounts, err := readMounts()
+	if err != nil {
+		return fmt.Errorf("abort the FUSE connection of %s: %w", dir, err)
+	}
+	m, ok := mountAt(mounts, dir)
+	if !ok || m.fsType != fuseType {
+		return nil
+	}
+	if c, ok := mountAt(mounts, fuseControlDir); !ok || c.fsType != "fusectl" {
+		if err := unix.Mount("fusectl", fuseControlDir, "fusectl", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+			return fmt.Errorf("abort the FUSE connection of %s: mount fusectl on %s: %w", dir, fuseControlDir, err)
+		}
+	}
+	// A connection is named after its device number as the kernel encodes it
+	// (MKDEV: major << 20 | minor); mountinfo shows major:minor.
+	conn := strconv.FormatUint(uint64(m.major)<<20|uint64(m.minor), 10)
+	if err := os.WriteFile(filepath.Join(fuseControlDir, conn, "abort"), []byte("1\n"), 0); err != nil {
+		return fmt.Errorf("abort the FUSE connection of %s: %w", dir, err)
+	}
+	return nil
+}
+
 // QueueLimit reads a number from the request queue of the block device dev (a
 // /dev/NAME path), such as "write_zeroes_max_bytes" or "discard_max_bytes".
 func QueueLimit(dev, name string) (int64, error) {

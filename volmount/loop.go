@@ -244,6 +244,20 @@ func Detach(dev string) error {
 	if err != nil {
 		return err
 	}
+	if err := DetachLazily(dev); err != nil {
+		return err
+	}
+	return waitUnbound(dev, n)
+}
+
+// DetachLazily detaches the loop device dev (LOOP_CLR_FD) without waiting: a device
+// that no one holds goes at once (the kernel may finish in a work queue), one still in
+// use (a file system lazily unmounted, with files open there) when its last user lets
+// go. Detaching a device that is not attached does nothing.
+func DetachLazily(dev string) error {
+	if _, err := loopNumber(dev); err != nil {
+		return err
+	}
 	fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENXIO) {
 		return nil
@@ -256,7 +270,7 @@ func Detach(dev string) error {
 	if err != nil && !errors.Is(err, unix.ENXIO) {
 		return fmt.Errorf("detach %s: %w", dev, err)
 	}
-	return waitUnbound(dev, n)
+	return nil
 }
 
 // waitUnbound polls sysfs until loop device n has no backing file: the kernel clears

@@ -1,7 +1,9 @@
 // Package volmount puts a file system on a file and takes it off again: a loop device
 // with direct I/O over the file (typically a FUSE file of package fusefs), ext4 created
 // only when the device holds nothing, the mount; and the reverse, in order, also for
-// the pieces a crash left behind.
+// the pieces a crash left behind. For a stack whose FUSE server can no longer answer,
+// AbortFUSE fails every request on the FUSE file at once, so that the lazy unmount
+// (Unmount) and detach (DetachLazily) that follow wait for nothing.
 //
 // It needs root and talks to the kernel (loop ioctls, sysfs, mountinfo, umount(2)) and
 // to util-linux and e2fsprogs (blkid, mount, mkfs.ext4). Never call it from a goroutine

@@ -11,9 +11,11 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/atrest/atrest/blockcrypt"
 	"github.com/atrest/atrest/blockdev"
@@ -792,4 +794,115 @@ func TestCrashCleanup(t *testing.T) {
 		t.Fatal(err)
 	}
 	testutil.VerifyTree(t, mp, sums)
+}
+
+// stallDev is a Device whose reads, writes and flushes hang while stalled is set, until
+// release is closed: a FUSE server whose NBD server is gone.
+type stallDev struct {
+	blockdev.Device
+	stalled atomic.Bool
+	release chan struct{}
+}
+
+func (d *stallDev) wait() {
+	if d.stalled.Load() {
+		<-d.release
+	}
+}
+
+func (d *stallDev) ReadAt(p []byte, off int64) (int, error) {
+	d.wait()
+	return d.Device.ReadAt(p, off)
+}
+
+func (d *stallDev) WriteAt(p []byte, off int64) (int, error) {
+	d.wait()
+	return d.Device.WriteAt(p, off)
+}
+
+func (d *stallDev) Flush() error {
+	d.wait()
+	return d.Device.Flush()
+}
+
+// TestAbortFUSE: while the FUSE file's device hangs (a mount whose NBD server is gone),
+// a read through ext4 waits; AbortFUSE fails it at once with EIO, and then the file
+// system unmounts lazily, the loop device detaches and the FUSE mount ends, each at
+// once, without the device ever answering. A directory that is no FUSE mount of
+// fusefs is left alone.
+func TestAbortFUSE(t *testing.T) {
+	requireLoop(t)
+	dev := &stallDev{Device: openFile(t, image(t, 64<<20)), release: make(chan struct{})}
+	file, _ := serve(t, dev, fusefs.Options{})
+	t.Cleanup(func() { close(dev.release) }) // before serve's cleanup waits for the server
+	mp := filepath.Join(t.TempDir(), "mnt")
+	v, err := Setup(file, mp, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { Unmount(mp, true) }) // if the test fails before it does
+	f, err := os.Create(filepath.Join(mp, "f"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Write(content(1, 1<<20)); err != nil {
+		t.Fatal(err)
+	}
+	// syncfs, not sync(2), which would wait for every file system of the machine.
+	if err := unix.Syncfs(int(f.Fd())); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+
+	dev.stalled.Store(true)
+	readErr := make(chan error, 1)
+	go func() {
+		fd, err := unix.Open(filepath.Join(mp, "f"), unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
+		if err != nil {
+			readErr <- err
+			return
+		}
+		defer unix.Close(fd)
+		buf := make([]byte, 8192)
+		aligned := buf[4096-int(uintptr(unsafe.Pointer(&buf[0]))%4096):][:4096]
+		_, err = unix.Pread(fd, aligned, 0)
+		readErr <- err
+	}()
+	select {
+	case err := <-readErr:
+		t.Fatalf("a direct read returned (%v) while the device hangs", err)
+	case <-time.After(500 * time.Millisecond):
+	}
+
+	if err := AbortFUSE(filepath.Dir(file)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-readErr:
+		if !errors.Is(err, unix.EIO) {
+			t.Errorf("the read waiting when the connection was aborted: %v, want EIO", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the read still waits 10 s after AbortFUSE")
+	}
+	if err := Unmount(mp, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := DetachLazily(v.Loop); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); len(attachedTo(t, file)) > 0; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s still attached to %s 10 s after the lazy detach", v.Loop, file)
+		}
+	}
+	if err := UnmountFUSE(filepath.Dir(file)); err != nil {
+		t.Fatal(err)
+	}
+	if isMounted(t, mp) || isMounted(t, filepath.Dir(file)) {
+		t.Errorf("left mounted: %s %v, %s %v", mp, isMounted(t, mp), filepath.Dir(file), isMounted(t, filepath.Dir(file)))
+	}
+	if err := AbortFUSE(t.TempDir()); err != nil {
+		t.Errorf("AbortFUSE of a plain directory: %v", err)
+	}
 }

@@ -16,6 +16,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/urfave/cli/v2"
 	"golang.org/x/sys/unix"
@@ -36,6 +37,7 @@ type mountOptions struct {
 	fsType     string
 	options    string // mount(8) -o options
 	fuseDir    string // "" is fusefs.DefaultRoot/<escaped mount point>
+	ioTimeout  time.Duration
 	mountpoint string
 	background bool
 	log        io.Writer
@@ -57,7 +59,13 @@ func init() {
 			"A volume that reads as noise holds no signature: a freshly formatted drive's data area is\n" +
 			"noise (unless formatted with --wipe), so the first mount creates the file system.\n\n" +
 			"fstrim on the volume reaches the drive as trims if the drive was formatted with\n" +
-			"--allow-discards, and is refused (\"not supported\") otherwise.",
+			"--allow-discards, and is refused (\"not supported\") otherwise.\n\n" +
+			"When the NBD server goes away, the client reconnects and replays the writes not yet\n" +
+			"flushed; each request waits for it at most --io-timeout, then fails (EIO in the file\n" +
+			"system), and so do later requests, at once, until the server is back. Keep it longer\n" +
+			"than the time the server itself holds requests for a missing drive.\n" +
+			"SIGUSR1 (sent by 'atrest umount' when the server is unreachable) abandons the volume:\n" +
+			"the process records what it had not flushed and exits at once, taking nothing down.",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "nbd", Usage: "NBD server: nbd+unix:///EXPORT?socket=PATH, nbd://HOST[:PORT]/EXPORT, unix:PATH or tcp:HOST:PORT (default: unix:" + defaultSocket + ")"},
 			&cli.StringFlag{Name: "export", Usage: "export (volume) name; overrides the one in --nbd (default: the server's default export)"},
@@ -65,6 +73,7 @@ func init() {
 			&cli.StringFlag{Name: "options", Aliases: []string{"o"}, Usage: "mount options, as for mount -o (e.g. noatime)"},
 			&cli.BoolFlag{Name: "background", Usage: "return once mounted; a child process serves the volume"},
 			&cli.StringFlag{Name: "fuse-dir", Usage: "directory for the FUSE mount (default: " + fusefs.DefaultRoot + "/<escaped mount point>)"},
+			&cli.DurationFlag{Name: "io-timeout", Value: mountstack.DefaultIOTimeout, Usage: "how long a request waits for the NBD server to come back before it fails with EIO"},
 		},
 		Action: func(c *cli.Context) error {
 			if c.NArg() != 1 {
@@ -73,7 +82,10 @@ func init() {
 			o := mountOptions{
 				nbd: c.String("nbd"), export: c.String("export"), fsType: c.String("fs"),
 				options: c.String("options"), fuseDir: c.String("fuse-dir"), mountpoint: c.Args().First(),
-				background: c.Bool("background"), log: c.App.ErrWriter,
+				background: c.Bool("background"), log: c.App.ErrWriter, ioTimeout: c.Duration("io-timeout"),
+			}
+			if o.ioTimeout <= 0 {
+				return usagef("--io-timeout must be positive, not %v", o.ioTimeout)
 			}
 			if fd := os.Getenv(readyFDEnv); fd != "" {
 				return runMountChild(c.Context, o, fd)
@@ -166,6 +178,9 @@ func runMount(ctx context.Context, o mountOptions, ready *readiness) error {
 	defer signal.Stop(sigs)
 	stopNow, stop := context.WithCancel(context.Background())
 	defer stop()
+	abandon := make(chan os.Signal, 1)
+	signal.Notify(abandon, syscall.SIGUSR1)
+	defer signal.Stop(abandon)
 	go func() {
 		n := 0
 		for range sigs {
@@ -177,8 +192,9 @@ func runMount(ctx context.Context, o mountOptions, ready *readiness) error {
 
 	s, err := mountstack.Mount(ctx, mountstack.Options{
 		Mountpoint: mp, Address: addr, FSType: o.fsType, MountOptions: o.options, FUSEDir: fuseDir,
-		Logf:   logf,
-		Logger: slog.New(slog.NewTextHandler(out, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		IOTimeout: o.ioTimeout,
+		Logf:      logf,
+		Logger:    slog.New(slog.NewTextHandler(out, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	})
 	if err != nil {
 		return mountError(err, mp)
@@ -194,8 +210,46 @@ func runMount(ctx context.Context, o mountOptions, ready *readiness) error {
 		nbd.Notify("STOPPING=1")
 	case <-s.Done():
 		// Ended from outside: Close only cleans up.
+	case <-abandon:
+		return abandonStack(s, addr, logf)
 	}
-	return mountError(s.Close(stopNow), mp)
+	// Close waits for the server to flush; SIGUSR1 still abandons meanwhile.
+	closed := make(chan error, 1)
+	go func() { closed <- s.Close(stopNow) }()
+	select {
+	case err := <-closed:
+		return mountError(err, mp)
+	case <-abandon:
+		return abandonStack(s, addr, logf)
+	}
+}
+
+// abandonStack gives the stack up on SIGUSR1 (see mountstack.Stack.Abandon) and
+// returns the error the process exits with, after it logged it (a background child's
+// stderr goes nowhere).
+func abandonStack(s *mountstack.Stack, addr nbd.Address, logf func(string, ...any)) error {
+	writes, bytes, err := s.Abandon()
+	if err != nil {
+		logf("record what was lost in the state file: %v", err)
+	}
+	msg := fmt.Sprintf("abandoned the volume on %s on SIGUSR1 (what 'atrest umount' sends when the NBD server %s is unreachable): %s", s.Mountpoint(), addr, lostWrites(writes, bytes))
+	logf("%s", msg)
+	return fail(exitcodes.IO, errors.New(msg), "")
+}
+
+// lostWrites says what an abandoned NBD client held that the server had not flushed.
+func lostWrites(writes int, bytes int64) string {
+	n, are := fmt.Sprintf("%d writes", writes), "are"
+	switch {
+	case writes == 0:
+		return "every write the mount had sent was flushed to the server"
+	case writes == 1:
+		n, are = "1 write", "is"
+	}
+	if bytes >= 0 {
+		n += fmt.Sprintf(" (%d bytes)", bytes)
+	}
+	return fmt.Sprintf("%s not yet flushed to the server %s lost", n, are)
 }
 
 // mountError gives an error of mountstack.Mount or Close its exit code and hint. Close

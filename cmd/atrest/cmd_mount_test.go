@@ -65,9 +65,11 @@ func TestMountErrorCodes(t *testing.T) {
 		code int
 		hint string
 	}{
-		{mountstack.ErrNotAtrest, exitcodes.Failure, "use umount(8)"},
+		{mountstack.ErrNotAtrest, exitcodes.Busy, "use umount(8)"},
+		{mountstack.ErrNotMounted, exitcodes.Failure, ""},
 		{mountstack.ErrFilesOpen, exitcodes.Busy, "close the files open on /srv/vol1 and retry"},
 		{mountstack.ErrTeardownTimeout, exitcodes.Busy, "its log says more"},
+		{mountstack.ErrInterrupted, exitcodes.Failure, "run 'atrest umount /srv/vol1' again to finish"},
 		{mountstack.ErrState, exitcodes.Failure, "remove the state file if no 'atrest mount' serves /srv/vol1"},
 		{errors.New("plain"), exitcodes.Failure, ""},
 	} {
@@ -75,6 +77,57 @@ func TestMountErrorCodes(t *testing.T) {
 		check("umount: "+c.kind.Error(), err, c.code, c.hint)
 		if err.Error() != kind(c.kind).Error() {
 			t.Errorf("umount: message %q, want %q", err, kind(c.kind))
+		}
+	}
+}
+
+// TestUmountReport: what `atrest umount` says and exits with for each outcome that is
+// not a plain ordered stop (which says nothing): a volume abandoned because its server
+// was gone is an I/O error that says what was lost; a stale record or a crash's
+// leftovers removed are a success that says what was cleaned up; writes that a mount
+// process recorded lost make any outcome an I/O error.
+func TestUmountReport(t *testing.T) {
+	const mp = "/srv/vol1"
+	gone := errors.New("probe unix:/run/atrest/nbd.sock: connection refused")
+	for _, c := range []struct {
+		name string
+		res  mountstack.Unmounted
+		code int
+		want []string
+	}{
+		{"stopped", mountstack.Unmounted{Outcome: mountstack.Stopped}, exitcodes.OK, nil},
+		{"abandoned", mountstack.Unmounted{Outcome: mountstack.Abandoned, Unreachable: gone, Lost: &mountstack.Loss{Writes: 3, Bytes: 12288}},
+			exitcodes.IO, []string{"the NBD server is unreachable (probe unix:/run/atrest/nbd.sock: connection refused): the volume on /srv/vol1 was detached",
+				"3 writes (12288 bytes) not yet flushed to the server are lost", "whatever the file system had not yet written out is lost too", "replays the file system's journal"}},
+		{"abandoned, all flushed", mountstack.Unmounted{Outcome: mountstack.Abandoned, Unreachable: gone, Lost: &mountstack.Loss{}},
+			exitcodes.IO, []string{"every write the mount had sent was flushed to the server"}},
+		{"abandoned, killed", mountstack.Unmounted{Outcome: mountstack.Abandoned, Unreachable: gone, Killed: true, PID: 42},
+			exitcodes.IO, []string{"the mount process (pid 42) had to be killed"}},
+		{"abandoned, files open", mountstack.Unmounted{Outcome: mountstack.Abandoned, Unreachable: gone, Lost: &mountstack.Loss{}, Held: []string{"/dev/loop7"}},
+			exitcodes.IO, []string{"files still open there keep /dev/loop7 attached until they are closed"}},
+		{"cleaned up", mountstack.Unmounted{Outcome: mountstack.CleanedUp, PID: 42}, exitcodes.OK,
+			[]string{"atrest umount: the mount process (pid 42) of /srv/vol1 had exited: removed what it left"}},
+		{"stale", mountstack.Unmounted{Outcome: mountstack.StaleState, PID: 42}, exitcodes.OK,
+			[]string{"atrest umount: nothing was mounted on /srv/vol1; removed the stale record of an 'atrest mount' (pid 42) that had exited"}},
+		{"unrecorded", mountstack.Unmounted{Outcome: mountstack.Unrecorded}, exitcodes.OK,
+			[]string{"atrest umount: /srv/vol1 had no record of its 'atrest mount'; took the atrest stack found there down"}},
+		{"stopped, flush failed", mountstack.Unmounted{Outcome: mountstack.Stopped, PID: 42, Server: "unix:/s", Lost: &mountstack.Loss{Writes: 1, Bytes: 4096}},
+			exitcodes.IO, []string{"unmounted /srv/vol1, but its mount process (pid 42) could not flush to the NBD server unix:/s: 1 write (4096 bytes) not yet flushed to the server is lost"}},
+		{"cleaned up, loss recorded", mountstack.Unmounted{Outcome: mountstack.CleanedUp, PID: 42, Server: "unix:/s", Lost: &mountstack.Loss{Writes: 2, Bytes: -1}},
+			exitcodes.IO, []string{"the mount process (pid 42) of /srv/vol1 had exited and could not flush to the NBD server unix:/s: 2 writes not yet flushed"}},
+	} {
+		var out strings.Builder
+		code := report(&out, umountReport(c.res, mp, &out))
+		if code != c.code {
+			t.Errorf("%s: exit %d, want %d\n%s", c.name, code, c.code, out.String())
+		}
+		for _, w := range c.want {
+			if !strings.Contains(out.String(), w) {
+				t.Errorf("%s: output lacks %q:\n%s", c.name, w, out.String())
+			}
+		}
+		if c.want == nil && out.Len() > 0 {
+			t.Errorf("%s: says %q, want nothing", c.name, out.String())
 		}
 	}
 }
