@@ -31,4 +31,4 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 go build -o "$work/benchrun" ./bench/cmd/benchrun
-BENCH_COMMAND="bench/run.sh${*:+ $*}" "$work/benchrun" -work "$work" "$@"
+BENCH_PROGRAM=bench/run.sh "$work/benchrun" -work "$work" "$@"

@@ -27,6 +27,9 @@ func READMESection(r *Report, dir string) string {
 	}
 	fmt.Fprintf(&b, "Load during the run: one-minute load average %.1f on average (max %.1f) on %d cores.\n\n",
 		s.Load.Load1Mean, s.Load.Load1Max, r.Machine.Cores)
+	for _, n := range r.Notes {
+		fmt.Fprintf(&b, "Note: %s\n\n", n)
+	}
 	fmt.Fprintf(&b, "![%s](%s)\n\n", chartList[0].title, path.Join(dir, chartList[0].file))
 	b.WriteString(TargetsTable(s))
 	return b.String()

@@ -160,6 +160,14 @@ func run(m mode, out, work, imagesBase string, allowDirty, hold bool, notes []st
 // main sets up, measures and writes the report.
 func (b *bench) main(ctx context.Context, out, work, imagesBase string, allowDirty, hold bool, notes []string) error {
 	var err error
+	// Paths given on the command line are the caller's, not the repository's.
+	for _, p := range []*string{&out, &work, &imagesBase} {
+		if *p != "" {
+			if *p, err = filepath.Abs(*p); err != nil {
+				return err
+			}
+		}
+	}
 	if b.repo, err = repoRoot(); err != nil {
 		return err
 	}
@@ -384,12 +392,27 @@ func repoRoot() (string, error) {
 	return strings.TrimSpace(string(out)), nil
 }
 
-// command is how this run was started: bench/run.sh passes its own command line.
+// command is how this run was started: BENCH_PROGRAM (bench/run.sh, which sets it)
+// and the flags, less the work directory and the notes (the report shows those).
 func command() string {
-	if c := os.Getenv("BENCH_COMMAND"); c != "" {
-		return c
+	prog := os.Getenv("BENCH_PROGRAM")
+	if prog == "" {
+		prog = "benchrun"
 	}
-	return strings.Join(append([]string{"benchrun"}, os.Args[1:]...), " ")
+	words := []string{prog}
+	args := os.Args[1:]
+	for i := 0; i < len(args); i++ {
+		name := strings.TrimLeft(args[i], "-")
+		name, _, hasValue := strings.Cut(name, "=")
+		if name == "work" || name == "note" {
+			if !hasValue {
+				i++
+			}
+			continue
+		}
+		words = append(words, args[i])
+	}
+	return strings.Join(words, " ")
 }
 
 func (b *bench) progressf(format string, args ...any) {

@@ -100,3 +100,13 @@ func TestUnescapeMount(t *testing.T) {
 		t.Errorf("unescapeMount = %q", got)
 	}
 }
+
+func TestCommand(t *testing.T) {
+	t.Setenv("BENCH_PROGRAM", "bench/run.sh")
+	args := os.Args
+	defer func() { os.Args = args }()
+	os.Args = []string{"benchrun", "-work", "/tmp/w", "--quick", "--note", "a long note", "-note=another", "-reps", "7"}
+	if got, want := command(), "bench/run.sh --quick -reps 7"; got != want {
+		t.Errorf("command() = %q, want %q", got, want)
+	}
+}
