@@ -371,6 +371,20 @@ func (r *Report) speed(impl, op string, size int) (float64, bool) {
 	return 0, false
 }
 
+// speedAxes are the sizes and the implementations of the XTS speeds, in the order
+// `atrest speed` measured them.
+func (r *Report) speedAxes() (sizes []int, impls []string) {
+	for _, x := range r.Speed {
+		if !slices.Contains(sizes, x.Size) {
+			sizes = append(sizes, x.Size)
+		}
+		if !slices.Contains(impls, x.Impl) {
+			impls = append(impls, x.Impl)
+		}
+	}
+	return sizes, impls
+}
+
 func (s *Summary) cell(level, job, peer string) (Cell, bool) {
 	for _, c := range s.Cells {
 		if c.Level == level && c.Job == job && c.Peer == peer {

@@ -356,22 +356,7 @@ func xtsChart(r *Report) (*plot.Plot, error) {
 	if len(r.Speed) == 0 {
 		return nil, nil
 	}
-	var sizes []int
-	var impls []string
-	seenSize, seenImpl := map[int]bool{}, map[string]bool{}
-	for _, x := range r.Speed {
-		if x.Op != "encrypt" {
-			continue
-		}
-		if !seenSize[x.Size] {
-			seenSize[x.Size] = true
-			sizes = append(sizes, x.Size)
-		}
-		if !seenImpl[x.Impl] {
-			seenImpl[x.Impl] = true
-			impls = append(impls, x.Impl)
-		}
-	}
+	sizes, impls := r.speedAxes()
 	p := plot.New()
 	p.Title.Text = "XTS-AES-256 encryption on one core"
 	p.Y.Label.Text = "GB/s"

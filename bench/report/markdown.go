@@ -376,20 +376,7 @@ func xtsSection(r *Report) string {
 	if len(r.Speed) == 0 {
 		return ""
 	}
-	var sizes []int
-	var impls []string
-	seenSize := map[int]bool{}
-	seenImpl := map[string]bool{}
-	for _, x := range r.Speed {
-		if !seenSize[x.Size] {
-			seenSize[x.Size] = true
-			sizes = append(sizes, x.Size)
-		}
-		if !seenImpl[x.Impl] {
-			seenImpl[x.Impl] = true
-			impls = append(impls, x.Impl)
-		}
-	}
+	sizes, impls := r.speedAxes()
 	var b strings.Builder
 	b.WriteString("## XTS-AES-256 per core\n\n")
 	fmt.Fprintf(&b, "`atrest speed --json`: GB/s (10^9 bytes/s) on one core, by CPU time, with the ratio to OpenSSL "+

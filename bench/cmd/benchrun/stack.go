@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/atrest/atrest/mountstack"
+	"github.com/atrest/atrest/volmount"
 )
 
 // luksHeader is what `atrest drive format` puts before the data: an atrest drive of
@@ -500,16 +501,8 @@ func createFile(path string) string {
 }
 
 func isMounted(dir string) bool {
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return false
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(line); len(f) > 4 && unescapeMount(f[4]) == dir {
-			return true
-		}
-	}
-	return false
+	s, err := volmount.Inspect(dir)
+	return err == nil && s.FSType != ""
 }
 
 func bytesText(n int64) string {
