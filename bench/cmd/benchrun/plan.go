@@ -116,7 +116,7 @@ var levels = []report.Level{
 			{ID: "nbdkit", Label: "nbdkit file", Description: "`nbdkit file` over the same plain image"},
 			{ID: "nbdkit-luks", Label: "nbdkit + luks", Description: "`nbdkit file --filter=luks` over a LUKS1 image made by cryptsetup (aes-xts-plain64, 512-bit key; nbdkit 1.32's luks filter reads only LUKS1)"},
 			{ID: "atrest-2j", Label: "atrest, 2 jobs", Description: "atrest (encrypted) with two fio jobs, two connections, each on half of the export", NumJobs: 2},
-			{ID: "atrest-gmp1", Label: "atrest, GOMAXPROCS=1", Description: "a second `atrest serve` of the same drive, with GOMAXPROCS=1", GOMAXPROCS: 1},
+			{ID: "atrest-gmp1", Label: "atrest, GOMAXPROCS=1", Description: "a second `atrest serve`, of a drive of its own, with GOMAXPROCS=1", GOMAXPROCS: 1},
 			{ID: "atrest-gmp1-2j", Label: "atrest, GOMAXPROCS=1, 2 jobs", Description: "the same with two fio jobs", NumJobs: 2, GOMAXPROCS: 1},
 			{ID: "plain-2j", Label: "unencrypted, 2 jobs", Description: "atrest (unencrypted) with two fio jobs", NumJobs: 2},
 			{ID: "nbdkit-2j", Label: "nbdkit, 2 jobs", Description: "nbdkit file with two fio jobs", NumJobs: 2},

@@ -69,7 +69,7 @@ func (b *bench) setup(ctx context.Context) error {
 	for _, v := range []struct {
 		name string
 		need bool
-	}{{"enc", needEnc || needEnc1}, {"encfs", needEncFS}} {
+	}{{"enc", needEnc}, {"encfs", needEncFS}, {"enc1", needEnc1}} {
 		if !v.need {
 			continue
 		}
@@ -77,7 +77,9 @@ func (b *bench) setup(ctx context.Context) error {
 			"--volume", v.name, img(v.name)); err != nil {
 			return err
 		}
-		encDrives = append(encDrives, img(v.name))
+		if v.name != "enc1" {
+			encDrives = append(encDrives, img(v.name))
+		}
 	}
 	if needPlain || needPlainServe {
 		if err := os.Truncate(createFile(img("plain")), V); err != nil {
@@ -106,14 +108,9 @@ func (b *bench) setup(ctx context.Context) error {
 			append([]string{atrest, "serve", "--listen", "unix:" + sock}, encDrives...)...); err != nil {
 			return err
 		}
-		if needEnc || needEnc1 {
+		if needEnc {
 			uri := "nbd+unix:///enc?socket=" + sock
-			if err := b.checkSize(ctx, uri, V); err != nil {
-				return err
-			}
-			b.progressf("writing the encrypted drive through atrest serve")
-			if _, err := b.run(ctx, nil, "fio", "--name=fill", "--ioengine=nbd", "--uri="+uri, "--rw=write", "--bs=1M",
-				"--iodepth=8", "--size="+strconv.FormatInt(V, 10), "--output=/dev/null"); err != nil {
+			if err := b.fillExport(ctx, uri, V); err != nil {
 				return err
 			}
 			b.addTarget("nbd", "atrest", target{uri: uri, size: V, pids: []int{serve.pid()}})
@@ -121,12 +118,16 @@ func (b *bench) setup(ctx context.Context) error {
 		}
 	}
 	if needEnc1 {
+		// A drive of its own: atrest serve holds its drives exclusively.
 		sock := filepath.Join(b.work, "enc1.sock")
 		if serve1, err = b.daemon(ctx, "atrest-serve-gomaxprocs1", []string{ks, "GOMAXPROCS=1"}, "atrest serve: serving",
-			atrest, "serve", "--listen", "unix:"+sock, img("enc")); err != nil {
+			atrest, "serve", "--listen", "unix:"+sock, img("enc1")); err != nil {
 			return err
 		}
-		uri := "nbd+unix:///enc?socket=" + sock
+		uri := "nbd+unix:///enc1?socket=" + sock
+		if err := b.fillExport(ctx, uri, V); err != nil {
+			return err
+		}
 		b.addTarget("nbd", "atrest-gmp1", target{uri: uri, size: V, pids: []int{serve1.pid()}})
 		b.addTarget("nbd", "atrest-gmp1-2j", target{uri: uri, size: V, pids: []int{serve1.pid()}})
 	}
@@ -458,6 +459,18 @@ func (b *bench) waitItable(ctx context.Context, dev string) error {
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
+}
+
+// fillExport checks the export's size and writes all of it, so that reads decrypt
+// real ciphertext rather than the zero pages of holes.
+func (b *bench) fillExport(ctx context.Context, uri string, size int64) error {
+	if err := b.checkSize(ctx, uri, size); err != nil {
+		return err
+	}
+	b.progressf("writing %s through its server", uri)
+	_, err := b.run(ctx, nil, "fio", "--name=fill", "--ioengine=nbd", "--uri="+uri, "--rw=write", "--bs=1M",
+		"--iodepth=8", "--size="+strconv.FormatInt(size, 10), "--output=/dev/null")
+	return err
 }
 
 // checkSize fails unless the export has exactly size bytes (the peers must use as
