@@ -12,9 +12,10 @@ import (
 
 var update = flag.Bool("update", false, "rewrite testdata/report.golden.md from testdata/fixture.json")
 
-// TestWriteFixture writes the report of a real run (testdata/fixture.json, a --quick
-// run) twice: the Markdown must match the golden file, every chart must be a PNG,
-// and the two writes must give the same bytes.
+// TestWriteFixture writes the report of a real run twice (testdata/fixture.json: a
+// full run on a loaded machine, cut to three jobs with jq to keep it small): the
+// Markdown must match the golden file, every chart must be a PNG, and the two writes
+// must give the same bytes.
 func TestWriteFixture(t *testing.T) {
 	r, err := Read("testdata/fixture.json")
 	if err != nil {
