@@ -5,7 +5,7 @@
 // figure with the machine and the commit, a Markdown report with the targets, and
 // PNG charts; it also updates the README's benchmark section.
 //
-//	bench/run.sh            # full: 5 repetitions, every job at every level (~25 min on 2 cores)
+//	bench/run.sh            # full: 5 repetitions, every job at every level (~23 min on 2 quiet cores)
 //	bench/run.sh --quick    # 5 repetitions, shorter runs, fewer jobs above the NBD level (~8 min)
 //	bench/run.sh --smoke    # one short run of one job on every peer (scripts/test.sh; < 1 min)
 //	benchrun -report docs/bench/results.json   # redraw the report from its JSON

@@ -60,8 +60,9 @@ var fullPlan = []levelPlan{
 // minutes (112 fio runs per repetition at 2.3 s), quick about 7.5 (62 runs per
 // repetition at 1.3 s: single-stream only above the NBD level, nbdkit on the deep
 // queues only, scaling on the sequential jobs only), smoke under a minute (one short
-// run of one job on every peer of the full mode). A machine loaded by other work
-// (load average 10 on 2 cores) took a third longer.
+// run of one job on every peer of the full mode). With other test suites keeping the
+// load average at 15 to 25 on the same 2 cores, full took 34 minutes and quick 12: fio
+// then takes a second or more to start and stop.
 var modes = map[string]mode{
 	"full": {
 		name: "full", reps: 5, runtime: 1500 * time.Millisecond, ramp: 300 * time.Millisecond,
