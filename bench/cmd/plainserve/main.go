@@ -1,8 +1,9 @@
 // Command plainserve is a benchmark helper: it serves image files over NBD through
-// atrest's nbd server, unencrypted, so that bench/nbd-fio.sh can set atrest's
-// encrypted export against the same server code without the encryption. With -encrypt
-// it puts blockcrypt (XTS-AES-256, a random key, 4096-byte sectors) over each file, a
-// stand-in for `atrest serve` until that command is wired to the keystore.
+// atrest's nbd server, unencrypted, so that the benchmark (bench/cmd/benchrun) can set
+// `atrest serve`'s encrypted exports against the same server code without the
+// encryption. With -encrypt it puts blockcrypt (XTS-AES-256, a random key, 4096-byte
+// sectors) over each file: the encrypted path without the keystore, for profiling it
+// with -cpuprofile.
 //
 //	plainserve -listen unix:/tmp/bench/plain.sock [-listen tcp:127.0.0.1:10809] [-encrypt] FILE...
 //
