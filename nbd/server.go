@@ -22,17 +22,21 @@ type ServerConfig struct {
 	// payload size of NBD_INFO_BLOCK_SIZE (default 32 MiB, the size every client may use
 	// without asking). TRIM, WRITE_ZEROES and CACHE carry no payload and are not bounded.
 	MaxRequestSize int
-	// MaxConnBytes bounds the payload bytes (request and reply buffers) in flight on one
-	// connection (default 128 MiB, at least MaxRequestSize).
-	MaxConnBytes int64
-	// MaxTotalBytes bounds the payload bytes in flight on all connections together
-	// (default 512 MiB, at least MaxConnBytes).
-	MaxTotalBytes int64
-	// MaxConnRequests bounds the requests in flight (one worker goroutine each) on one
-	// connection (default 128, what Linux's nbd client sends at most).
-	MaxConnRequests int
-	// MaxTotalRequests bounds the requests in flight on all connections (default 1024).
+	// MaxConnBytes and MaxConnRequests bound the payload bytes (request and reply
+	// buffers) and the requests (one worker goroutine each) in flight on one connection
+	// (defaults 128 MiB, at least MaxRequestSize, and 128, what Linux's nbd client sends
+	// at most). Of those, 1 MiB and 16 requests are the connection's own reserve, which
+	// other clients cannot take; beyond it, a connection borrows from a pool that all
+	// share, of MaxTotalBytes (default 512 MiB, at least MaxConnBytes) and
+	// MaxTotalRequests (default 1024, at least MaxConnRequests). So in all, at most
+	// MaxTotalBytes + MaxConns MiB are in flight (768 MiB with the defaults).
+	MaxConnBytes     int64
+	MaxTotalBytes    int64
+	MaxConnRequests  int
 	MaxTotalRequests int
+	// WriteTimeout drops a connection whose client has taken none of its replies for
+	// that long (default 30 s; detected within twice that), which frees what they held.
+	WriteTimeout time.Duration
 	// MaxConns bounds the connections, handshakes included (default 256); further
 	// connections are closed at once.
 	MaxConns int
@@ -75,6 +79,9 @@ func (c *ServerConfig) withDefaults() ServerConfig {
 		d.MaxTotalRequests = 1024
 	}
 	d.MaxTotalRequests = max(d.MaxTotalRequests, d.MaxConnRequests)
+	if d.WriteTimeout <= 0 {
+		d.WriteTimeout = 30 * time.Second
+	}
 	if d.MaxConns <= 0 {
 		d.MaxConns = 256
 	}
@@ -120,16 +127,18 @@ var ErrServerClosed = errors.New("nbd server closed")
 type Server struct {
 	cfg ServerConfig
 
-	bytes *semaphore // payload bytes in flight, all connections
-	reqs  *semaphore // requests in flight, all connections
+	pool       *pool         // payload bytes and requests beyond the connections' reserves
+	writeCheck time.Duration // the write watch's period (see serverConn.writeOut)
 
-	mu        sync.Mutex
-	exports   map[string]*export
-	listeners map[net.Listener]struct{}
-	conns     map[*serverConn]struct{}
-	accepted  uint64
-	closing   bool
-	connsWG   sync.WaitGroup
+	mu         sync.Mutex
+	exports    map[string]*export
+	listeners  map[net.Listener]struct{}
+	conns      map[*serverConn]struct{}
+	accepted   uint64
+	closing    bool
+	connsWG    sync.WaitGroup
+	writeTimer *time.Timer // runs watchWrites
+	writeWatch bool        // writeTimer is pending or running
 
 	// watchOff is set while no watchdog runs (see watch).
 	watchOff atomic.Bool
@@ -139,12 +148,12 @@ type Server struct {
 func NewServer(cfg ServerConfig) *Server {
 	cfg = cfg.withDefaults()
 	s := &Server{
-		cfg:       cfg,
-		bytes:     newSemaphore(cfg.MaxTotalBytes),
-		reqs:      newSemaphore(int64(cfg.MaxTotalRequests)),
-		exports:   make(map[string]*export),
-		listeners: make(map[net.Listener]struct{}),
-		conns:     make(map[*serverConn]struct{}),
+		cfg:        cfg,
+		pool:       newPool(cfg.MaxTotalBytes, int64(cfg.MaxTotalRequests)),
+		writeCheck: cfg.WriteTimeout / 4,
+		exports:    make(map[string]*export),
+		listeners:  make(map[net.Listener]struct{}),
+		conns:      make(map[*serverConn]struct{}),
 	}
 	s.watchOff.Store(true)
 	return s
@@ -279,13 +288,26 @@ func (s *Server) RemoveExport(ctx context.Context, name string) error {
 type ServerStats struct {
 	Connections int    // open now, handshakes included
 	Accepted    uint64 // since NewServer
+	// Requests in flight and their payload bytes, and what of them is borrowed from
+	// the pool that the connections share (see ServerConfig.MaxConnBytes).
+	Requests, Bytes         int64
+	PoolRequests, PoolBytes int64
 }
 
 // Stats returns the server's counters.
 func (s *Server) Stats() ServerStats {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	return ServerStats{Connections: len(s.conns), Accepted: s.accepted}
+	st := ServerStats{Connections: len(s.conns), Accepted: s.accepted}
+	for c := range s.conns {
+		bytes, reqs := c.budget.inReserve()
+		st.Bytes += bytes
+		st.Requests += reqs
+	}
+	s.mu.Unlock()
+	st.PoolBytes, st.PoolRequests = s.pool.inUse()
+	st.Bytes += st.PoolBytes
+	st.Requests += st.PoolRequests
+	return st
 }
 
 // Exports returns the names of the exports, sorted.
@@ -405,6 +427,14 @@ func (s *Server) startConn(ctx context.Context, nc net.Conn) *serverConn {
 	s.conns[c] = struct{}{}
 	s.accepted++
 	s.connsWG.Add(1)
+	if !s.writeWatch {
+		s.writeWatch = true
+		if s.writeTimer == nil {
+			s.writeTimer = time.AfterFunc(s.writeCheck, s.watchWrites)
+		} else {
+			s.writeTimer.Reset(s.writeCheck)
+		}
+	}
 	s.mu.Unlock()
 	go func() {
 		defer s.connsWG.Done()
@@ -420,6 +450,27 @@ func (s *Server) startConn(ctx context.Context, nc net.Conn) *serverConn {
 		s.mu.Unlock()
 	}()
 	return c
+}
+
+// watchWrites is the write watch (see serverConn.writeOut): every writeCheck while
+// the server has connections, it looks at each connection's writer.
+func (s *Server) watchWrites() {
+	s.mu.Lock() // also orders the looks of successive runs (serverConn.wseen)
+	conns := make([]*serverConn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	s.mu.Unlock()
+	for _, c := range conns {
+		c.checkWrite()
+	}
+	s.mu.Lock()
+	if len(s.conns) > 0 {
+		s.writeTimer.Reset(s.writeCheck)
+	} else {
+		s.writeWatch = false
+	}
+	s.mu.Unlock()
 }
 
 // attach binds a connection that finished its handshake to its export; it fails if the
@@ -489,6 +540,11 @@ func (s *Server) shutdown(ctx context.Context, reportCtx bool) error {
 		errs = append(errs, err)
 	}
 	s.connsWG.Wait()
+	s.mu.Lock()
+	if s.writeTimer != nil && s.writeTimer.Stop() {
+		s.writeWatch = false
+	}
+	s.mu.Unlock()
 	// Flush each device once: several exports may serve the same one (`atrest serve`
 	// offers a lone volume under its name and as the default export). Names in reverse
 	// order put the default export last, so a failed flush is reported under a real name.
