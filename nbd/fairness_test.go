@@ -2,7 +2,10 @@ package nbd
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
+	"net"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -201,5 +204,106 @@ func TestSlowReaderKept(t *testing.T) {
 	r.read(4096)
 	if n := log.n.Load(); n != 0 {
 		t.Fatalf("a slow reader was dropped")
+	}
+}
+
+// isClosedByServer reports whether the server closed nc: it reads what the server sent
+// (the greeting) until the end of the stream, or until wait passes.
+func isClosedByServer(t *testing.T, nc net.Conn, wait time.Duration) bool {
+	t.Helper()
+	_ = nc.SetReadDeadline(time.Now().Add(wait))
+	_, err := io.ReadAll(nc)
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return false
+	}
+	if err != nil {
+		t.Fatalf("reading from the server: %v", err)
+	}
+	return true
+}
+
+// connectAndRead checks that a client connects to ts and reads 4 KiB within a second
+// (see testutil.Prompt).
+func connectAndRead(t *testing.T, ts *testServer) {
+	t.Helper()
+	testutil.Prompt(t, "connect and read 4 KiB", time.Second, func() { ts.Close() }, func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		c, err := Dial(ctx, ts.addr, ClientOptions{Connections: 1, ReconnectTimeout: -1, ReplayBytes: -1})
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		_, err = c.ReadAt(make([]byte, 4096), 0)
+		return err
+	})
+}
+
+// TestIdleHandshakes: 256 connections that never say anything do not lock a client
+// out: with 64 handshakes at most, each new connection closes the one silent the
+// longest, and a client that completes its handshake gets in and reads within a second.
+func TestIdleHandshakes(t *testing.T) {
+	checkLeaks(t)
+	ts := startServer(t, ServerConfig{Logf: func(string, ...any) {}}, Export{Device: blockdev.NewMem(1 << 20)})
+	var idle []net.Conn
+	for range 256 {
+		idle = append(idle, dialRaw(t, ts.sock).nc)
+	}
+	waitFor(t, "the server to accept them", func() bool { return ts.Stats().Accepted == 256 })
+	if st := ts.Stats(); st.Handshakes != 64 {
+		t.Fatalf("%d handshakes in progress, want 64", st.Handshakes)
+	}
+	connectAndRead(t, ts)
+	// The oldest were closed to make room; the newest are still there.
+	if !isClosedByServer(t, idle[0], 5*time.Second) {
+		t.Fatal("the oldest idle connection is still open")
+	}
+	if isClosedByServer(t, idle[len(idle)-1], 100*time.Millisecond) {
+		t.Fatal("the newest idle connection was closed")
+	}
+}
+
+// TestHandshakesPerPeer: over TCP, one address has 8 handshakes at most; its new
+// connections close its own silent ones, not those of other addresses, and a client
+// from the same address still gets in.
+func TestHandshakesPerPeer(t *testing.T) {
+	checkLeaks(t)
+	ts := startServerOn(t, "tcp", ServerConfig{Logf: func(string, ...any) {}}, Export{Device: blockdev.NewMem(1 << 20)})
+	dialFrom := func(ip string) net.Conn {
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(ip)}}
+		nc, err := d.Dial("tcp", ts.dialTo)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { nc.Close() })
+		return nc
+	}
+	var other, own []net.Conn
+	for range 8 {
+		other = append(other, dialFrom("127.0.0.2"))
+	}
+	for range 20 {
+		own = append(own, dialFrom("127.0.0.1"))
+	}
+	waitFor(t, "the server to accept them", func() bool { return ts.Stats().Accepted == 28 })
+	if st := ts.Stats(); st.Handshakes != 16 {
+		t.Fatalf("%d handshakes in progress, want 16", st.Handshakes)
+	}
+	for i, nc := range own[:12] {
+		if !isClosedByServer(t, nc, 5*time.Second) {
+			t.Fatalf("idle connection %d of 127.0.0.1 still open", i)
+		}
+	}
+	connectAndRead(t, ts)
+	for i, nc := range other {
+		if isClosedByServer(t, nc, 50*time.Millisecond) {
+			t.Fatalf("idle connection %d of 127.0.0.2 was closed by those of 127.0.0.1", i)
+		}
+	}
+	for i, nc := range own[13:] {
+		if isClosedByServer(t, nc, 50*time.Millisecond) {
+			t.Fatalf("idle connection %d of 127.0.0.1 was closed, want only the oldest", 13+i)
+		}
 	}
 }

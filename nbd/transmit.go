@@ -41,6 +41,10 @@ type serverConn struct {
 	ctx    context.Context // ends on stop and on a broken write; only the reader's budget waits use it
 	cancel context.CancelFunc
 
+	// Admission (see Server.admitLocked).
+	peer   string       // the client's IP address for TCP, "" otherwise
+	active atomic.Int64 // when the handshake last made progress, since s.clock
+
 	stopping atomic.Bool
 	exp      *export // set by attach, under s.mu
 	dev      blockdev.Device
@@ -116,6 +120,7 @@ func (c *serverConn) serve() {
 	defer c.cancel()
 	defer c.nc.Close()
 	e, err := c.handshake()
+	c.s.endHandshake(c)
 	if err != nil {
 		if !errors.Is(err, errHandshakeDone) && !isClosedConn(err) {
 			c.s.logf("nbd: handshake with %s: %v", c.nc.RemoteAddr(), err)
