@@ -26,9 +26,10 @@
 // and worker goroutines for the rest (one per request in flight, reused while busy);
 // replies are written by whichever goroutine finds the connection idle, batched into
 // one writev when several are ready. Workers and payload
-// bytes are bounded per connection and for the whole server by semaphores, and payload
-// buffers come from a pool, so memory is bounded whatever the clients send. Replies go
-// out as requests complete, in any order.
+// bytes are bounded per connection and for the whole server (each connection has a
+// reserve of its own and borrows beyond it from a pool all share), and payload buffers
+// come from a pool, so memory is bounded whatever the clients send. Replies go out as
+// requests complete, in any order.
 //
 // Durability is the Device's: a FLUSH is answered after Device.Flush returns, which
 // covers every write that returned before it was called, and a write is answered only
@@ -48,11 +49,23 @@
 // constraints" allows a server to disconnect for. A request with a bad magic loses the
 // framing and ends the connection.
 //
-// Limits (ServerConfig): the maximum payload (32 MiB), payload bytes in flight per
-// connection (128 MiB) and in all (512 MiB), requests in flight per connection (128) and
-// in all (1024), connections (256), options per handshake (64), option length (the
-// largest legal NBD_OPT_GO) and the handshake time (30 s). A reader blocked by a limit
+// Limits (ServerConfig): the maximum payload (32 MiB); payload bytes and requests in
+// flight per connection (128 MiB, 128), of which a reserve of its own (1 MiB, 16
+// requests) and the rest borrowed from a pool that all connections share (512 MiB,
+// 1024), so in all at most 768 MiB and 5120 requests; connections in transmission (256)
+// and in their handshake (64, and 8 per TCP address), options per handshake (64), option
+// length (the largest legal NBD_OPT_GO), the time to the first option (10 s) and for the
+// whole handshake (30 s), and the write timeout (30 s). A reader blocked by a limit
 // stops reading, so TCP flow control pushes back on the client.
+//
+// No client can starve the others: one that sends requests and never reads the replies
+// holds what it borrowed from the pool, but not the reserves of the other connections,
+// which get their requests of up to 1 MiB through whatever it does (larger ones wait
+// for the pool), and it is dropped once it has taken no reply for the write timeout,
+// which frees what it held. A connection beyond the handshake limits closes the
+// handshake whose client has been silent the longest (of the same address, for the
+// per-address one), so idle connections cannot lock out a client that completes its
+// handshake. The design and its reasons are in sema.go and serverConn.writeOut.
 //
 // Shutdown order, for `atrest serve` on SIGTERM: Notify("STOPPING=1"), Shutdown(ctx)
 // (listeners closed, connections drained, every export flushed), then close the

@@ -11,6 +11,9 @@ import (
 	"github.com/atrest/atrest/blockdev"
 )
 
+// firstOptionTimeout bounds the time from the greeting to the first option.
+const firstOptionTimeout = 10 * time.Second
+
 // errHandshakeDone ends the option phase without transmission (NBD_OPT_ABORT, an
 // unknown NBD_OPT_EXPORT_NAME, a protocol violation).
 var errHandshakeDone = errors.New("handshake ended")
@@ -18,7 +21,13 @@ var errHandshakeDone = errors.New("handshake ended")
 // handshake runs the fixed newstyle negotiation ("Fixed newstyle negotiation") and
 // returns the export chosen by NBD_OPT_GO or NBD_OPT_EXPORT_NAME, already attached to c.
 func (c *serverConn) handshake() (*export, error) {
-	if err := c.nc.SetDeadline(time.Now().Add(c.s.cfg.HandshakeTimeout)); err != nil {
+	deadline := time.Now().Add(c.s.cfg.HandshakeTimeout)
+	if err := c.nc.SetDeadline(deadline); err != nil {
+		return nil, err
+	}
+	// A client that has not sent its first option soon is gone or idle: it gets less
+	// time than one that is negotiating.
+	if err := c.nc.SetReadDeadline(time.Now().Add(min(firstOptionTimeout, c.s.cfg.HandshakeTimeout))); err != nil {
 		return nil, err
 	}
 	w := bufio.NewWriterSize(c.nc, 4096)
@@ -35,6 +44,7 @@ func (c *serverConn) handshake() (*export, error) {
 	if _, err := io.ReadFull(c.br, b[:4]); err != nil {
 		return nil, err
 	}
+	c.touch()
 	cflags := binary.BigEndian.Uint32(b[:4])
 	if cflags&^(clientFlagFixedNewstyle|clientFlagNoZeroes) != 0 {
 		// "the server MUST drop the TCP connection if the client sets an unknown flag"
@@ -50,6 +60,12 @@ func (c *serverConn) handshake() (*export, error) {
 		var oh [optionHeaderLen]byte
 		if _, err := io.ReadFull(c.br, oh[:]); err != nil {
 			return nil, err
+		}
+		c.touch()
+		if n == 0 {
+			if err := c.nc.SetReadDeadline(deadline); err != nil {
+				return nil, err
+			}
 		}
 		if binary.BigEndian.Uint64(oh[0:]) != magicIHaveOpt {
 			return nil, errors.New("option without IHAVEOPT magic")
@@ -237,7 +253,7 @@ func (h *optionPhase) infoOrGo(opt uint32, data []byte) (*export, error) {
 		return nil, h.reply(opt, repAck, nil)
 	}
 	if !h.c.s.attach(h.c, e) {
-		return nil, h.reply(opt, repErrShutdown, []byte("export removed or server shutting down"))
+		return nil, h.reply(opt, repErrShutdown, []byte("export removed, server shutting down or at its connection limit"))
 	}
 	h.c.flags = flags
 	return e, h.reply(opt, repAck, nil)
