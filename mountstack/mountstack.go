@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/atrest/atrest/fusefs"
+	"github.com/atrest/atrest/internal/proc"
 	"github.com/atrest/atrest/nbd"
 	"github.com/atrest/atrest/volmount"
 )
@@ -144,7 +145,7 @@ func Mount(ctx context.Context, o Options) (*Stack, error) {
 	s.srv = srv
 	file := srv.Path(s.name)
 	state := &State{Mountpoint: mp, FUSEDir: fuseDir, File: file, PID: os.Getpid(), NBD: addr.String(), Export: addr.Export}
-	state.StartTime, _, _ = procStartTime(os.Getpid())
+	state.StartTime, _, _ = proc.StartTime(os.Getpid())
 	if err := writeState(state); err != nil {
 		return nil, s.abort(fmt.Errorf("record the mount in %s: %w", StateDir, err))
 	}

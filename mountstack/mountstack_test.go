@@ -14,6 +14,7 @@ import (
 
 	"github.com/atrest/atrest/blockdev"
 	"github.com/atrest/atrest/fusefs"
+	"github.com/atrest/atrest/internal/proc"
 	"github.com/atrest/atrest/internal/testutil"
 	"github.com/atrest/atrest/nbd"
 	"github.com/atrest/atrest/volmount"
@@ -240,7 +241,7 @@ func TestMountRefusals(t *testing.T) {
 	// A live process (this one) serves mp, by its state file.
 	t.Cleanup(func() { removeState(mp) })
 	self := &State{Mountpoint: mp, FUSEDir: fuseDir, PID: os.Getpid()}
-	self.StartTime, _, _ = procStartTime(os.Getpid())
+	self.StartTime, _, _ = proc.StartTime(os.Getpid())
 	if err := writeState(self); err != nil {
 		t.Fatal(err)
 	}

@@ -8,8 +8,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
+
+	"github.com/atrest/atrest/internal/proc"
 )
 
 // StateDir holds one JSON file per stack that Mount set up (State), so that Unmount
@@ -127,31 +128,9 @@ func removeState(mountpoint string) error {
 	return err
 }
 
-// procStartTime returns the start time of process pid (proc(5) stat field 22), which
-// tells a process apart from a later one that reuses its pid, and whether it has
-// exited (a zombie, not yet reaped by its parent: the pid is still taken).
-func procStartTime(pid int) (start uint64, exited bool, err error) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return 0, false, err
-	}
-	// The command name (field 2) may hold spaces and parentheses: fields start after
-	// the last ')', with the state (field 3).
-	i := strings.LastIndexByte(string(b), ')')
-	if i < 0 {
-		return 0, false, fmt.Errorf("/proc/%d/stat: malformed", pid)
-	}
-	f := strings.Fields(string(b[i+1:]))
-	if len(f) < 20 {
-		return 0, false, fmt.Errorf("/proc/%d/stat: malformed", pid)
-	}
-	start, err = strconv.ParseUint(f[19], 10, 64) // field 22 is the 20th after the name
-	return start, f[0] == "Z" || f[0] == "X", err
-}
-
 // Alive reports whether the process that wrote s still runs: the same pid with the
 // same start time, not a zombie.
 func (s *State) Alive() bool {
-	st, exited, err := procStartTime(s.PID)
+	st, exited, err := proc.StartTime(s.PID)
 	return err == nil && !exited && st == s.StartTime
 }

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/atrest/atrest/internal/proc"
 )
 
 // TestEscapePath: state files are named as systemd-escape --path names the instances
@@ -44,10 +46,10 @@ func TestEscapePath(t *testing.T) {
 	}
 }
 
-func TestProcStartTime(t *testing.T) {
-	st, exited, err := procStartTime(os.Getpid())
+func TestAlive(t *testing.T) {
+	st, exited, err := proc.StartTime(os.Getpid())
 	if err != nil || exited || st == 0 {
-		t.Fatalf("procStartTime(self) = %d, %v, %v", st, exited, err)
+		t.Fatalf("StartTime(self) = %d, %v, %v", st, exited, err)
 	}
 	s := &State{PID: os.Getpid(), StartTime: st}
 	if !s.Alive() {
