@@ -140,8 +140,15 @@ func (p *fakePeer) handshake(structured bool) {
 	} else {
 		p.write(optRep(optStructuredReply, repErrUnsup, nil))
 	}
+	p.noIdentity()
 	p.expectOpt(optGo)
 	p.write(goReply(fakeSize, fakeFlags, infoBlockData(1, 4096, 1<<20)))
+}
+
+// noIdentity answers NBD_OPT_ATREST_CLIENT as servers other than atrest's do.
+func (p *fakePeer) noIdentity() {
+	p.expectOpt(optAtrestClient)
+	p.write(optRep(optAtrestClient, repErrUnsup, nil))
 }
 
 // readReq reads one request (and a WRITE's payload).
@@ -199,6 +206,7 @@ func TestClientErrHandshake(t *testing.T) {
 			p.greet()
 			p.expectOpt(optStructuredReply)
 			p.write(optRep(optStructuredReply, repAck, nil))
+			p.noIdentity()
 			p.expectOpt(optGo)
 			p.write(reply...)
 		}
@@ -246,6 +254,7 @@ func TestClientErrHandshake(t *testing.T) {
 			p.greet()
 			p.expectOpt(optStructuredReply)
 			p.write(optRep(optStructuredReply, repErrUnsup, nil))
+			p.noIdentity()
 			p.expectOpt(optGo)
 			p.write(optRep(optGo, repErrUnsup, nil))
 			p.expectOpt(optExportName)
@@ -255,6 +264,7 @@ func TestClientErrHandshake(t *testing.T) {
 			p.greet()
 			p.expectOpt(optStructuredReply)
 			p.write(optRep(optStructuredReply, repErrUnsup, nil))
+			p.noIdentity()
 			p.expectOpt(optGo)
 			p.write(optRep(optGo, repErrUnsup, nil))
 			p.expectOpt(optExportName)
@@ -435,7 +445,7 @@ func TestClientErrReplyReasons(t *testing.T) {
 				t.Fatal(err)
 			}
 			c := &Client{addr: a, opts: ClientOptions{DialTimeout: 3 * time.Second, ReconnectTimeout: -1}.withDefaults()}
-			cc, err := c.dialConn(context.Background())
+			cc, err := c.dialConn(context.Background(), false)
 			if err != nil {
 				t.Fatal(err)
 			}

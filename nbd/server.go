@@ -103,6 +103,17 @@ type Export struct {
 	AllowTrim bool
 	// Rotational sets NBD_FLAG_ROTATIONAL, a scheduling hint for clients.
 	Rotational bool
+	// VolumeID identifies the volume whatever its export names (atrest serve: the
+	// volume UUID of the drive's atrest token). It is advertised to clients that ask for
+	// it (NBD_INFO_ATREST_VOLUME, docs/nbd.md), which pin it, and it keys the writer
+	// rule: exports with the same VolumeID are one volume and must serve the same
+	// Device. Zero: none; the writer rule then keys the volume by its Device.
+	VolumeID VolumeID
+	// SharedWriters turns the writer rule off for this export: every connection may
+	// write, whoever else does. Dangerous for ext4 and any file system that is not
+	// made for several writers; for benchmarks with several independent clients and
+	// for clients that coordinate themselves (cluster file systems).
+	SharedWriters bool
 }
 
 // export is an Export being served, with the connections that use it.
@@ -130,6 +141,7 @@ type Server struct {
 	accepted  uint64
 	closing   bool
 	connsWG   sync.WaitGroup
+	writers   writerState // the writer rule (writer.go), under mu
 
 	// watchOff is set while no watchdog runs (see watch).
 	watchOff atomic.Bool
@@ -145,6 +157,7 @@ func NewServer(cfg ServerConfig) *Server {
 		exports:   make(map[string]*export),
 		listeners: make(map[net.Listener]struct{}),
 		conns:     make(map[*serverConn]struct{}),
+		writers:   newWriterState(),
 	}
 	s.watchOff.Store(true)
 	return s
@@ -238,6 +251,11 @@ func (s *Server) AddExport(e Export) error {
 	}
 	if _, ok := s.exports[e.Name]; ok {
 		return fmt.Errorf("export %q already exists", e.Name)
+	}
+	for _, o := range s.exports {
+		if !e.VolumeID.IsZero() && o.VolumeID == e.VolumeID && !sameDevice(o.Device, e.Device) {
+			return fmt.Errorf("export %q: volume %s is already exported as %q from another device", e.Name, e.VolumeID, o.Name)
+		}
 	}
 	s.exports[e.Name] = &export{Export: e, preferred: preferredBlockSize(e.Device), conns: make(map[*serverConn]struct{})}
 	return nil
@@ -418,21 +436,9 @@ func (s *Server) startConn(ctx context.Context, nc net.Conn) *serverConn {
 			delete(c.exp.conns, c)
 		}
 		s.mu.Unlock()
+		s.releaseWriter(c)
 	}()
 	return c
-}
-
-// attach binds a connection that finished its handshake to its export; it fails if the
-// export was removed meanwhile or the server is closing.
-func (s *Server) attach(c *serverConn, e *export) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closing || e.removed {
-		return false
-	}
-	e.conns[c] = struct{}{}
-	c.exp = e
-	return true
 }
 
 // stopConns ends the connections gracefully and waits, closing them at once if ctx

@@ -39,7 +39,8 @@ type serverConn struct {
 	cancel context.CancelFunc
 
 	stopping atomic.Bool
-	exp      *export // set by attach, under s.mu
+	exp      *export    // set by admit, under s.mu
+	writer   connWriter // the writer rule's view of the connection (writer.go)
 	dev      blockdev.Device
 
 	structured bool
