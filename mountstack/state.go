@@ -28,6 +28,9 @@ type State struct {
 	StartTime  uint64 `json:"start_time"` // of PID, in clock ticks since boot (proc(5) stat field 22)
 	NBD        string `json:"nbd"`
 	Export     string `json:"export"`
+	// VolumeID is the volume identity the server advertised (nbd.Client.VolumeID), set
+	// once connected; absent for servers that advertise none.
+	VolumeID string `json:"volume_id,omitempty"`
 }
 
 // AbsMountpoint returns p as Mount and Unmount name it (and its state file): absolute,
@@ -83,15 +86,33 @@ func escapePath(p string) string {
 // error wraps os.ErrNotExist; a state file that cannot be parsed fails with an error
 // naming it.
 func ReadState(mountpoint string) (*State, error) {
-	data, err := os.ReadFile(StatePath(mountpoint))
+	return readStateFile(StatePath(mountpoint))
+}
+
+func readStateFile(path string) (*State, error) {
+	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
 	}
 	var s State
 	if err := json.Unmarshal(data, &s); err != nil {
-		return nil, fmt.Errorf("state file %s: %w", StatePath(mountpoint), err)
+		return nil, fmt.Errorf("state file %s: %w", path, err)
 	}
 	return &s, nil
+}
+
+// liveMount returns the state of a stack, other than the one on except, that a live
+// process serves and that match accepts; nil if there is none. State files that
+// cannot be read are skipped: Mount and Unmount of their mount points report them.
+func liveMount(except string, match func(*State) bool) *State {
+	paths, _ := filepath.Glob(filepath.Join(StateDir, "*.json"))
+	for _, p := range paths {
+		s, err := readStateFile(p)
+		if err == nil && s.Mountpoint != except && match(s) && s.Alive() {
+			return s
+		}
+	}
+	return nil
 }
 
 // marshalState is the content of a state file.

@@ -72,6 +72,10 @@ func TestStateFormat(t *testing.T) {
 	cases := map[string]State{
 		"state.json": {Mountpoint: "/srv/vol1", FUSEDir: "/run/atrest/fuse/srv-vol1", File: "/run/atrest/fuse/srv-vol1/vol1",
 			Loop: "/dev/loop3", PID: 4242, StartTime: 123456, NBD: "nbd+unix:///vol1?socket=%2Frun%2Fatrest%2Fnbd.sock", Export: "vol1"},
+		// With the volume identity of atrest serve.
+		"state-volume.json": {Mountpoint: "/srv/vol1", FUSEDir: "/run/atrest/fuse/srv-vol1", File: "/run/atrest/fuse/srv-vol1/vol1",
+			Loop: "/dev/loop3", PID: 4242, StartTime: 123456, NBD: "nbd+unix:///vol1?socket=%2Frun%2Fatrest%2Fnbd.sock", Export: "vol1",
+			VolumeID: "5e0d2a8c-8f55-4b8e-a6a4-0c9d1a2b3c4d"},
 		// Recorded before the loop device is attached: no "loop".
 		"state-unattached.json": {Mountpoint: "/mnt/my vol", FUSEDir: "/tmp/fuse", File: "/tmp/fuse/volume",
 			PID: 7, StartTime: 99, NBD: "nbd://127.0.0.1:10809/"},
