@@ -8,13 +8,15 @@
 # MODE=nbd (the default): both peers are NBD clients of the same server: fusefs over
 #   atrest's NBD client (bench/fuse/fuseserve -nbd) against nbdfuse. The server is
 #   `nbdkit file` on a unix socket over an image that this script makes, or the export
-#   NBD_URI if given (e.g. `atrest serve`'s nbd+unix:///vol1?socket=/run/atrest/nbd.sock;
-#   the ext4 part then needs a second, NBD_URI2, since two file systems cannot share one
-#   export).
+#   NBD_URI if given (e.g. `atrest serve --shared-writers`'s
+#   nbd+unix:///vol1?socket=/run/atrest/nbd.sock: without --shared-writers the daemon
+#   lets one writer at a time in; the ext4 part then needs a second, NBD_URI2, since two
+#   file systems cannot share one export).
 # MODE=file: fusefs over a blockdev.File of the image against nbdfuse over `nbdkit file`
 #   of the same image: nbdfuse pays an NBD hop that fusefs does not (the FUSE layer alone).
 # MODE=atrest: the production stack. A keystore and three encrypted drives (SIZE each,
-#   in IMAGE_DIR) served by `atrest serve` on a unix socket. FUSE file: fusefs over
+#   in IMAGE_DIR) served by `atrest serve --shared-writers` (the peers write to one
+#   volume at once) on a unix socket. FUSE file: fusefs over
 #   atrest's NBD client as `atrest mount` sets it up (bench/fuse/fuseserve -nbd, with
 #   the client's defaults: replay log on) against nbdfuse, both on the same export, and
 #   a third peer, fusefs-nolog, the same without the client's replay log (to measure its
@@ -211,7 +213,7 @@ if [ "$MODE" = atrest ]; then
 		"$work/atrest" drive format --create "$SIZE" --volume "$v" "$img" >/dev/null
 	done
 	sock=$work/nbd.sock
-	"$work/atrest" serve --listen "unix:$sock" "$IMAGE_DIR"/atrest-fuse-bench-*.$$.img \
+	"$work/atrest" serve --shared-writers --listen "unix:$sock" "$IMAGE_DIR"/atrest-fuse-bench-*.$$.img \
 		>"$work/serve.out" 2>"$work/serve.err" </dev/null &
 	pids+=($!)
 	wait_for grep -q '^atrest serve: serving' "$work/serve.err"
