@@ -406,11 +406,19 @@ func (c *Client) reconnect(epoch uint64) {
 		case <-ctx.Done():
 		}
 	}()
-	var err error
+	var err, busy error // busy: the last refusal because another writer holds the volume
 	for {
 		var conns []*clientConn
 		var info exportInfo
 		conns, info, err = c.dialAll(ctx, epoch)
+		if errors.Is(err, ErrVolumeBusy) {
+			// Another writer got the volume meanwhile: never a reason to write elsewhere;
+			// try again until the timeout, it may go away.
+			if busy == nil {
+				c.logf("nbd: reconnect to %s refused: %v; trying again for up to %v", c.addr, err, c.opts.ReconnectTimeout)
+			}
+			busy = err
+		}
 		if err == nil && info.volume != c.volume {
 			err = fmt.Errorf("%w: %s now serves volume %s, not %s", ErrVolumeChanged, c.addr, info.volume, c.volume)
 		}
@@ -444,6 +452,9 @@ func (c *Client) reconnect(epoch uint64) {
 		case <-ctx.Done():
 		}
 		backoff = min(2*backoff, time.Second)
+	}
+	if busy != nil && !errors.Is(err, ErrVolumeBusy) {
+		err = fmt.Errorf("%w (before that: %w)", err, busy) // the last attempt was cut short
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()

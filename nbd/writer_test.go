@@ -431,6 +431,50 @@ func TestClientPinsVolume(t *testing.T) {
 	}
 }
 
+// TestClientReconnectRefused: after a restart of the server, another writer got the
+// volume first; the client's reconnects are refused, so it writes nothing (its replay
+// log included) and its requests fail with ErrDisconnected once ReconnectTimeout has
+// passed, the refusal named.
+func TestClientReconnectRefused(t *testing.T) {
+	checkLeaks(t)
+	dir := shortDir(t)
+	sock, other := filepath.Join(dir, "s"), filepath.Join(dir, "other")
+	mem := blockdev.NewMem(1 << 20)
+	e := Export{Name: "vol", Device: mem, VolumeID: volA}
+	srv1 := serveExportOn(t, sock, e, nil)
+	const timeout = 4 * time.Second
+	a := dialOK(t, "nbd+unix:///vol?socket="+sock, ClientOptions{Description: "writer A", ReconnectTimeout: timeout})
+	if _, err := a.WriteAt(bytes.Repeat([]byte{'A'}, 4096), 0); err != nil { // unflushed: in the replay log
+		t.Fatal(err)
+	}
+	srv1.Close()
+
+	// The new server: writer B gets in through another socket before A can reconnect.
+	srv2 := serveExportOn(t, other, e, nil)
+	b := dialOK(t, "nbd+unix:///vol?socket="+other, ClientOptions{Description: "writer B"})
+	if _, err := b.WriteAt(bytes.Repeat([]byte{'B'}, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	l, err := Listen("unix:" + sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv2.Serve(context.Background(), l) }()
+	defer func() { srv2.Close(); <-served }()
+
+	start := time.Now()
+	_, err = a.ReadAt(make([]byte, 512), 0)
+	if !errors.Is(err, ErrDisconnected) || !errors.Is(err, ErrVolumeBusy) || !strings.Contains(err.Error(), "writer B") {
+		t.Fatalf("read while B holds the volume: %v, want ErrDisconnected after ErrVolumeBusy naming writer B", err)
+	}
+	t.Logf("failed after %v", time.Since(start).Round(time.Millisecond))
+	got := make([]byte, 4096)
+	if mem.ReadAt(got, 0); !bytes.Equal(got, bytes.Repeat([]byte{'B'}, 4096)) {
+		t.Errorf("the device holds %q..., want B's write: A's replay log landed", got[:8])
+	}
+}
+
 // TestAddExportVolumeID: exports of one volume identity must serve the same device.
 func TestAddExportVolumeID(t *testing.T) {
 	s := NewServer(ServerConfig{})
