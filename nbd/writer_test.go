@@ -442,7 +442,7 @@ func TestClientReconnectRefused(t *testing.T) {
 	mem := blockdev.NewMem(1 << 20)
 	e := Export{Name: "vol", Device: mem, VolumeID: volA}
 	srv1 := serveExportOn(t, sock, e, nil)
-	const timeout = 4 * time.Second
+	const timeout = 10 * time.Second // several refusals after holdGrace each, with room for a loaded machine
 	a := dialOK(t, "nbd+unix:///vol?socket="+sock, ClientOptions{Description: "writer A", ReconnectTimeout: timeout})
 	if _, err := a.WriteAt(bytes.Repeat([]byte{'A'}, 4096), 0); err != nil { // unflushed: in the replay log
 		t.Fatal(err)
