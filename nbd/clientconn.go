@@ -368,7 +368,7 @@ func (cc *clientConn) roundTrip(cl *call) error {
 	if cl.done == nil {
 		cl.done = make(chan struct{}, 1)
 	}
-	cl.err, cl.got, cl.rerr = nil, 0, nil
+	cl.err, cl.got, cl.rerr, cl.spans = nil, 0, nil, cl.spans[:0] // a retry starts afresh
 	cc.mu.Lock()
 	if cc.pending == nil { // failed
 		cc.mu.Unlock()
