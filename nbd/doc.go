@@ -13,7 +13,8 @@
 //
 // The server speaks the fixed newstyle handshake only (NOTLS mode) with NO_ZEROES, the
 // options EXPORT_NAME, GO, INFO (INFO_EXPORT, INFO_BLOCK_SIZE, INFO_NAME,
-// INFO_DESCRIPTION), LIST, ABORT and STRUCTURED_REPLY, and the commands READ, WRITE,
+// INFO_DESCRIPTION), LIST, ABORT and STRUCTURED_REPLY, atrest's extensions
+// NBD_OPT_ATREST_CLIENT and NBD_INFO_ATREST_VOLUME (docs/nbd.md), and the commands READ, WRITE,
 // FLUSH, TRIM, WRITE_ZEROES, CACHE and DISC with the flags FUA, NO_HOLE, FAST_ZERO and DF.
 // What an export advertises comes from its Device's blockdev.Caps, asked at each
 // handshake: SEND_TRIM where the Device trims (blockcrypt: where the drive's header
@@ -67,6 +68,24 @@
 // per-address one), so idle connections cannot lock out a client that completes its
 // handshake. The design and its reasons are in sema.go and serverConn.writeOut.
 //
+// # One writer per volume
+//
+// The server lets one writer at a time write to a volume: the exports with the same
+// Export.VolumeID (without one, the same Device) are one volume, whatever their names,
+// listeners and connections. A connection's writer is the writer id that atrest's
+// client presents (NBD_OPT_ATREST_CLIENT: one per Client, on all its connections and
+// reconnects), else the peer process on a unix socket (SO_PEERCRED's pid and the
+// process start time: all connections of one nbdcopy or qemu are one writer), else the
+// TCP peer's IP address. The first connection with write access makes its writer the
+// holder, until the holder's last connection to the volume has ended (TCP keepalive
+// and TCP_USER_TIMEOUT end a vanished peer's within about a minute). Another writer's
+// connection is refused with NBD_REP_ERR_POLICY if it presented an identity, and gets
+// NBD_FLAG_READ_ONLY otherwise; a connection with read-only intent never holds the
+// volume. A take-over (ClientOptions.TakeOver) ends the holder's connections gracefully
+// and lets the new writer in once they have ended; the writer taken over may not write
+// to the volume again. Export.SharedWriters turns the rule off. docs/nbd.md has the
+// details and the wire format.
+//
 // Shutdown order, for `atrest serve` on SIGTERM: Notify("STOPPING=1"), Shutdown(ctx)
 // (listeners closed, connections drained, every export flushed), then close the
 // devices, which the server never closes. RemoveExport does the same for one export
@@ -84,6 +103,14 @@
 // blockdev.ErrNotSupported instead of being sent (atrest's server, nbdkit and qemu-nbd
 // on files advertise 1). Probe checks, without entering transmission, that a server
 // answers and offers an export.
+//
+// Volume identity: Dial pins the VolumeID that atrest's server advertises
+// (NBD_INFO_ATREST_VOLUME, which the client asks for). Every reconnect must find the
+// same one (none again, where there was none) before it replays or sends anything;
+// otherwise the export name now serves another volume, and the client fails every
+// request for good with ErrVolumeChanged, having sent nothing there. A reconnect that
+// another writer's hold refuses (ErrVolumeBusy) is tried again until ReconnectTimeout;
+// one refused because this client was taken over (ErrTakenOver) fails for good.
 //
 // Durability across reconnects: the kernel's nbd client resends requests after a
 // reconnect and reports a later flush as a success, even when the server crashed and lost

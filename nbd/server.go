@@ -128,6 +128,17 @@ type Export struct {
 	ReadOnly bool
 	// Rotational sets NBD_FLAG_ROTATIONAL, a scheduling hint for clients.
 	Rotational bool
+	// VolumeID identifies the volume whatever its export names (atrest serve: the
+	// volume UUID of the drive's atrest token). It is advertised to clients that ask for
+	// it (NBD_INFO_ATREST_VOLUME, docs/nbd.md), which pin it, and it keys the writer
+	// rule: exports with the same VolumeID are one volume and must serve the same
+	// Device. Zero: none; the writer rule then keys the volume by its Device.
+	VolumeID VolumeID
+	// SharedWriters turns the writer rule off for this export: every connection may
+	// write, whoever else does. Dangerous for ext4 and any file system that is not
+	// made for several writers; for benchmarks with several independent clients and
+	// for clients that coordinate themselves (cluster file systems).
+	SharedWriters bool
 }
 
 // export is an Export being served, with the connections that use it.
@@ -163,6 +174,7 @@ type Server struct {
 	writeWatch   bool        // writeTimer is pending or running
 	evictLog     time.Time   // when the last eviction was logged
 	evicted      int         // evictions since then, not logged
+	writers      writerState // the writer rule (writer.go), under mu
 
 	// watchOff is set while no watchdog runs (see watch).
 	watchOff atomic.Bool
@@ -181,6 +193,7 @@ func NewServer(cfg ServerConfig) *Server {
 		conns:      make(map[*serverConn]struct{}),
 		handshakes: make(map[*serverConn]struct{}),
 		peers:      make(map[string]int),
+		writers:    newWriterState(),
 	}
 	s.watchOff.Store(true)
 	return s
@@ -274,6 +287,11 @@ func (s *Server) AddExport(e Export) error {
 	}
 	if _, ok := s.exports[e.Name]; ok {
 		return fmt.Errorf("export %q already exists", e.Name)
+	}
+	for _, o := range s.exports {
+		if !e.VolumeID.IsZero() && o.VolumeID == e.VolumeID && !sameDevice(o.Device, e.Device) {
+			return fmt.Errorf("export %q: volume %s is already exported as %q from another device", e.Name, e.VolumeID, o.Name)
+		}
 	}
 	s.exports[e.Name] = &export{Export: e, preferred: preferredBlockSize(e.Device), conns: make(map[*serverConn]struct{})}
 	return nil
@@ -478,6 +496,7 @@ func (s *Server) startConn(ctx context.Context, nc net.Conn) *serverConn {
 			s.transmitting--
 		}
 		s.mu.Unlock()
+		s.releaseWriter(c)
 	}()
 	return c
 }
@@ -567,26 +586,6 @@ func (s *Server) watchWrites() {
 		s.writeWatch = false
 	}
 	s.mu.Unlock()
-}
-
-// attach binds a connection that finished its handshake to its export; it fails if the
-// export was removed meanwhile, the server is closing or MaxConns connections are in
-// transmission.
-func (s *Server) attach(c *serverConn, e *export) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closing || e.removed {
-		return false
-	}
-	if s.transmitting >= s.cfg.MaxConns {
-		s.logf("nbd: refusing export %q to %s: %d connections already", e.Name, c.nc.RemoteAddr(), s.cfg.MaxConns)
-		return false
-	}
-	s.endHandshakeLocked(c)
-	s.transmitting++
-	e.conns[c] = struct{}{}
-	c.exp = e
-	return true
 }
 
 // stopConns ends the connections gracefully and waits, closing them at once if ctx

@@ -46,7 +46,8 @@ type serverConn struct {
 	active atomic.Int64 // when the handshake last made progress, since s.clock
 
 	stopping atomic.Bool
-	exp      *export // set by attach, under s.mu
+	exp      *export    // set by admit, under s.mu
+	writer   connWriter // the writer rule's view of the connection (writer.go)
 	dev      blockdev.Device
 
 	structured bool

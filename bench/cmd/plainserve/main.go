@@ -10,6 +10,8 @@
 // One file is the default export ""; several are exported under their base names. It
 // prints "ready" on stdout (and tells systemd READY=1) once it accepts connections, and
 // stops cleanly on SIGINT or SIGTERM. It is not part of atrest: keys are thrown away.
+// Its exports let several writers in at once (as `atrest serve --shared-writers` does
+// for the benchmark): the benchmark's peers take turns on one export.
 package main
 
 import (
@@ -111,7 +113,7 @@ func run(listens, files []string, encrypt, direct, trim bool) error {
 		if len(files) > 1 {
 			name = filepath.Base(path)
 		}
-		if err := srv.AddExport(nbd.Export{Name: name, Description: path, Device: dev}); err != nil {
+		if err := srv.AddExport(nbd.Export{Name: name, Description: path, Device: dev, SharedWriters: true}); err != nil {
 			return err
 		}
 	}
