@@ -230,7 +230,7 @@ func TestServeSIGTERMInFlight(t *testing.T) {
 	// write that fails was not answered. (With several, the client drops them all when
 	// one ends, replies on the others unread.)
 	cl := d.dial("vol")
-	idle := d.dial("vol") // a connection with nothing to do must not hold up the stop
+	idle := d.dialReader("vol") // a connection with nothing to do must not hold up the stop
 	defer idle.Close()
 	for w := range writers {
 		wg.Add(1)

@@ -492,12 +492,26 @@ func (d *daemon) uri(export string) string {
 }
 
 // dial connects the project's NBD client to an export, with no reconnection and no
-// replay log, so that every error reaches the test.
+// replay log, so that every error reaches the test. The client is the volume's writer
+// until it is closed (docs/nbd.md).
 func (d *daemon) dial(export string) *nbd.Client {
+	d.t.Helper()
+	return d.dialWith(export, nbd.ClientOptions{})
+}
+
+// dialReader is dial for a client that only reads: it never holds the volume, so a
+// mount or another writer may come and go while it is open.
+func (d *daemon) dialReader(export string) *nbd.Client {
+	d.t.Helper()
+	return d.dialWith(export, nbd.ClientOptions{ReadOnly: true})
+}
+
+func (d *daemon) dialWith(export string, o nbd.ClientOptions) *nbd.Client {
 	d.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	cl, err := nbd.Dial(ctx, "unix:"+d.sock, nbd.ClientOptions{Export: export, Connections: 1, ReconnectTimeout: -1, ReplayBytes: -1})
+	o.Export, o.Connections, o.ReconnectTimeout, o.ReplayBytes = export, 1, -1, -1
+	cl, err := nbd.Dial(ctx, "unix:"+d.sock, o)
 	if err != nil {
 		d.t.Fatalf("dial export %q: %v", export, err)
 	}

@@ -89,6 +89,21 @@ func (c *cluster) mount(uri, mp string, args ...string) *mounted {
 	return m
 }
 
+// fsck fails the test unless `e2fsck -fn` finds the decrypted volume of export (read
+// through d, which must not be mounted meanwhile) a clean file system.
+func (c *cluster) fsck(d *daemon, export, when string) {
+	c.t.Helper()
+	e2fsck := testutil.Tool(c.t, "e2fsck")
+	vol := filepath.Join(c.dir, export+"-volume.img")
+	if err := os.WriteFile(vol, readAll(c.t, d.dialReader(export)), 0o600); err != nil {
+		c.t.Fatal(err)
+	}
+	defer os.Remove(vol)
+	if r := runProg(c.t, "", 60*time.Second, nil, e2fsck, "-fn", vol); r.code != 0 {
+		c.t.Errorf("e2fsck -fn of the decrypted volume %s: exit %d\n%s%s", when, r.code, r.stdout, r.stderr)
+	}
+}
+
 // umountLeftovers runs `atrest umount` if the test left anything of a stack behind.
 func umountLeftovers(t *testing.T, c *cluster, mp string) {
 	if isMountpoint(t, mp) || fileExists(stateFile(mp)) {

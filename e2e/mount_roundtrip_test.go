@@ -53,7 +53,7 @@ func TestMountRoundTrip(t *testing.T) {
 	if n := markers(drive); n != 0 {
 		t.Fatalf("the drive image holds %d plaintext markers", n)
 	}
-	plain := markers(readAll(t, d.dial("rt")))
+	plain := markers(readAll(t, d.dialReader("rt")))
 	want := 0
 	for _, size := range mountTreeSizes {
 		want += (size + 4095 - len(plainMarker) - 8) / 4096

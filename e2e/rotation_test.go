@@ -39,7 +39,9 @@ func TestServeRotationUnderFio(t *testing.T) {
 	cryptsetup := testutil.Tool(t, "cryptsetup")
 	c := newCluster(t)
 	img := c.format("vol", "64M") // a 48 MiB export: fio on [0, 32M), the client on [40M, 48M)
-	d := c.serve(img)
+	// Two writers on disjoint ranges of one volume: they coordinate themselves, which is
+	// what --shared-writers is for (docs/nbd.md).
+	d := c.serve("--shared-writers", img)
 	readKey := func() []byte {
 		k, err := os.ReadFile(filepath.Join(c.ks, "master.key"))
 		if err != nil {

@@ -21,7 +21,7 @@ func TestLoadIOError(t *testing.T) {
 	pulled := blockdev.NewFaulty(dev)
 	pulled.Vanish()
 	_, err := Load(pulled)
-	if !errors.Is(err, syscall.EIO) || errors.Is(err, ErrDamaged) || errors.Is(err, ErrNotLUKS) || !strings.Contains(err.Error(), "unreadable") {
+	if !errors.Is(err, blockdev.ErrGone) || errors.Is(err, ErrDamaged) || errors.Is(err, ErrNotLUKS) || !strings.Contains(err.Error(), "unreadable") {
 		t.Fatalf("Load of a vanished drive: %v, want the I/O error and not ErrDamaged", err)
 	}
 

@@ -24,6 +24,13 @@ var (
 	ErrLeftBehind = errors.New("a crashed mount left its FUSE mount behind")
 	// ErrFUSEDirInUse: the FUSE directory chosen is already a FUSE mount of atrest.
 	ErrFUSEDirInUse = errors.New("the FUSE directory is already in use")
+	// ErrVolumeHeld: the NBD server refused write access: another writer holds the
+	// volume (nbd.ErrVolumeBusy); the message says which and since when.
+	ErrVolumeHeld = errors.New("another writer holds the volume")
+	// ErrVolumeMounted: this node already has the volume mounted elsewhere, by a live
+	// atrest mount (same NBD address and export, or the same volume identity under
+	// another export name); the message names the other mount point.
+	ErrVolumeMounted = errors.New("the volume is already mounted on this node")
 	// ErrFilesOpen: files are open on the volume. Unmount changed nothing; Close
 	// detached the file system lazily and gave up waiting for them (its context was
 	// done), leaving the FUSE mount to serve them.
@@ -78,7 +85,7 @@ func mark(err error, kinds ...error) error {
 	e := &kindError{err: err, kinds: slices.Clone(kinds)}
 	for _, k := range kinds {
 		switch k {
-		case ErrMounted, ErrServed, ErrLeftBehind, ErrFUSEDirInUse, ErrFilesOpen, ErrTeardownTimeout:
+		case ErrMounted, ErrServed, ErrLeftBehind, ErrFUSEDirInUse, ErrVolumeHeld, ErrVolumeMounted, ErrFilesOpen, ErrTeardownTimeout:
 			e.kinds = append(e.kinds, ErrBusy)
 		}
 	}

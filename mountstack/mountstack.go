@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/atrest/atrest/fusefs"
+	"github.com/atrest/atrest/internal/proc"
 	"github.com/atrest/atrest/nbd"
 	"github.com/atrest/atrest/volmount"
 )
@@ -32,6 +33,11 @@ type Options struct {
 	// client's ReconnectTimeout (see nbd.ClientOptions). 0 means DefaultIOTimeout;
 	// negative means no reconnects at all.
 	IOTimeout time.Duration
+	// TakeOver asks the NBD server to end the connections of the volume's current
+	// writer and make this mount the writer (nbd.ClientOptions.TakeOver): for a writer
+	// that is dead or hung elsewhere. A live mount of the volume on this node is refused
+	// all the same.
+	TakeOver bool
 	// FUSEDir is the directory of the FUSE mount that holds the volume's file. ""
 	// means fusefs.DefaultRoot/<the mount point escaped as systemd-escape --path
 	// does>, which is removed again once unmounted (a directory given here stays).
@@ -72,9 +78,14 @@ type Stack struct {
 //
 // It refuses (errors matching ErrBusy) a mount point with a file system on it, one
 // that a live process already serves, one whose crashed server left its FUSE mount
-// behind, and a FUSE directory already in use; a stale state file is removed. On
-// failure it undoes what it did. ctx bounds the connection to the server (at most 30
-// s) and nothing after it.
+// behind, a FUSE directory already in use, a volume that a live mount of this node
+// already has (ErrVolumeMounted: before connecting when it has the same NBD address
+// and export; when it has the same volume identity under another export name, after a
+// read-only connection that asks for the identity and before this mount connects as a
+// writer, let alone takes the volume over), and a volume whose server says that another
+// writer holds it (ErrVolumeHeld); a stale state file is removed. On failure it undoes
+// what it did. ctx bounds the connection to the server (at most 30 s) and nothing
+// after it.
 //
 // Discards: fstrim on the volume reaches the drive as trims if the export offers trim
 // (the NBD client's Caps: atrest serve offers it where the drive allows discards), and
@@ -129,17 +140,38 @@ func Mount(ctx context.Context, o Options) (*Stack, error) {
 	if ioTimeout == 0 {
 		ioTimeout = DefaultIOTimeout
 	}
+	// One mount of a volume per node, checked before this mount writes or takes
+	// anything over: the same address and export without connecting, the same volume
+	// under another export name by a read-only look at its identity.
+	if other := liveMount(mp, func(st *State) bool { return st.NBD == addr.String() }); other != nil {
+		return nil, mark(fmt.Errorf("export %q of %s is already mounted on %s (atrest mount, pid %d)", addr.Export, addr, other.Mountpoint, other.PID), ErrVolumeMounted)
+	}
+	host, _ := os.Hostname()
+	desc := fmt.Sprintf("atrest mount %s (pid %d on host %s)", mp, os.Getpid(), host)
 	dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	client, err := nbd.Dial(dctx, addr.String(), nbd.ClientOptions{ReconnectTimeout: ioTimeout, Logf: func(f string, a ...any) { logf("nbd: "+f, a...) }})
-	cancel()
+	defer cancel()
+	probe, err := dial(dctx, addr, nbd.ClientOptions{ReadOnly: true, Connections: 1, ReconnectTimeout: -1, Description: desc})
 	if err != nil {
-		err = fmt.Errorf("connect to %s: %w", addr, err)
-		if errors.Is(err, nbd.ErrNoExport) {
-			return nil, mark(err, ErrUnknownExport)
-		}
-		return nil, mark(err, ErrUnreachable)
+		return nil, err
+	}
+	volumeID := probe.VolumeID()
+	probe.Close()
+	if err := mountedHere(mp, addr, volumeID); err != nil {
+		return nil, err
+	}
+	client, err := dial(dctx, addr, nbd.ClientOptions{TakeOver: o.TakeOver, Description: desc, ReconnectTimeout: ioTimeout, Logf: func(f string, a ...any) { logf("nbd: "+f, a...) }})
+	if err != nil {
+		return nil, err
 	}
 	s := &Stack{mp: mp, fuseDir: fuseDir, logf: logf, client: client}
+	if v := client.VolumeID(); v != volumeID {
+		// Another server answered meanwhile: check its volume as well.
+		volumeID = v
+		if err := mountedHere(mp, addr, v); err != nil {
+			s.closeClient()
+			return nil, err
+		}
+	}
 	info := client.Info()
 
 	s.name = addr.Export
@@ -159,7 +191,10 @@ func Mount(ctx context.Context, o Options) (*Stack, error) {
 	s.srv = srv
 	file := srv.Path(s.name)
 	state := &State{Mountpoint: mp, FUSEDir: fuseDir, File: file, PID: os.Getpid(), NBD: addr.String(), Export: addr.Export, IOTimeout: ioTimeout.String()}
-	state.StartTime, _, _ = procStartTime(os.Getpid())
+	if !volumeID.IsZero() {
+		state.VolumeID = volumeID.String()
+	}
+	state.StartTime, _, _ = proc.StartTime(os.Getpid())
 	if err := writeState(state); err != nil {
 		return nil, s.abort(fmt.Errorf("record the mount in %s: %w", StateDir, err))
 	}
@@ -194,6 +229,37 @@ func Mount(ctx context.Context, o Options) (*Stack, error) {
 	logf("%s %s (export %q of %s, %d bytes) on %s through %s and %s", how, file, addr.Export, addr, info.Size, mp, vol.Loop, fuseDir)
 
 	return s, nil
+}
+
+// dial connects to the export; its errors match ErrUnknownExport, ErrVolumeHeld or
+// ErrUnreachable.
+func dial(ctx context.Context, addr nbd.Address, o nbd.ClientOptions) (*nbd.Client, error) {
+	c, err := nbd.Dial(ctx, addr.String(), o)
+	if err == nil {
+		return c, nil
+	}
+	err = fmt.Errorf("connect to %s: %w", addr, err)
+	switch {
+	case errors.Is(err, nbd.ErrNoExport):
+		return nil, mark(err, ErrUnknownExport)
+	case errors.Is(err, nbd.ErrVolumeBusy):
+		return nil, mark(err, ErrVolumeHeld)
+	}
+	return nil, mark(err, ErrUnreachable)
+}
+
+// mountedHere refuses (ErrVolumeMounted) a volume that a live mount of this node other
+// than mp's has mounted, by its identity (none: nothing to compare).
+func mountedHere(mp string, addr nbd.Address, v nbd.VolumeID) error {
+	if v.IsZero() {
+		return nil
+	}
+	other := liveMount(mp, func(st *State) bool { return st.VolumeID == v.String() })
+	if other == nil {
+		return nil
+	}
+	return mark(fmt.Errorf("volume %s (export %q of %s) is already mounted on %s as export %q (atrest mount, pid %d)",
+		v, addr.Export, addr, other.Mountpoint, other.Export, other.PID), ErrVolumeMounted)
 }
 
 // abort undoes a Mount that failed once the FUSE directory was mounted, and returns

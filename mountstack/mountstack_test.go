@@ -15,6 +15,7 @@ import (
 
 	"github.com/atrest/atrest/blockdev"
 	"github.com/atrest/atrest/fusefs"
+	"github.com/atrest/atrest/internal/proc"
 	"github.com/atrest/atrest/internal/testutil"
 	"github.com/atrest/atrest/nbd"
 	"github.com/atrest/atrest/volmount"
@@ -30,14 +31,20 @@ func requireStack(t *testing.T) {
 	testutil.LoopAndFUSE(t, "blkid", "mount", "mkfs.ext4")
 }
 
-// serveMem serves a volume of memory as the export "vol" (with trims) on a unix
-// socket, until the test ends.
-func serveMem(t *testing.T, size int64) (nbd.Address, *blockdev.Mem) {
+// memVolume is the volume identity that serveMem advertises.
+var memVolume = nbd.VolumeID{0x6d, 0x65, 0x6d, 15: 1}
+
+// serveMem serves a volume of memory as the export "vol" (with trims) and, as atrest
+// serve does for a lone volume, as the default export "", with a volume identity, on a
+// unix socket, until the test ends.
+func serveMem(t *testing.T, size int64) (nbd.Address, *blockdev.Mem, *nbd.Server) {
 	t.Helper()
 	mem := blockdev.NewMem(size)
 	srv := nbd.NewServer(nbd.ServerConfig{})
-	if err := srv.AddExport(nbd.Export{Name: "vol", Device: mem}); err != nil {
-		t.Fatal(err)
+	for _, name := range []string{"vol", ""} {
+		if err := srv.AddExport(nbd.Export{Name: name, Device: mem, VolumeID: memVolume}); err != nil {
+			t.Fatal(err)
+		}
 	}
 	sock := filepath.Join(t.TempDir(), "nbd.sock")
 	l, err := nbd.Listen("unix:" + sock)
@@ -47,7 +54,7 @@ func serveMem(t *testing.T, size int64) (nbd.Address, *blockdev.Mem) {
 	done := make(chan struct{})
 	go func() { srv.Serve(context.Background(), l); close(done) }()
 	t.Cleanup(func() { srv.Close(); <-done })
-	return nbd.Address{Network: "unix", Addr: sock, Export: "vol"}, mem
+	return nbd.Address{Network: "unix", Addr: sock, Export: "vol"}, mem, srv
 }
 
 // leftovers takes down whatever a failed test left of the stack on mp (not with
@@ -101,7 +108,7 @@ func nothingLeft(t *testing.T, mp, file string) {
 // after.
 func TestMountClose(t *testing.T) {
 	requireStack(t)
-	addr, _ := serveMem(t, 64<<20)
+	addr, _, _ := serveMem(t, 64<<20)
 	mp := filepath.Join(t.TempDir(), "mnt")
 	var log testutil.Log
 	opts := Options{Mountpoint: mp, Address: addr, MountOptions: "noatime", Logf: log.Logf}
@@ -126,7 +133,8 @@ func TestMountClose(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := State{Mountpoint: mp, FUSEDir: filepath.Dir(file), File: file, Loop: s.Loop(), PID: os.Getpid(), StartTime: st.StartTime, NBD: addr.String(), Export: "vol", IOTimeout: "3m0s"}
+	want := State{Mountpoint: mp, FUSEDir: filepath.Dir(file), File: file, Loop: s.Loop(), PID: os.Getpid(), StartTime: st.StartTime,
+		NBD: addr.String(), Export: "vol", IOTimeout: "3m0s", VolumeID: memVolume.String()}
 	if *st != want || !st.Alive() {
 		t.Errorf("state %+v (alive %v), want %+v", *st, st.Alive(), want)
 	}
@@ -195,7 +203,7 @@ func TestMountClose(t *testing.T) {
 // that the atrest command maps to an exit code, leaving nothing behind.
 func TestMountRefusals(t *testing.T) {
 	testutil.Root(t) // the state files are root's
-	addr, _ := serveMem(t, 1<<20)
+	addr, _, _ := serveMem(t, 1<<20)
 	mp := filepath.Join(t.TempDir(), "mnt")
 	fuseDir := filepath.Join(t.TempDir(), "fuse")
 	mount := func(addr nbd.Address) error {
@@ -223,7 +231,7 @@ func TestMountRefusals(t *testing.T) {
 	// A live process (this one) serves mp, by its state file.
 	t.Cleanup(func() { removeState(mp) })
 	self := &State{Mountpoint: mp, FUSEDir: fuseDir, PID: os.Getpid()}
-	self.StartTime, _, _ = procStartTime(os.Getpid())
+	self.StartTime, _, _ = proc.StartTime(os.Getpid())
 	if err := writeState(self); err != nil {
 		t.Fatal(err)
 	}
@@ -257,6 +265,73 @@ func TestMountRefusals(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(StatePath(mp)); string(b) != "{not json" {
 		t.Error("Unmount changed the unreadable state file")
+	}
+}
+
+// TestMountOneWriter: a volume that a live mount of this node has is refused, with
+// ErrVolumeMounted naming that mount: under the same address and export before
+// connecting, under another export name before this mount connects as a writer (so
+// --take-over takes nothing from it); a volume that a writer elsewhere holds is refused
+// with ErrVolumeHeld naming that writer, and taken over with TakeOver.
+func TestMountOneWriter(t *testing.T) {
+	requireStack(t)
+	addr, _, srv := serveMem(t, 64<<20)
+	mp1, mp2 := filepath.Join(t.TempDir(), "one"), filepath.Join(t.TempDir(), "two")
+	leftovers(t, mp1)
+	leftovers(t, mp2)
+	var log testutil.Log
+	s, err := Mount(context.Background(), Options{Mountpoint: mp1, Address: addr, Logf: log.Logf})
+	if err != nil {
+		t.Fatalf("Mount: %v\n%s", err, log.String())
+	}
+
+	accepted := srv.Stats().Accepted
+	_, err = Mount(context.Background(), Options{Mountpoint: mp2, Address: addr, TakeOver: true})
+	if !errors.Is(err, ErrVolumeMounted) || !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), "already mounted on "+mp1) {
+		t.Errorf("a second mount of the same export: %v, want ErrVolumeMounted naming %s", err, mp1)
+	}
+	if n := srv.Stats().Accepted; n != accepted {
+		t.Errorf("the refusal of the same export connected to the server (%d connections)", n-accepted)
+	}
+	def := addr
+	def.Export = ""
+	_, err = Mount(context.Background(), Options{Mountpoint: mp2, Address: def, TakeOver: true})
+	if !errors.Is(err, ErrVolumeMounted) || !strings.Contains(err.Error(), memVolume.String()) || !strings.Contains(err.Error(), mp1+` as export "vol"`) {
+		t.Errorf("a second mount of the volume as the default export: %v, want ErrVolumeMounted naming %s", err, mp1)
+	}
+	if _, err := os.Lstat(StatePath(mp2)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("a refused mount left its state file (%v)", err)
+	}
+	// The first mount still writes: nothing took it over.
+	if err := os.WriteFile(filepath.Join(mp1, "f"), []byte("still mine"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(context.Background()); err != nil {
+		t.Fatalf("Close: %v\n%s", err, log.String())
+	}
+
+	// A writer elsewhere holds the volume.
+	w, err := nbd.Dial(context.Background(), def.String(), nbd.ClientOptions{Description: "writer elsewhere", ReconnectTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	_, err = Mount(context.Background(), Options{Mountpoint: mp2, Address: addr})
+	if !errors.Is(err, ErrVolumeHeld) || !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), "writer elsewhere") {
+		t.Errorf("a mount of a volume held elsewhere: %v, want ErrVolumeHeld naming the writer", err)
+	}
+	s, err = Mount(context.Background(), Options{Mountpoint: mp2, Address: addr, TakeOver: true, Logf: log.Logf})
+	if err != nil {
+		t.Fatalf("Mount with TakeOver: %v\n%s", err, log.String())
+	}
+	if _, err := w.WriteAt([]byte("late"), 0); !errors.Is(err, nbd.ErrTakenOver) {
+		t.Errorf("the writer taken over writes: %v, want ErrTakenOver", err)
+	}
+	if got, err := os.ReadFile(filepath.Join(mp2, "f")); err != nil || string(got) != "still mine" {
+		t.Errorf("the file written by the first mount: %q, %v", got, err)
+	}
+	if err := s.Close(context.Background()); err != nil {
+		t.Fatalf("Close: %v\n%s", err, log.String())
 	}
 }
 
@@ -296,7 +371,7 @@ func TestUnmountNothing(t *testing.T) {
 // once the NBD client is closed.
 func TestCloseGivesUp(t *testing.T) {
 	requireStack(t)
-	addr, _ := serveMem(t, 64<<20)
+	addr, _, _ := serveMem(t, 64<<20)
 	mp := filepath.Join(t.TempDir(), "mnt")
 	leftovers(t, mp)
 	var log testutil.Log
@@ -370,7 +445,7 @@ func TestCloseGivesUp(t *testing.T) {
 // nothing else: the stack still works and Close takes it down as usual.
 func TestAbandonRecordsLoss(t *testing.T) {
 	requireStack(t)
-	addr, _ := serveMem(t, 64<<20)
+	addr, _, _ := serveMem(t, 64<<20)
 	mp := filepath.Join(t.TempDir(), "mnt")
 	leftovers(t, mp)
 	var log testutil.Log

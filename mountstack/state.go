@@ -8,8 +8,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
+
+	"github.com/atrest/atrest/internal/proc"
 )
 
 // StateDir holds one JSON file per stack that Mount set up (State), so that Unmount
@@ -38,6 +39,9 @@ type State struct {
 	Lost       bool  `json:"lost,omitempty"`
 	LostWrites int   `json:"lost_writes,omitempty"`
 	LostBytes  int64 `json:"lost_bytes,omitempty"`
+	// VolumeID is the volume identity the server advertised (nbd.Client.VolumeID), set
+	// once connected; absent for servers that advertise none.
+	VolumeID string `json:"volume_id,omitempty"`
 }
 
 // AbsMountpoint returns p as Mount and Unmount name it (and its state file): absolute,
@@ -93,15 +97,33 @@ func escapePath(p string) string {
 // error wraps os.ErrNotExist; a state file that cannot be parsed fails with an error
 // naming it.
 func ReadState(mountpoint string) (*State, error) {
-	data, err := os.ReadFile(StatePath(mountpoint))
+	return readStateFile(StatePath(mountpoint))
+}
+
+func readStateFile(path string) (*State, error) {
+	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
 	}
 	var s State
 	if err := json.Unmarshal(data, &s); err != nil {
-		return nil, fmt.Errorf("state file %s: %w", StatePath(mountpoint), err)
+		return nil, fmt.Errorf("state file %s: %w", path, err)
 	}
 	return &s, nil
+}
+
+// liveMount returns the state of a stack, other than the one on except, that a live
+// process serves and that match accepts; nil if there is none. State files that
+// cannot be read are skipped: Mount and Unmount of their mount points report them.
+func liveMount(except string, match func(*State) bool) *State {
+	paths, _ := filepath.Glob(filepath.Join(StateDir, "*.json"))
+	for _, p := range paths {
+		s, err := readStateFile(p)
+		if err == nil && s.Mountpoint != except && match(s) && s.Alive() {
+			return s
+		}
+	}
+	return nil
 }
 
 // marshalState is the content of a state file.
@@ -138,31 +160,9 @@ func removeState(mountpoint string) error {
 	return err
 }
 
-// procStartTime returns the start time of process pid (proc(5) stat field 22), which
-// tells a process apart from a later one that reuses its pid, and whether it has
-// exited (a zombie, not yet reaped by its parent: the pid is still taken).
-func procStartTime(pid int) (start uint64, exited bool, err error) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return 0, false, err
-	}
-	// The command name (field 2) may hold spaces and parentheses: fields start after
-	// the last ')', with the state (field 3).
-	i := strings.LastIndexByte(string(b), ')')
-	if i < 0 {
-		return 0, false, fmt.Errorf("/proc/%d/stat: malformed", pid)
-	}
-	f := strings.Fields(string(b[i+1:]))
-	if len(f) < 20 {
-		return 0, false, fmt.Errorf("/proc/%d/stat: malformed", pid)
-	}
-	start, err = strconv.ParseUint(f[19], 10, 64) // field 22 is the 20th after the name
-	return start, f[0] == "Z" || f[0] == "X", err
-}
-
 // Alive reports whether the process that wrote s still runs: the same pid with the
 // same start time, not a zombie.
 func (s *State) Alive() bool {
-	st, exited, err := procStartTime(s.PID)
+	st, exited, err := proc.StartTime(s.PID)
 	return err == nil && !exited && st == s.StartTime
 }

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/atrest/atrest/internal/proc"
 )
 
 // TestEscapePath: state files are named as systemd-escape --path names the instances
@@ -44,10 +46,10 @@ func TestEscapePath(t *testing.T) {
 	}
 }
 
-func TestProcStartTime(t *testing.T) {
-	st, exited, err := procStartTime(os.Getpid())
+func TestAlive(t *testing.T) {
+	st, exited, err := proc.StartTime(os.Getpid())
 	if err != nil || exited || st == 0 {
-		t.Fatalf("procStartTime(self) = %d, %v, %v", st, exited, err)
+		t.Fatalf("StartTime(self) = %d, %v, %v", st, exited, err)
 	}
 	s := &State{PID: os.Getpid(), StartTime: st}
 	if !s.Alive() {
@@ -78,6 +80,10 @@ func TestStateFormat(t *testing.T) {
 		"state-lost.json": {Mountpoint: "/srv/vol1", FUSEDir: "/run/atrest/fuse/srv-vol1", File: "/run/atrest/fuse/srv-vol1/vol1",
 			Loop: "/dev/loop3", PID: 4242, StartTime: 123456, NBD: "nbd+unix:///vol1?socket=%2Frun%2Fatrest%2Fnbd.sock", Export: "vol1",
 			IOTimeout: "3m0s", Lost: true, LostWrites: 3, LostBytes: 12288},
+		// With the volume identity of atrest serve.
+		"state-volume.json": {Mountpoint: "/srv/vol1", FUSEDir: "/run/atrest/fuse/srv-vol1", File: "/run/atrest/fuse/srv-vol1/vol1",
+			Loop: "/dev/loop3", PID: 4242, StartTime: 123456, NBD: "nbd+unix:///vol1?socket=%2Frun%2Fatrest%2Fnbd.sock", Export: "vol1",
+			VolumeID: "5e0d2a8c-8f55-4b8e-a6a4-0c9d1a2b3c4d"},
 		// Recorded before the loop device is attached: no "loop".
 		"state-unattached.json": {Mountpoint: "/mnt/my vol", FUSEDir: "/tmp/fuse", File: "/tmp/fuse/volume",
 			PID: 7, StartTime: 99, NBD: "nbd://127.0.0.1:10809/"},

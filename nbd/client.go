@@ -2,13 +2,19 @@ package nbd
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/atrest/atrest/blockdev"
 )
@@ -35,6 +41,20 @@ type ClientOptions struct {
 	// the client flushes by itself to empty it). Negative disables the log; a Flush
 	// after a reconnect then reports ErrWritesLost when writes were not yet flushed.
 	ReplayBytes int64
+	// ReadOnly says that the client never writes. It tells atrest's server so (the
+	// read-only intent of NBD_OPT_ATREST_CLIENT, docs/nbd.md), which then never counts
+	// it as the volume's writer; its writes fail with blockdev.ErrReadOnly.
+	ReadOnly bool
+	// TakeOver asks atrest's server, at Dial only, to end the connections of the
+	// volume's current writer and make this client the writer instead. The writer taken
+	// over loses what it had not flushed and may not write to the volume again; if it
+	// is alive, its file system sees I/O errors. Reconnects never take over.
+	TakeOver bool
+	// Description names the client for people: atrest's server tells it to the
+	// clients it refuses because this one is the volume's writer (default "PROGRAM (pid
+	// N on host H)"). Characters that are not printable are replaced, and it is cut at
+	// 256 bytes.
+	Description string
 	// Logf, if set, receives a line per reconnect.
 	Logf func(format string, args ...any)
 }
@@ -55,7 +75,28 @@ func (o ClientOptions) withDefaults() ClientOptions {
 	if o.ReplayBytes == 0 {
 		o.ReplayBytes = 64 << 20
 	}
+	if o.Description == "" {
+		host, _ := os.Hostname()
+		o.Description = fmt.Sprintf("%s (pid %d on host %s)", filepath.Base(os.Args[0]), os.Getpid(), host)
+	}
+	o.Description = sanitizeDescription(o.Description)
 	return o
+}
+
+// sanitizeDescription makes s fit NBD_OPT_ATREST_CLIENT: printable UTF-8 of at most
+// maxWriterDescription bytes.
+func sanitizeDescription(s string) string {
+	s = strings.Map(func(r rune) rune {
+		if !unicode.IsPrint(r) {
+			return '?'
+		}
+		return r
+	}, strings.ToValidUTF8(s, "?"))
+	for len(s) > maxWriterDescription {
+		_, n := utf8.DecodeLastRuneInString(s)
+		s = s[:len(s)-n]
+	}
+	return s
 }
 
 var (
@@ -72,6 +113,21 @@ var (
 	// ErrNoExport is returned (wrapped, with the server's message) by Dial when the
 	// server has no export of the name asked for.
 	ErrNoExport = errors.New("no such export")
+	// ErrVolumeBusy is returned (wrapped, with the server's message: the volume, the
+	// writer that holds it and since when) by Dial when atrest's server refuses this
+	// client write access because another writer holds the volume (docs/nbd.md). After
+	// a reconnect the client tries again until ReconnectTimeout.
+	ErrVolumeBusy = errors.New("another writer holds the volume")
+	// ErrTakenOver is returned (wrapped, with the server's message) once another client
+	// took the volume over (ClientOptions.TakeOver): this client may not write to it
+	// again. After a reconnect it is permanent, as ErrVolumeChanged.
+	ErrTakenOver = errors.New("another writer took the volume over")
+	// ErrVolumeChanged is returned (wrapped, with both identities) by every request
+	// once a reconnect reached a server that advertises another volume identity than
+	// at first connect (or one where there was none, or none where there was one): the
+	// export name now serves another volume. It is permanent: the client sent nothing
+	// to that server and never reconnects again.
+	ErrVolumeChanged = errors.New("the export serves another volume than at first connect")
 )
 
 // Client is a blockdev.Device backed by an export of an NBD server.
@@ -112,13 +168,18 @@ type Client struct {
 	opts ClientOptions
 	size int64
 
+	// writerID is the client's writer identity for atrest's server (NBD_OPT_ATREST_CLIENT):
+	// random, the same on every connection and reconnect.
+	writerID [writerIDLen]byte
+	volume   VolumeID // pinned at Dial
+
 	mu      sync.Mutex
 	cond    *sync.Cond
 	state   clientState
 	conns   []*clientConn
 	info    exportInfo
 	epoch   uint64
-	failErr error // stateFailed: why
+	failErr error // stateFailed: why (ReconnectTimeout < 0, or failForGood)
 	dialErr error // stateDown: why the last reconnect attempt failed
 	gaveUp  error // stateDown: set once a request waited ReconnectTimeout in vain
 	calls   sync.WaitGroup
@@ -134,7 +195,7 @@ type clientState int
 const (
 	stateUp     clientState = iota
 	stateDown               // reconnecting
-	stateFailed             // no connection left and no reconnect (ReconnectTimeout < 0)
+	stateFailed             // no reconnect: no connection left with ReconnectTimeout < 0, or failed for good
 	stateClosed
 )
 
@@ -148,7 +209,10 @@ var (
 )
 
 // Dial connects to addr (see ParseAddress) and negotiates the export. With
-// CAN_MULTI_CONN it opens up to opts.Connections connections.
+// CAN_MULTI_CONN it opens up to opts.Connections connections. It pins the volume
+// identity that atrest's server advertises (see VolumeID); every reconnect must find
+// the same (or none again, where there was none), or the client fails for good with
+// ErrVolumeChanged before it sends a request.
 func Dial(ctx context.Context, addr string, opts ClientOptions) (*Client, error) {
 	a, err := ParseAddress(addr)
 	if err != nil {
@@ -160,18 +224,22 @@ func Dial(ctx context.Context, addr string, opts ClientOptions) (*Client, error)
 	c := &Client{addr: a, opts: opts.withDefaults(), closeCh: make(chan struct{})}
 	c.cond = sync.NewCond(&c.mu)
 	c.log.limit = c.opts.ReplayBytes
+	rand.Read(c.writerID[:])
 	conns, info, err := c.dialAll(ctx, 1)
 	if err != nil {
 		return nil, err
 	}
 	c.size = info.size
+	c.volume = info.volume
 	c.install(conns, info, 1)
 	return c, nil
 }
 
-// dialAll opens the connections of one epoch and starts their readers.
+// dialAll opens the connections of one epoch and starts their readers. Only those of
+// the first epoch (Dial) ask to take the volume over.
 func (c *Client) dialAll(ctx context.Context, epoch uint64) ([]*clientConn, exportInfo, error) {
-	first, err := c.dialConn(ctx)
+	takeOver := epoch == 1 && c.opts.TakeOver
+	first, err := c.dialConn(ctx, takeOver)
 	if err != nil {
 		return nil, exportInfo{}, err
 	}
@@ -181,7 +249,7 @@ func (c *Client) dialAll(ctx context.Context, epoch uint64) ([]*clientConn, expo
 		var wg sync.WaitGroup
 		for i := range extra {
 			wg.Go(func() {
-				if cc, err := c.dialConn(ctx); err == nil {
+				if cc, err := c.dialConn(ctx, takeOver); err == nil {
 					if cc.info != first.info {
 						cc.nc.Close()
 						return
@@ -391,8 +459,29 @@ func (c *Client) reconnect(epoch uint64) {
 		case <-ctx.Done():
 		}
 	}()
+	busy := false // the last attempt was refused because another writer holds the volume
 	for {
 		conns, info, err := c.dialAll(ctx, epoch)
+		if errors.Is(err, ErrVolumeBusy) {
+			// Another writer got the volume meanwhile: never a reason to write elsewhere;
+			// try again (requests wait by their own deadlines), it may go away.
+			if !busy {
+				c.logf("nbd: reconnect to %s refused: %v; trying again", c.addr, err)
+			}
+			busy = true
+		} else {
+			busy = false
+		}
+		if err == nil && info.volume != c.volume {
+			err = fmt.Errorf("%w: %s now serves volume %s, not %s", ErrVolumeChanged, c.addr, info.volume, c.volume)
+		}
+		if errors.Is(err, ErrVolumeChanged) || errors.Is(err, ErrTakenOver) {
+			for _, cc := range conns {
+				cc.nc.Close()
+			}
+			c.failForGood(err)
+			return
+		}
 		if err == nil && info.size != c.size {
 			err = fmt.Errorf("export size changed from %d to %d bytes", c.size, info.size)
 		}
@@ -421,6 +510,19 @@ func (c *Client) reconnect(epoch uint64) {
 		}
 		backoff = min(2*backoff, time.Second)
 	}
+}
+
+// failForGood makes every pending and later request fail with err, for good: the
+// client does not reconnect again.
+func (c *Client) failForGood(err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.state == stateClosed {
+		return
+	}
+	c.logf("nbd: %v; every request fails from now on", err)
+	c.failErr, c.state = err, stateFailed
+	c.cond.Broadcast()
 }
 
 // replay sends the replay log again, in order, one request at a time (entries may
@@ -453,6 +555,11 @@ func (c *Client) Unflushed() (writes int, bytes int64) { return c.log.unflushed(
 // Size returns the size of the export.
 func (c *Client) Size() int64 { return c.size }
 
+// VolumeID returns the volume identity that the server advertised at Dial
+// (NBD_INFO_ATREST_VOLUME, docs/nbd.md), which every reconnect must find again; zero if
+// it advertised none (other servers).
+func (c *Client) VolumeID() VolumeID { return c.volume }
+
 // PreferredBlockSize returns the server's preferred block size (4096 by default).
 func (c *Client) PreferredBlockSize() int { return int(c.currentInfo().prefBlock) }
 
@@ -481,6 +588,7 @@ type ExportInfo struct {
 	CanWriteZeroes, CanFastZero, CanMultiConn bool
 	CanCache, StructuredReplies, Rotational   bool
 	Connections                               int
+	Volume                                    VolumeID // zero: none advertised
 }
 
 // Info returns what the server advertised on the connections in use.
@@ -494,7 +602,7 @@ func (c *Client) Info() ExportInfo {
 		CanTrim: i.has(tflagSendTrim), CanWriteZeroes: i.has(tflagSendWriteZeroes),
 		CanFastZero: i.has(tflagSendFastZero), CanMultiConn: i.has(tflagCanMultiConn),
 		CanCache: i.has(tflagSendCache), StructuredReplies: i.structured, Rotational: i.has(tflagRotational),
-		Connections: n,
+		Connections: n, Volume: i.volume,
 	}
 }
 

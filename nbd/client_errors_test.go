@@ -31,6 +31,13 @@ type fakePeer struct {
 // returns the address to Dial.
 func fakeServer(t testing.TB, script func(p *fakePeer)) string {
 	t.Helper()
+	return fakeServerN(t, script)
+}
+
+// fakeServerN is fakeServer that runs scripts[i] on the i-th connection, one after
+// the other.
+func fakeServerN(t testing.TB, scripts ...func(p *fakePeer)) string {
+	t.Helper()
 	sock := filepath.Join(shortDir(t), "s")
 	l, err := net.Listen("unix", sock)
 	if err != nil {
@@ -39,23 +46,13 @@ func fakeServer(t testing.TB, script func(p *fakePeer)) string {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		nc, err := l.Accept()
-		if err != nil {
-			return // the test ended without dialing
+		for _, script := range scripts {
+			nc, err := l.Accept()
+			if err != nil {
+				return // the test ended without dialing
+			}
+			runFakePeer(t, nc, script)
 		}
-		defer nc.Close()
-		_ = nc.SetDeadline(time.Now().Add(10 * time.Second))
-		func() {
-			defer func() {
-				// fakePeer.read ends the script by panicking with errPeerRead.
-				if r := recover(); r != nil && r != errPeerRead {
-					panic(r)
-				}
-			}()
-			script(&fakePeer{t: t, nc: nc})
-		}()
-		_ = nc.(*net.UnixConn).CloseWrite()
-		_, _ = io.Copy(io.Discard, nc)
 	}()
 	t.Cleanup(func() {
 		l.Close()
@@ -66,6 +63,23 @@ func fakeServer(t testing.TB, script func(p *fakePeer)) string {
 		}
 	})
 	return "unix:" + sock
+}
+
+// runFakePeer runs script on nc, then half-closes it and waits for the client to close it.
+func runFakePeer(t testing.TB, nc net.Conn, script func(p *fakePeer)) {
+	defer nc.Close()
+	_ = nc.SetDeadline(time.Now().Add(10 * time.Second))
+	func() {
+		defer func() {
+			// fakePeer.read ends the script by panicking with errPeerRead.
+			if r := recover(); r != nil && r != errPeerRead {
+				panic(r)
+			}
+		}()
+		script(&fakePeer{t: t, nc: nc})
+	}()
+	_ = nc.(*net.UnixConn).CloseWrite()
+	_, _ = io.Copy(io.Discard, nc)
 }
 
 var errPeerRead = errors.New("fake server: read failed")
@@ -140,8 +154,15 @@ func (p *fakePeer) handshake(structured bool) {
 	} else {
 		p.write(optRep(optStructuredReply, repErrUnsup, nil))
 	}
+	p.noIdentity()
 	p.expectOpt(optGo)
 	p.write(goReply(fakeSize, fakeFlags, infoBlockData(1, 4096, 1<<20)))
+}
+
+// noIdentity answers NBD_OPT_ATREST_CLIENT as servers other than atrest's do.
+func (p *fakePeer) noIdentity() {
+	p.expectOpt(optAtrestClient)
+	p.write(optRep(optAtrestClient, repErrUnsup, nil))
 }
 
 // readReq reads one request (and a WRITE's payload).
@@ -199,6 +220,7 @@ func TestClientErrHandshake(t *testing.T) {
 			p.greet()
 			p.expectOpt(optStructuredReply)
 			p.write(optRep(optStructuredReply, repAck, nil))
+			p.noIdentity()
 			p.expectOpt(optGo)
 			p.write(reply...)
 		}
@@ -246,6 +268,7 @@ func TestClientErrHandshake(t *testing.T) {
 			p.greet()
 			p.expectOpt(optStructuredReply)
 			p.write(optRep(optStructuredReply, repErrUnsup, nil))
+			p.noIdentity()
 			p.expectOpt(optGo)
 			p.write(optRep(optGo, repErrUnsup, nil))
 			p.expectOpt(optExportName)
@@ -255,6 +278,7 @@ func TestClientErrHandshake(t *testing.T) {
 			p.greet()
 			p.expectOpt(optStructuredReply)
 			p.write(optRep(optStructuredReply, repErrUnsup, nil))
+			p.noIdentity()
 			p.expectOpt(optGo)
 			p.write(optRep(optGo, repErrUnsup, nil))
 			p.expectOpt(optExportName)
@@ -435,7 +459,7 @@ func TestClientErrReplyReasons(t *testing.T) {
 				t.Fatal(err)
 			}
 			c := &Client{addr: a, opts: ClientOptions{DialTimeout: 3 * time.Second, ReconnectTimeout: -1}.withDefaults()}
-			cc, err := c.dialConn(context.Background())
+			cc, err := c.dialConn(context.Background(), false)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -538,6 +562,37 @@ func TestClientErrOverlappingChunks(t *testing.T) {
 	buf := bytes.Repeat([]byte{0xee}, reqLen)
 	if _, err := c.ReadAt(buf, reqOff); err == nil {
 		t.Fatalf("ReadAt succeeded; bytes 2048.. are still the caller's: % x...", buf[2048:2056])
+	}
+}
+
+// TestClientRetriedReadAfterPartialReply: a READ whose connection drops after a first
+// content chunk is sent again on the next connection, where the whole reply comes. The
+// chunks of the lost attempt must not count against the new one: with them the
+// client took the new reply for an overlap, dropped the connection and retried for
+// ever (TestMountServeRestart met it when a daemon was killed mid-reply).
+func TestClientRetriedReadAfterPartialReply(t *testing.T) {
+	checkLeaks(t)
+	want := pattern(reqLen, 9)
+	addr := fakeServerN(t, func(p *fakePeer) {
+		p.handshake(true)
+		r := p.readReq()
+		p.write(chunkRep(0, replyTypeOffsetData, r.cookie, be64(reqOff), want[:2048]))
+		// and the connection ends, the reply unfinished
+	}, func(p *fakePeer) {
+		p.handshake(true)
+		r := p.readReq()
+		p.write(chunkRep(replyFlagDone, replyTypeOffsetData, r.cookie, be64(reqOff), want))
+		p.readReq() // NBD_CMD_DISC
+	})
+	c, err := Dial(context.Background(), addr, ClientOptions{DialTimeout: 3 * time.Second, Connections: 1, ReconnectTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	buf := make([]byte, reqLen)
+	err = within(t, 10*time.Second, "ReadAt", func() error { _, err := c.ReadAt(buf, reqOff); return err })
+	if err != nil || !bytes.Equal(buf, want) {
+		t.Fatalf("ReadAt retried on a new connection: %v (data equal %v)", err, bytes.Equal(buf, want))
 	}
 }
 

@@ -23,6 +23,7 @@ type exportInfo struct {
 	prefBlock  uint32
 	maxPayload uint32 // what the client sends at most: the server's maximum, capped at 32 MiB
 	structured bool
+	volume     VolumeID // NBD_INFO_ATREST_VOLUME; zero: none
 }
 
 func (i exportInfo) has(f uint16) bool { return i.flags&f != 0 }
@@ -71,7 +72,7 @@ type call struct {
 }
 
 // dialConn connects and negotiates one connection ("Fixed newstyle negotiation").
-func (c *Client) dialConn(ctx context.Context) (*clientConn, error) {
+func (c *Client) dialConn(ctx context.Context, takeOver bool) (*clientConn, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.opts.DialTimeout)
 	defer cancel()
 	var d net.Dialer
@@ -90,7 +91,7 @@ func (c *Client) dialConn(ctx context.Context) (*clientConn, error) {
 		slots: make(chan struct{}, c.opts.MaxInFlight), hdr: make([]byte, requestHeaderLen),
 		pending: make(map[uint64]*call), done: make(chan struct{}),
 	}
-	info, err := cc.negotiate(c.addr.Export)
+	info, err := cc.negotiate(c.addr.Export, takeOver)
 	if err != nil {
 		nc.Close()
 		if ctx.Err() != nil {
@@ -103,11 +104,28 @@ func (c *Client) dialConn(ctx context.Context) (*clientConn, error) {
 		return nil, ctx.Err()
 	}
 	_ = nc.SetDeadline(time.Time{})
+	if c.opts.ReadOnly {
+		info.flags |= tflagReadOnly
+	}
 	cc.info = info
 	return cc, nil
 }
 
-func (cc *clientConn) negotiate(name string) (exportInfo, error) {
+// atrestClientData is the data of NBD_OPT_ATREST_CLIENT for this client (docs/nbd.md).
+func (c *Client) atrestClientData(takeOver bool) []byte {
+	var flags uint32
+	if c.opts.ReadOnly {
+		flags |= atrestClientReadOnly
+	} else if takeOver {
+		flags |= atrestClientTakeOver
+	}
+	d := make([]byte, 0, atrestClientFixedLen+len(c.opts.Description))
+	d = append(d, c.writerID[:]...)
+	d = binary.BigEndian.AppendUint32(d, flags)
+	return append(d, c.opts.Description...)
+}
+
+func (cc *clientConn) negotiate(name string, takeOver bool) (exportInfo, error) {
 	var info exportInfo
 	var b [18]byte
 	if _, err := io.ReadFull(cc.br, b[:16]); err != nil {
@@ -143,14 +161,26 @@ func (cc *clientConn) negotiate(name string) (exportInfo, error) {
 			return info, err
 		}
 		info.structured = typ == repAck
-		// NBD_OPT_GO asking for NBD_INFO_BLOCK_SIZE: we honour the constraints.
-		data := make([]byte, 0, 4+len(name)+4)
+		// The writer identity, for atrest's server; others answer NBD_REP_ERR_UNSUP and
+		// the client goes on without.
+		typ, msg, err := cc.option(optAtrestClient, cc.c.atrestClientData(takeOver), nil)
+		if err != nil {
+			return info, err
+		}
+		if typ == repErrPolicy {
+			return info, fmt.Errorf("%w: %s", ErrTakenOver, msg)
+		}
+		presented := typ == repAck
+		// NBD_OPT_GO asking for NBD_INFO_BLOCK_SIZE (we honour the constraints) and for
+		// the volume identity, which the client pins.
+		data := make([]byte, 0, 4+len(name)+6)
 		data = binary.BigEndian.AppendUint32(data, uint32(len(name)))
 		data = append(data, name...)
-		data = binary.BigEndian.AppendUint16(data, 1)
+		data = binary.BigEndian.AppendUint16(data, 2)
 		data = binary.BigEndian.AppendUint16(data, infoBlockSize)
+		data = binary.BigEndian.AppendUint16(data, infoAtrestVolume)
 		gotExport := false
-		typ, msg, err := cc.option(optGo, data, func(p []byte) error {
+		typ, msg, err = cc.option(optGo, data, func(p []byte) error {
 			if len(p) < 2 {
 				return errors.New("short NBD_REP_INFO")
 			}
@@ -169,6 +199,14 @@ func (cc *clientConn) negotiate(name string) (exportInfo, error) {
 				info.minBlock = binary.BigEndian.Uint32(p[2:])
 				info.prefBlock = binary.BigEndian.Uint32(p[6:])
 				info.maxPayload = binary.BigEndian.Uint32(p[10:])
+			case infoAtrestVolume:
+				if len(p) != 2+len(info.volume) {
+					return errors.New("NBD_INFO_ATREST_VOLUME of the wrong length")
+				}
+				copy(info.volume[:], p[2:])
+				if info.volume.IsZero() {
+					return errors.New("NBD_INFO_ATREST_VOLUME of zeros")
+				}
 			}
 			return nil
 		})
@@ -187,6 +225,8 @@ func (cc *clientConn) negotiate(name string) (exportInfo, error) {
 				err = fmt.Errorf("%w (the server says: %s)", err, msg)
 			}
 			return info, err
+		case typ == repErrPolicy && presented:
+			return info, fmt.Errorf("export %q: %w: %s", name, ErrVolumeBusy, msg)
 		case typ != repErrUnsup:
 			return info, fmt.Errorf("NBD_OPT_GO refused (reply %#x): %s", typ, msg)
 		}
@@ -333,7 +373,7 @@ func (cc *clientConn) roundTrip(cl *call) error {
 	if cl.done == nil {
 		cl.done = make(chan struct{}, 1)
 	}
-	cl.err, cl.got, cl.rerr = nil, 0, nil
+	cl.err, cl.got, cl.rerr, cl.spans = nil, 0, nil, cl.spans[:0] // a retry starts afresh
 	cc.mu.Lock()
 	if cc.pending == nil { // failed
 		cc.mu.Unlock()

@@ -13,7 +13,8 @@
 //
 // The server speaks the fixed newstyle handshake only (NOTLS mode) with NO_ZEROES, the
 // options EXPORT_NAME, GO, INFO (INFO_EXPORT, INFO_BLOCK_SIZE, INFO_NAME,
-// INFO_DESCRIPTION), LIST, ABORT and STRUCTURED_REPLY, and the commands READ, WRITE,
+// INFO_DESCRIPTION), LIST, ABORT and STRUCTURED_REPLY, atrest's extensions
+// NBD_OPT_ATREST_CLIENT and NBD_INFO_ATREST_VOLUME (docs/nbd.md), and the commands READ, WRITE,
 // FLUSH, TRIM, WRITE_ZEROES, CACHE and DISC with the flags FUA, NO_HOLE, FAST_ZERO and DF.
 // What an export advertises comes from its Device's blockdev.Caps, asked at each
 // handshake: SEND_TRIM where the Device trims (blockcrypt: where the drive's header
@@ -26,9 +27,10 @@
 // and worker goroutines for the rest (one per request in flight, reused while busy);
 // replies are written by whichever goroutine finds the connection idle, batched into
 // one writev when several are ready. Workers and payload
-// bytes are bounded per connection and for the whole server by semaphores, and payload
-// buffers come from a pool, so memory is bounded whatever the clients send. Replies go
-// out as requests complete, in any order.
+// bytes are bounded per connection and for the whole server (each connection has a
+// reserve of its own and borrows beyond it from a pool all share), and payload buffers
+// come from a pool, so memory is bounded whatever the clients send. Replies go out as
+// requests complete, in any order.
 //
 // Durability is the Device's: a FLUSH is answered after Device.Flush returns, which
 // covers every write that returned before it was called, and a write is answered only
@@ -48,11 +50,41 @@
 // constraints" allows a server to disconnect for. A request with a bad magic loses the
 // framing and ends the connection.
 //
-// Limits (ServerConfig): the maximum payload (32 MiB), payload bytes in flight per
-// connection (128 MiB) and in all (512 MiB), requests in flight per connection (128) and
-// in all (1024), connections (256), options per handshake (64), option length (the
-// largest legal NBD_OPT_GO) and the handshake time (30 s). A reader blocked by a limit
+// Limits (ServerConfig): the maximum payload (32 MiB); payload bytes and requests in
+// flight per connection (128 MiB, 128), of which a reserve of its own (1 MiB, 16
+// requests) and the rest borrowed from a pool that all connections share (512 MiB,
+// 1024), so in all at most 768 MiB and 5120 requests; connections in transmission (256)
+// and in their handshake (64, and 8 per TCP address), options per handshake (64), option
+// length (the largest legal NBD_OPT_GO), the time to the first option (10 s) and for the
+// whole handshake (30 s), and the write timeout (30 s). A reader blocked by a limit
 // stops reading, so TCP flow control pushes back on the client.
+//
+// No client can starve the others: one that sends requests and never reads the replies
+// holds what it borrowed from the pool, but not the reserves of the other connections,
+// which get their requests of up to 1 MiB through whatever it does (larger ones wait
+// for the pool), and it is dropped once it has taken no reply for the write timeout,
+// which frees what it held. A connection beyond the handshake limits closes the
+// handshake whose client has been silent the longest (of the same address, for the
+// per-address one), so idle connections cannot lock out a client that completes its
+// handshake. The design and its reasons are in sema.go and serverConn.writeOut.
+//
+// # One writer per volume
+//
+// The server lets one writer at a time write to a volume: the exports with the same
+// Export.VolumeID (without one, the same Device) are one volume, whatever their names,
+// listeners and connections. A connection's writer is the writer id that atrest's
+// client presents (NBD_OPT_ATREST_CLIENT: one per Client, on all its connections and
+// reconnects), else the peer process on a unix socket (SO_PEERCRED's pid and the
+// process start time: all connections of one nbdcopy or qemu are one writer), else the
+// TCP peer's IP address. The first connection with write access makes its writer the
+// holder, until the holder's last connection to the volume has ended (TCP keepalive
+// and TCP_USER_TIMEOUT end a vanished peer's within about a minute). Another writer's
+// connection is refused with NBD_REP_ERR_POLICY if it presented an identity, and gets
+// NBD_FLAG_READ_ONLY otherwise; a connection with read-only intent never holds the
+// volume. A take-over (ClientOptions.TakeOver) ends the holder's connections gracefully
+// and lets the new writer in once they have ended; the writer taken over may not write
+// to the volume again. Export.SharedWriters turns the rule off. docs/nbd.md has the
+// details and the wire format.
 //
 // Shutdown order, for `atrest serve` on SIGTERM: Notify("STOPPING=1"), Shutdown(ctx)
 // (listeners closed, connections drained, every export flushed), then close the
@@ -71,6 +103,14 @@
 // blockdev.ErrNotSupported instead of being sent (atrest's server, nbdkit and qemu-nbd
 // on files advertise 1). Probe checks, without entering transmission, that a server
 // answers and offers an export.
+//
+// Volume identity: Dial pins the VolumeID that atrest's server advertises
+// (NBD_INFO_ATREST_VOLUME, which the client asks for). Every reconnect must find the
+// same one (none again, where there was none) before it replays or sends anything;
+// otherwise the export name now serves another volume, and the client fails every
+// request for good with ErrVolumeChanged, having sent nothing there. A reconnect that
+// another writer's hold refuses (ErrVolumeBusy) is tried again until ReconnectTimeout;
+// one refused because this client was taken over (ErrTakenOver) fails for good.
 //
 // Durability across reconnects: the kernel's nbd client resends requests after a
 // reconnect and reports a later flush as a success, even when the server crashed and lost

@@ -3,6 +3,7 @@ package nbd
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"fmt"
 	"io"
 	"net"
@@ -21,7 +22,7 @@ func fuzzServer(f *testing.F) *Server { return fuzzServerT(f) }
 func fuzzServerT(f testing.TB) *Server {
 	s := NewServer(ServerConfig{HandshakeTimeout: time.Second, MaxRequestSize: 64 << 10})
 	for _, e := range []Export{
-		{Name: "", Device: blockdev.NewMem(1 << 20)},
+		{Name: "", Device: blockdev.NewMem(1 << 20), VolumeID: fuzzVolume},
 		{Name: "ro", Device: blockdev.NewMem(64 << 10), ReadOnly: true},
 		{Name: "plain", Device: plainDev{blockdev.NewMem(64 << 10)}},
 	} {
@@ -31,6 +32,8 @@ func fuzzServerT(f testing.TB) *Server {
 	}
 	return s
 }
+
+var fuzzVolume = VolumeID{0x61, 0x74, 15: 1}
 
 // feed runs one connection with input as everything the client sends. The server must
 // not panic (a panic fails the fuzz run), and must end the connection soon after the
@@ -100,7 +103,23 @@ func handshakeSeeds() [][]byte {
 		cat(cf, opt(optInfo, []byte{0, 0, 0, 200, 1, 2})),
 		cat(cf, be64(magicIHaveOpt), be32(optGo), be32(0xffffffff)),
 		cat(cf, opt(optStructuredReply, []byte{1}), opt(optStructuredReply, nil), opt(optStructuredReply, nil)),
+		// atrest's extensions: a writer identity, the volume identity asked for, a write.
+		cat(cf, opt(optAtrestClient, atrestClientOpt(1, 0, "fuzz")), opt(optGo, goData("", infoBlockSize, infoAtrestVolume)),
+			req(cmdWrite, 0, 0, 4, []byte("abcd"))),
+		cat(cf, opt(optAtrestClient, atrestClientOpt(2, atrestClientTakeOver, "")), opt(optExportName, nil)),
+		cat(cf, opt(optAtrestClient, atrestClientOpt(3, atrestClientReadOnly, "ro")), opt(optInfo, goData("", infoAtrestVolume)),
+			opt(optGo, goData("plain", infoAtrestVolume)), req(cmdWrite, 0, 0, 2, []byte("zz"))),
+		cat(cf, opt(optAtrestClient, []byte{1}), opt(optAtrestClient, atrestClientOpt(0, 0, "zero id")),
+			opt(optAtrestClient, atrestClientOpt(4, 0xff, "\x00\xff")), opt(optAtrestClient, atrestClientOpt(5, 0, "ok")),
+			opt(optAtrestClient, atrestClientOpt(5, 0, "twice"))),
 	}
+}
+
+// atrestClientOpt is the data of NBD_OPT_ATREST_CLIENT with writer id {id, 0...}.
+func atrestClientOpt(id byte, flags uint32, desc string) []byte {
+	d := make([]byte, writerIDLen, atrestClientFixedLen+len(desc))
+	d[0] = id
+	return append(binary.BigEndian.AppendUint32(d, flags), desc...)
 }
 
 func requestSeeds() [][]byte {
@@ -147,10 +166,7 @@ func FuzzRequests(f *testing.F) {
 // testdata/fuzz, where `go test -fuzz` starts from them.
 func TestFuzzSeedsLeakNothing(t *testing.T) {
 	checkLeaks(t)
-	s := NewServer(ServerConfig{HandshakeTimeout: time.Second, MaxRequestSize: 64 << 10})
-	s.AddExport(Export{Name: "", Device: blockdev.NewMem(1 << 20)})
-	s.AddExport(Export{Name: "ro", Device: blockdev.NewMem(64 << 10), ReadOnly: true})
-	s.AddExport(Export{Name: "plain", Device: plainDev{blockdev.NewMem(64 << 10)}})
+	s := fuzzServerT(t)
 	for _, in := range handshakeSeeds() {
 		feed(t, s, in)
 	}

@@ -11,6 +11,9 @@ import (
 	"github.com/atrest/atrest/blockdev"
 )
 
+// firstOptionTimeout bounds the time from the greeting to the first option.
+const firstOptionTimeout = 10 * time.Second
+
 // errHandshakeDone ends the option phase without transmission (NBD_OPT_ABORT, an
 // unknown NBD_OPT_EXPORT_NAME, a protocol violation).
 var errHandshakeDone = errors.New("handshake ended")
@@ -18,9 +21,16 @@ var errHandshakeDone = errors.New("handshake ended")
 // handshake runs the fixed newstyle negotiation ("Fixed newstyle negotiation") and
 // returns the export chosen by NBD_OPT_GO or NBD_OPT_EXPORT_NAME, already attached to c.
 func (c *serverConn) handshake() (*export, error) {
-	if err := c.nc.SetDeadline(time.Now().Add(c.s.cfg.HandshakeTimeout)); err != nil {
+	deadline := time.Now().Add(c.s.cfg.HandshakeTimeout)
+	if err := c.nc.SetDeadline(deadline); err != nil {
 		return nil, err
 	}
+	// A client that has not sent its first option soon is gone or idle: it gets less
+	// time than one that is negotiating.
+	if err := c.nc.SetReadDeadline(time.Now().Add(min(firstOptionTimeout, c.s.cfg.HandshakeTimeout))); err != nil {
+		return nil, err
+	}
+	keepAlive(c.nc)
 	w := bufio.NewWriterSize(c.nc, 4096)
 	var b [18]byte
 	binary.BigEndian.PutUint64(b[0:], magicInitPasswd)
@@ -35,6 +45,7 @@ func (c *serverConn) handshake() (*export, error) {
 	if _, err := io.ReadFull(c.br, b[:4]); err != nil {
 		return nil, err
 	}
+	c.touch()
 	cflags := binary.BigEndian.Uint32(b[:4])
 	if cflags&^(clientFlagFixedNewstyle|clientFlagNoZeroes) != 0 {
 		// "the server MUST drop the TCP connection if the client sets an unknown flag"
@@ -50,6 +61,12 @@ func (c *serverConn) handshake() (*export, error) {
 		var oh [optionHeaderLen]byte
 		if _, err := io.ReadFull(c.br, oh[:]); err != nil {
 			return nil, err
+		}
+		c.touch()
+		if n == 0 {
+			if err := c.nc.SetReadDeadline(deadline); err != nil {
+				return nil, err
+			}
 		}
 		if binary.BigEndian.Uint64(oh[0:]) != magicIHaveOpt {
 			return nil, errors.New("option without IHAVEOPT magic")
@@ -73,11 +90,20 @@ func (c *serverConn) handshake() (*export, error) {
 		switch opt {
 		case optExportName:
 			e := c.s.lookup(string(data))
-			if e == nil || !c.s.attach(c, e) {
+			if e == nil {
 				// "If the chosen export does not exist ... the server MUST terminate the session."
 				return nil, fmt.Errorf("unknown export %q", data)
 			}
-			c.flags = e.transmissionFlags(c.structured)
+			a, ok := c.enter(e)
+			switch {
+			case !ok:
+				return nil, fmt.Errorf("export %q removed, server shutting down or at its connection limit", data)
+			case a.refusal != "":
+				// No error can be told with NBD_OPT_EXPORT_NAME: "the server MUST terminate
+				// the session" when "requirements for the chosen export are not met".
+				return nil, fmt.Errorf("export %q: %s", data, a.refusal)
+			}
+			c.flags = e.transmissionFlags(c.structured, a.readOnly)
 			var r [10 + 124]byte
 			binary.BigEndian.PutUint64(r[0:], uint64(e.Device.Size()))
 			binary.BigEndian.PutUint16(r[8:], c.flags)
@@ -118,6 +144,10 @@ func (c *serverConn) handshake() (*export, error) {
 			}
 			if e != nil {
 				return e, nil
+			}
+		case optAtrestClient:
+			if err := h.atrestClient(data); err != nil {
+				return nil, err
 			}
 		case optStructuredReply:
 			switch {
@@ -192,20 +222,37 @@ func (h *optionPhase) infoOrGo(opt uint32, data []byte) (*export, error) {
 	if len(rest) != 2+2*nreq {
 		return invalid("information request count does not match the option length")
 	}
-	var wantName, wantDesc bool
+	var wantName, wantDesc, wantVolume bool
 	for i := range nreq {
 		switch binary.BigEndian.Uint16(rest[2+2*i:]) {
 		case infoName:
 			wantName = true
 		case infoDescription:
 			wantDesc = true
+		case infoAtrestVolume:
+			wantVolume = true
 		}
 	}
 	e := h.c.s.lookup(name)
 	if e == nil {
 		return nil, h.reply(opt, repErrUnknown, []byte(fmt.Sprintf("no export named %q", name)))
 	}
-	flags := e.transmissionFlags(h.c.structured)
+	// The writer rule decides the access before NBD_INFO_EXPORT tells it; NBD_OPT_INFO
+	// gets what NBD_OPT_GO would, without waiting and without taking the volume.
+	var a admission
+	if opt == optGo {
+		var ok bool
+		if a, ok = h.c.enter(e); !ok {
+			return nil, h.reply(opt, repErrShutdown, []byte("export removed, server shutting down or at its connection limit"))
+		}
+	} else {
+		h.c.s.resolveWriter(h.c)
+		a, _ = h.c.s.admit(h.c, e, false, true)
+	}
+	if a.refusal != "" {
+		return nil, h.reply(opt, repErrPolicy, []byte(a.refusal))
+	}
+	flags := e.transmissionFlags(h.c.structured, a.readOnly)
 	var ie [12]byte
 	binary.BigEndian.PutUint16(ie[0:], infoExport)
 	binary.BigEndian.PutUint64(ie[2:], uint64(e.Device.Size()))
@@ -233,11 +280,13 @@ func (h *optionPhase) infoOrGo(opt uint32, data []byte) (*export, error) {
 			return nil, err
 		}
 	}
+	if wantVolume && !e.VolumeID.IsZero() {
+		if err := h.send(opt, repInfo, append(binary.BigEndian.AppendUint16(nil, infoAtrestVolume), e.VolumeID[:]...)); err != nil {
+			return nil, err
+		}
+	}
 	if opt == optInfo {
 		return nil, h.reply(opt, repAck, nil)
-	}
-	if !h.c.s.attach(h.c, e) {
-		return nil, h.reply(opt, repErrShutdown, []byte("export removed or server shutting down"))
 	}
 	h.c.flags = flags
 	return e, h.reply(opt, repAck, nil)
@@ -249,7 +298,8 @@ func (h *optionPhase) infoOrGo(opt uint32, data []byte) (*export, error) {
 // write and a flush, or to writing zeroes), and FAST_ZERO is honoured by every one (a
 // Device that cannot zero fast refuses at once: "Servers MAY set this transmission flag
 // even if it will always use NBD_ENOTSUP failures"); TRIM only where the Device trims.
-func (e *export) transmissionFlags(structured bool) uint16 {
+// readOnly: the connection may not write (the writer rule).
+func (e *export) transmissionFlags(structured, readOnly bool) uint16 {
 	caps := blockdev.CapsOf(e.Device)
 	// Every connection to an export uses the same Device, whose Flush covers every write
 	// that returned before it, whichever goroutine made it: a FLUSH on one connection
@@ -261,7 +311,7 @@ func (e *export) transmissionFlags(structured bool) uint16 {
 	if e.Rotational {
 		f |= tflagRotational
 	}
-	if e.ReadOnly || caps.ReadOnly {
+	if e.ReadOnly || readOnly || caps.ReadOnly {
 		return f | tflagReadOnly
 	}
 	f |= tflagSendFUA | tflagSendWriteZeroes | tflagSendFastZero

@@ -51,20 +51,38 @@ func shortDir(t testing.TB) string {
 	return d
 }
 
-// testServer is a Server serving on a unix socket for one test.
+// testServer is a Server serving on a unix socket (or TCP) for one test.
 type testServer struct {
 	*Server
-	sock string
-	addr string // "unix:PATH"
-	done chan error
+	sock    string // the unix socket; "" on TCP
+	addr    string // "unix:PATH" or "tcp:127.0.0.1:PORT"
+	network string // for net.Dial: "unix" or "tcp"
+	dialTo  string // for net.Dial: the path or host:port
+	done    chan error
 }
 
 // startServer serves the exports on a fresh unix socket and shuts the server down at
 // the end of the test.
 func startServer(t testing.TB, cfg ServerConfig, exports ...Export) *testServer {
 	t.Helper()
-	sock := filepath.Join(shortDir(t), "nbd.sock")
-	l, err := Listen("unix:" + sock)
+	return startServerOn(t, "unix", cfg, exports...)
+}
+
+// startServerOn is startServer on a unix socket or on TCP (network "tcp": a free port
+// of 127.0.0.1).
+func startServerOn(t testing.TB, network string, cfg ServerConfig, exports ...Export) *testServer {
+	t.Helper()
+	var sock, spec string
+	switch network {
+	case "unix":
+		sock = filepath.Join(shortDir(t), "nbd.sock")
+		spec = "unix:" + sock
+	case "tcp":
+		spec = "tcp:127.0.0.1:0"
+	default:
+		t.Fatalf("network %q", network)
+	}
+	l, err := Listen(spec)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -85,7 +103,7 @@ func startServer(t testing.TB, cfg ServerConfig, exports ...Export) *testServer 
 			t.Fatal(err)
 		}
 	}
-	ts := &testServer{Server: s, sock: sock, addr: "unix:" + sock, done: make(chan error, 1)}
+	ts := &testServer{Server: s, sock: sock, addr: network + ":" + l.Addr().String(), network: network, dialTo: l.Addr().String(), done: make(chan error, 1)}
 	go func() { ts.done <- s.Serve(context.Background(), l) }()
 	<-ready
 	t.Cleanup(func() {
@@ -109,7 +127,13 @@ type rawConn struct {
 
 func dialRaw(t testing.TB, sock string) *rawConn {
 	t.Helper()
-	nc, err := net.Dial("unix", sock)
+	return dialRawNet(t, "unix", sock)
+}
+
+// dialRawNet is dialRaw on a network: "unix" with a socket path, "tcp" with host:port.
+func dialRawNet(t testing.TB, network, addr string) *rawConn {
+	t.Helper()
+	nc, err := net.Dial(network, addr)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -89,6 +89,28 @@ const (
 	infoBlockSize   uint16 = 3
 )
 
+// atrest's extensions of the handshake (docs/nbd.md). Their numbers are far from those
+// the specification assigns, so that they cannot clash with a future one: other servers
+// answer the option with NBD_REP_ERR_UNSUP, and other clients never ask for the
+// information type ("The server MUST ignore any information requests it does not
+// understand"; "The client MUST ignore information replies it does not understand").
+const (
+	// optAtrestClient presents the client's writer identity: 16 bytes writer id, 32 bits
+	// flags, then a description for people (the rest of the data, at most
+	// maxWriterDescription bytes of printable UTF-8).
+	optAtrestClient uint32 = 0x61747201 // "atr" 1
+	// infoAtrestVolume is the volume identity of an export: 16 bytes, a UUID.
+	infoAtrestVolume uint16 = 0x6174 // "at"
+
+	atrestClientReadOnly uint32 = 1 << 0 // the client never writes: it never holds the volume
+	atrestClientTakeOver uint32 = 1 << 1 // end the current writer's connections and take its place
+	atrestClientFlags           = atrestClientReadOnly | atrestClientTakeOver
+
+	writerIDLen          = 16
+	atrestClientFixedLen = writerIDLen + 4
+	maxWriterDescription = 256
+)
+
 // Command types ("Request types").
 const (
 	cmdRead        uint16 = 0

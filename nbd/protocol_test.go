@@ -638,28 +638,40 @@ func TestAddExportRefuses(t *testing.T) {
 	}
 }
 
-// TestMaxConns: the connection beyond MaxConns is closed at once; once a connection
-// ends, a new one is served again.
+// TestMaxConns: MaxConns bounds the connections in transmission, not those in their
+// handshake: a third client's GO is refused while two are served, and succeeds once one
+// of them has ended.
 func TestMaxConns(t *testing.T) {
 	checkLeaks(t)
 	ts := startServer(t, ServerConfig{MaxConns: 2}, Export{Device: blockdev.NewMem(1 << 20)})
 	first := dialRaw(t, ts.sock)
-	first.read(18) // greeted: the server counts it
-	second := dialRaw(t, ts.sock)
-	second.read(18)
-	dialRaw(t, ts.sock).expectClosed()
-	if st := ts.Stats(); st.Connections != 2 || st.Accepted != 2 {
-		t.Fatalf("stats %+v, want 2 connections, 2 accepted", st)
+	first.open("", false)
+	dialRaw(t, ts.sock).open("", false)
+	third := dialRaw(t, ts.sock)
+	third.greet(clientFlagFixedNewstyle | clientFlagNoZeroes)
+	goReply := func() uint32 {
+		third.sendOpt(optGo, goData(""))
+		for {
+			if typ, _ := third.optReply(optGo); typ != repInfo {
+				return typ
+			}
+		}
+	}
+	if typ := goReply(); typ != repErrShutdown {
+		t.Fatalf("GO beyond MaxConns answered %#x, want NBD_REP_ERR_SHUTDOWN", typ)
+	}
+	if st := ts.Stats(); st.Connections != 3 || st.Handshakes != 1 || st.Accepted != 3 {
+		t.Fatalf("stats %+v, want 3 connections, 1 in its handshake, 3 accepted", st)
 	}
 	first.nc.Close()
-	deadline := time.Now().Add(5 * time.Second)
-	for ts.Stats().Connections != 1 {
-		if time.Now().After(deadline) {
-			t.Fatalf("connection not gone: %+v", ts.Stats())
-		}
-		time.Sleep(time.Millisecond)
+	waitFor(t, "the first connection to end", func() bool { return ts.Stats().Connections == 2 })
+	if typ := goReply(); typ != repAck {
+		t.Fatalf("GO after a connection ended answered %#x", typ)
 	}
-	dialRaw(t, ts.sock).open("", false)
+	third.request(cmdRead, 0, 1, 0, 512, nil)
+	if errno, _ := third.simpleReply(); errno != 0 {
+		t.Fatalf("read: errno %d", errno)
+	}
 }
 
 func TestRemoveExport(t *testing.T) {

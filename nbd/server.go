@@ -22,21 +22,35 @@ type ServerConfig struct {
 	// payload size of NBD_INFO_BLOCK_SIZE (default 32 MiB, the size every client may use
 	// without asking). TRIM, WRITE_ZEROES and CACHE carry no payload and are not bounded.
 	MaxRequestSize int
-	// MaxConnBytes bounds the payload bytes (request and reply buffers) in flight on one
-	// connection (default 128 MiB, at least MaxRequestSize).
-	MaxConnBytes int64
-	// MaxTotalBytes bounds the payload bytes in flight on all connections together
-	// (default 512 MiB, at least MaxConnBytes).
-	MaxTotalBytes int64
-	// MaxConnRequests bounds the requests in flight (one worker goroutine each) on one
-	// connection (default 128, what Linux's nbd client sends at most).
-	MaxConnRequests int
-	// MaxTotalRequests bounds the requests in flight on all connections (default 1024).
+	// MaxConnBytes and MaxConnRequests bound the payload bytes (request and reply
+	// buffers) and the requests (one worker goroutine each) in flight on one connection
+	// (defaults 128 MiB, at least MaxRequestSize, and 128, what Linux's nbd client sends
+	// at most). Of those, 1 MiB and 16 requests are the connection's own reserve, which
+	// other clients cannot take; beyond it, a connection borrows from a pool that all
+	// share, of MaxTotalBytes (default 512 MiB, at least MaxConnBytes) and
+	// MaxTotalRequests (default 1024, at least MaxConnRequests). So in all, at most
+	// MaxTotalBytes + MaxConns MiB are in flight (768 MiB with the defaults).
+	MaxConnBytes     int64
+	MaxTotalBytes    int64
+	MaxConnRequests  int
 	MaxTotalRequests int
-	// MaxConns bounds the connections, handshakes included (default 256); further
-	// connections are closed at once.
+	// WriteTimeout drops a connection whose client has taken none of its replies for
+	// that long (default 30 s; detected within twice that), which frees what they held.
+	WriteTimeout time.Duration
+	// MaxConns bounds the connections in transmission (default 256); a client that
+	// selects an export beyond it is refused (NBD_REP_ERR_SHUTDOWN, or a disconnect after
+	// NBD_OPT_EXPORT_NAME).
 	MaxConns int
-	// HandshakeTimeout bounds the whole option phase of a connection (default 30 s).
+	// MaxHandshakes bounds the connections in their handshake, counted apart from
+	// MaxConns (default 64), and MaxPeerHandshakes those from one IP address over TCP
+	// (default 8). A new connection beyond a bound is admitted by closing the handshake
+	// (of that address, for the second) whose client has been silent the longest, so
+	// that idle connections cannot lock a client out: one that completes its handshake
+	// in milliseconds always gets in.
+	MaxHandshakes     int
+	MaxPeerHandshakes int
+	// HandshakeTimeout bounds the whole option phase of a connection (default 30 s); the
+	// first option must come within 10 s (or HandshakeTimeout, if shorter).
 	HandshakeTimeout time.Duration
 	// MaxOptions bounds the options one connection may send before transmission
 	// (default 64); a client that sends more is disconnected.
@@ -75,8 +89,17 @@ func (c *ServerConfig) withDefaults() ServerConfig {
 		d.MaxTotalRequests = 1024
 	}
 	d.MaxTotalRequests = max(d.MaxTotalRequests, d.MaxConnRequests)
+	if d.WriteTimeout <= 0 {
+		d.WriteTimeout = 30 * time.Second
+	}
 	if d.MaxConns <= 0 {
 		d.MaxConns = 256
+	}
+	if d.MaxHandshakes <= 0 {
+		d.MaxHandshakes = 64
+	}
+	if d.MaxPeerHandshakes <= 0 {
+		d.MaxPeerHandshakes = 8
 	}
 	if d.HandshakeTimeout <= 0 {
 		d.HandshakeTimeout = 30 * time.Second
@@ -105,6 +128,17 @@ type Export struct {
 	ReadOnly bool
 	// Rotational sets NBD_FLAG_ROTATIONAL, a scheduling hint for clients.
 	Rotational bool
+	// VolumeID identifies the volume whatever its export names (atrest serve: the
+	// volume UUID of the drive's atrest token). It is advertised to clients that ask for
+	// it (NBD_INFO_ATREST_VOLUME, docs/nbd.md), which pin it, and it keys the writer
+	// rule: exports with the same VolumeID are one volume and must serve the same
+	// Device. Zero: none; the writer rule then keys the volume by its Device.
+	VolumeID VolumeID
+	// SharedWriters turns the writer rule off for this export: every connection may
+	// write, whoever else does. Dangerous for ext4 and any file system that is not
+	// made for several writers; for benchmarks with several independent clients and
+	// for clients that coordinate themselves (cluster file systems).
+	SharedWriters bool
 }
 
 // export is an Export being served, with the connections that use it.
@@ -122,16 +156,25 @@ var ErrServerClosed = errors.New("nbd server closed")
 type Server struct {
 	cfg ServerConfig
 
-	bytes *semaphore // payload bytes in flight, all connections
-	reqs  *semaphore // requests in flight, all connections
+	pool       *pool         // payload bytes and requests beyond the connections' reserves
+	writeCheck time.Duration // the write watch's period (see serverConn.writeOut)
+	clock      time.Time     // origin of serverConn.active
 
-	mu        sync.Mutex
-	exports   map[string]*export
-	listeners map[net.Listener]struct{}
-	conns     map[*serverConn]struct{}
-	accepted  uint64
-	closing   bool
-	connsWG   sync.WaitGroup
+	mu           sync.Mutex
+	exports      map[string]*export
+	listeners    map[net.Listener]struct{}
+	conns        map[*serverConn]struct{}
+	handshakes   map[*serverConn]struct{} // conns in their handshake
+	peers        map[string]int           // handshakes per TCP peer address
+	transmitting int                      // conns attached to an export
+	accepted     uint64
+	closing      bool
+	connsWG      sync.WaitGroup
+	writeTimer   *time.Timer // runs watchWrites
+	writeWatch   bool        // writeTimer is pending or running
+	evictLog     time.Time   // when the last eviction was logged
+	evicted      int         // evictions since then, not logged
+	writers      writerState // the writer rule (writer.go), under mu
 
 	// watchOff is set while no watchdog runs (see watch).
 	watchOff atomic.Bool
@@ -141,12 +184,16 @@ type Server struct {
 func NewServer(cfg ServerConfig) *Server {
 	cfg = cfg.withDefaults()
 	s := &Server{
-		cfg:       cfg,
-		bytes:     newSemaphore(cfg.MaxTotalBytes),
-		reqs:      newSemaphore(int64(cfg.MaxTotalRequests)),
-		exports:   make(map[string]*export),
-		listeners: make(map[net.Listener]struct{}),
-		conns:     make(map[*serverConn]struct{}),
+		cfg:        cfg,
+		pool:       newPool(cfg.MaxTotalBytes, int64(cfg.MaxTotalRequests)),
+		writeCheck: cfg.WriteTimeout / 4,
+		clock:      time.Now(),
+		exports:    make(map[string]*export),
+		listeners:  make(map[net.Listener]struct{}),
+		conns:      make(map[*serverConn]struct{}),
+		handshakes: make(map[*serverConn]struct{}),
+		peers:      make(map[string]int),
+		writers:    newWriterState(),
 	}
 	s.watchOff.Store(true)
 	return s
@@ -241,6 +288,11 @@ func (s *Server) AddExport(e Export) error {
 	if _, ok := s.exports[e.Name]; ok {
 		return fmt.Errorf("export %q already exists", e.Name)
 	}
+	for _, o := range s.exports {
+		if !e.VolumeID.IsZero() && o.VolumeID == e.VolumeID && !sameDevice(o.Device, e.Device) {
+			return fmt.Errorf("export %q: volume %s is already exported as %q from another device", e.Name, e.VolumeID, o.Name)
+		}
+	}
 	s.exports[e.Name] = &export{Export: e, preferred: preferredBlockSize(e.Device), conns: make(map[*serverConn]struct{})}
 	return nil
 }
@@ -280,14 +332,28 @@ func (s *Server) RemoveExport(ctx context.Context, name string) error {
 // ServerStats are counters of a Server, for status lines and tests.
 type ServerStats struct {
 	Connections int    // open now, handshakes included
+	Handshakes  int    // open now and in their handshake
 	Accepted    uint64 // since NewServer
+	// Requests in flight and their payload bytes, and what of them is borrowed from
+	// the pool that the connections share (see ServerConfig.MaxConnBytes).
+	Requests, Bytes         int64
+	PoolRequests, PoolBytes int64
 }
 
 // Stats returns the server's counters.
 func (s *Server) Stats() ServerStats {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	return ServerStats{Connections: len(s.conns), Accepted: s.accepted}
+	st := ServerStats{Connections: len(s.conns), Handshakes: len(s.handshakes), Accepted: s.accepted}
+	for c := range s.conns {
+		bytes, reqs := c.budget.inReserve()
+		st.Bytes += bytes
+		st.Requests += reqs
+	}
+	s.mu.Unlock()
+	st.PoolBytes, st.PoolRequests = s.pool.inUse()
+	st.Bytes += st.PoolBytes
+	st.Requests += st.PoolRequests
+	return st
 }
 
 // Exports returns the names of the exports, sorted.
@@ -393,20 +459,29 @@ func (s *Server) ServeConn(ctx context.Context, nc net.Conn) {
 }
 
 func (s *Server) startConn(ctx context.Context, nc net.Conn) *serverConn {
+	c := newServerConn(s, nc)
+	if a, ok := nc.RemoteAddr().(*net.TCPAddr); ok {
+		c.peer = a.IP.String()
+	}
+	c.touch()
 	s.mu.Lock()
-	if s.closing || len(s.conns) >= s.cfg.MaxConns {
-		closing := s.closing
+	if s.closing {
 		s.mu.Unlock()
-		if !closing {
-			s.logf("nbd: refusing connection from %s: %d connections already", nc.RemoteAddr(), s.cfg.MaxConns)
-		}
 		nc.Close()
 		return nil
 	}
-	c := newServerConn(s, nc)
+	s.admitLocked(c)
 	s.conns[c] = struct{}{}
 	s.accepted++
 	s.connsWG.Add(1)
+	if !s.writeWatch {
+		s.writeWatch = true
+		if s.writeTimer == nil {
+			s.writeTimer = time.AfterFunc(s.writeCheck, s.watchWrites)
+		} else {
+			s.writeTimer.Reset(s.writeCheck)
+		}
+	}
 	s.mu.Unlock()
 	go func() {
 		defer s.connsWG.Done()
@@ -418,23 +493,99 @@ func (s *Server) startConn(ctx context.Context, nc net.Conn) *serverConn {
 		delete(s.conns, c)
 		if c.exp != nil {
 			delete(c.exp.conns, c)
+			s.transmitting--
 		}
 		s.mu.Unlock()
+		s.releaseWriter(c)
 	}()
 	return c
 }
 
-// attach binds a connection that finished its handshake to its export; it fails if the
-// export was removed meanwhile or the server is closing.
-func (s *Server) attach(c *serverConn, e *export) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closing || e.removed {
-		return false
+// admitLocked counts c as a handshake in progress, first closing the handshake whose
+// client has been silent the longest, among those from c's address when that has
+// MaxPeerHandshakes, and among all when there are MaxHandshakes. s.mu is held.
+func (s *Server) admitLocked(c *serverConn) {
+	if c.peer != "" && s.peers[c.peer] >= s.cfg.MaxPeerHandshakes {
+		s.evictLocked(c.peer)
 	}
-	e.conns[c] = struct{}{}
-	c.exp = e
-	return true
+	if len(s.handshakes) >= s.cfg.MaxHandshakes {
+		s.evictLocked("")
+	}
+	s.handshakes[c] = struct{}{}
+	if c.peer != "" {
+		s.peers[c.peer]++
+	}
+}
+
+// evictLocked closes the handshake, of peer or of any client when peer is "", that has
+// made no progress for the longest time. s.mu is held.
+func (s *Server) evictLocked(peer string) {
+	var victim *serverConn
+	for c := range s.handshakes {
+		if peer != "" && c.peer != peer {
+			continue
+		}
+		if victim == nil || c.active.Load() < victim.active.Load() {
+			victim = c
+		}
+	}
+	if victim == nil {
+		panic("BUG: no handshake to close although the count is at its bound")
+	}
+	s.endHandshakeLocked(victim)
+	victim.forceClose()
+	s.evicted++
+	if now := time.Now(); now.Sub(s.evictLog) >= time.Second {
+		idle := now.Sub(s.clock) - time.Duration(victim.active.Load())
+		s.logf("nbd: closed %d handshake(s) to admit new connections (the last: %s, silent for %v; limits %d, %d per address)",
+			s.evicted, victim.nc.RemoteAddr(), idle.Round(time.Millisecond), s.cfg.MaxHandshakes, s.cfg.MaxPeerHandshakes)
+		s.evictLog, s.evicted = now, 0
+	}
+}
+
+// endHandshake stops counting c as a handshake in progress.
+func (s *Server) endHandshake(c *serverConn) {
+	s.mu.Lock()
+	s.endHandshakeLocked(c)
+	s.mu.Unlock()
+}
+
+func (s *Server) endHandshakeLocked(c *serverConn) {
+	if _, ok := s.handshakes[c]; !ok {
+		return
+	}
+	delete(s.handshakes, c)
+	if c.peer != "" {
+		if s.peers[c.peer]--; s.peers[c.peer] == 0 {
+			delete(s.peers, c.peer)
+		}
+	}
+}
+
+// touch records progress of c's handshake (see evictLocked).
+func (c *serverConn) touch() {
+	c.active.Store(int64(time.Since(c.s.clock)))
+}
+
+// watchWrites is the write watch (see serverConn.writeOut): every writeCheck while
+// the server has connections, it looks at each connection's writer.
+func (s *Server) watchWrites() {
+	s.mu.Lock() // also orders the looks of successive runs (serverConn.wseen)
+	conns := make([]*serverConn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	s.mu.Unlock()
+	for _, c := range conns {
+		c.checkWrite()
+	}
+	s.mu.Lock()
+	if len(s.conns) > 0 {
+		s.writeTimer.Reset(s.writeCheck)
+	} else {
+		s.writeWatch = false
+	}
+	s.mu.Unlock()
 }
 
 // stopConns ends the connections gracefully and waits, closing them at once if ctx
@@ -491,6 +642,11 @@ func (s *Server) shutdown(ctx context.Context, reportCtx bool) error {
 		errs = append(errs, err)
 	}
 	s.connsWG.Wait()
+	s.mu.Lock()
+	if s.writeTimer != nil && s.writeTimer.Stop() {
+		s.writeWatch = false
+	}
+	s.mu.Unlock()
 	// Flush each device once: several exports may serve the same one (`atrest serve`
 	// offers a lone volume under its name and as the default export). Names in reverse
 	// order put the default export last, so a failed flush is reported under a real name.

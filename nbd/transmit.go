@@ -8,6 +8,7 @@ import (
 	"io"
 	"math"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -19,14 +20,16 @@ import (
 // serverConn is one client connection. Its transmission phase has three parts:
 //   - the reader role, held by one goroutine at a time (see readLoop), parses requests
 //     from a buffered reader (one read system call brings in every request the client
-//     has sent), takes a request slot and the payload bytes from the connection's and
-//     the server's semaphores (so memory and goroutines are bounded), reads WRITE
-//     payloads into pooled buffers, and either runs a small READ or WRITE itself
-//     ("inline", see run) or hands the request to a worker goroutine;
+//     has sent), takes a request slot and the payload bytes from the connection's
+//     budget (its reserve or the server's pool, see sema.go: so memory and goroutines
+//     are bounded), reads WRITE payloads into pooled buffers, and either runs a small
+//     READ or WRITE itself ("inline", see run) or hands the request to a worker
+//     goroutine;
 //   - the workers run the other requests on the Device, one each, concurrently;
 //   - replies are sent by whoever finds the connection idle (see send): several
 //     replies per writev, header and payload without a copy; then the buffers and
-//     semaphore units go back.
+//     budget units go back. A client that reads no reply for WriteTimeout is dropped
+//     (see writeOut).
 //
 // Replies therefore go out in completion order, not request order ("Transmission").
 type serverConn struct {
@@ -35,25 +38,29 @@ type serverConn struct {
 	br   *bufio.Reader
 	done chan struct{}
 
-	ctx    context.Context // ends on stop; only the reader's semaphore waits use it
+	ctx    context.Context // ends on stop and on a broken write; only the reader's budget waits use it
 	cancel context.CancelFunc
 
+	// Admission (see Server.admitLocked).
+	peer   string       // the client's IP address for TCP, "" otherwise
+	active atomic.Int64 // when the handshake last made progress, since s.clock
+
 	stopping atomic.Bool
-	exp      *export // set by attach, under s.mu
+	exp      *export    // set by admit, under s.mu
+	writer   connWriter // the writer rule's view of the connection (writer.go)
 	dev      blockdev.Device
 
 	structured bool
 	flags      uint16
 
-	connBytes *semaphore
-	connReqs  *semaphore
-	jobs      chan job      // to idle workers; unbuffered
-	quit      chan struct{} // closed when the reader stopped: idle workers exit
-	reap      chan struct{} // an idle worker that receives from it exits
-	reaper    *time.Timer   // reapIdle
-	nworkers  atomic.Int32
-	workers   sync.WaitGroup
-	dirty     atomic.Bool // a write was answered since the last flush
+	budget   *budget
+	jobs     chan job      // to idle workers; unbuffered
+	quit     chan struct{} // closed when the reader stopped: idle workers exit
+	reap     chan struct{} // an idle worker that receives from it exits
+	reaper   *time.Timer   // reapIdle
+	nworkers atomic.Int32
+	workers  sync.WaitGroup
+	dirty    atomic.Bool // a write was answered since the last flush
 
 	// The reader role (see readLoop and runInline). role counts up: even while the
 	// holder reads or parses, odd while it runs a request inline. The server's watchdog,
@@ -74,10 +81,13 @@ type serverConn struct {
 	// the others only queue. So an idle connection answers without waking another
 	// goroutine, and a busy one batches.
 	wmu     sync.Mutex
-	pending []*reply // under wmu
-	spare   []*reply // under wmu: the other half of the double buffer
-	writing bool     // under wmu
-	broken  bool     // only the writer touches it
+	pending []*reply      // under wmu
+	spare   []*reply      // under wmu: the other half of the double buffer
+	writing bool          // under wmu
+	broken  bool          // only the writer touches it
+	wseq    atomic.Uint64 // odd while the writer is in a write (see writeOut)
+	wkick   atomic.Uint64 // the write the watch interrupted
+	wseen   uint64        // wseq at the watch's last look; the watch's
 	bufs    net.Buffers
 	wbufs   net.Buffers
 	scratch []byte
@@ -88,6 +98,7 @@ func newServerConn(s *Server, nc net.Conn) *serverConn {
 	return &serverConn{
 		s: s, nc: nc, br: bufio.NewReaderSize(nc, readBuffer),
 		done: make(chan struct{}), ctx: ctx, cancel: cancel,
+		budget: newBudget(s.pool, s.cfg.MaxConnBytes, int64(s.cfg.MaxConnRequests)),
 	}
 }
 
@@ -110,6 +121,7 @@ func (c *serverConn) serve() {
 	defer c.cancel()
 	defer c.nc.Close()
 	e, err := c.handshake()
+	c.s.endHandshake(c)
 	if err != nil {
 		if !errors.Is(err, errHandshakeDone) && !isClosedConn(err) {
 			c.s.logf("nbd: handshake with %s: %v", c.nc.RemoteAddr(), err)
@@ -124,8 +136,6 @@ func (c *serverConn) serve() {
 	}
 	c.dev = e.Device
 	setSocketBuffers(c.nc)
-	c.connBytes = newSemaphore(c.s.cfg.MaxConnBytes)
-	c.connReqs = newSemaphore(int64(c.s.cfg.MaxConnRequests))
 	c.jobs = make(chan job)
 	c.quit = make(chan struct{})
 	c.reap = make(chan struct{})
@@ -163,8 +173,7 @@ type reply struct {
 	msg    string
 	off    uint64  // READ: offset of data
 	data   *[]byte // READ: pooled payload
-	bytes  int64   // semaphore bytes to give back once sent
-	slot   bool    // a request slot to give back once sent
+	held   hold    // budget units to give back once sent
 }
 
 var replyPool = sync.Pool{New: func() any { return new(reply) }}
@@ -351,7 +360,8 @@ func (c *serverConn) handle(r *request) handleResult {
 			}
 			return refuse(errno, msg)
 		}
-		if !c.acquire(int64(r.length)) {
+		h, ok := c.acquire(int64(r.length))
+		if !ok {
 			return handleEnd
 		}
 		buf := getBuf(int(r.length))
@@ -360,10 +370,10 @@ func (c *serverConn) handle(r *request) handleResult {
 		}
 		if _, err := io.ReadFull(c.br, *buf); err != nil {
 			putBuf(buf)
-			c.release(int64(r.length))
+			c.budget.release(h)
 			return handleEnd
 		}
-		return c.run(r, buf, int64(r.length))
+		return c.run(r, buf, h)
 
 	case cmdRead:
 		switch {
@@ -380,10 +390,11 @@ func (c *serverConn) handle(r *request) handleResult {
 		case !c.rangeOK(r.offset, uint64(r.length)):
 			return refuse(errInval, "read beyond the end of the export")
 		}
-		if !c.acquire(int64(r.length)) {
+		h, ok := c.acquire(int64(r.length))
+		if !ok {
 			return handleEnd
 		}
-		return c.run(r, nil, int64(r.length))
+		return c.run(r, nil, h)
 
 	case cmdFlush:
 		if badFlags || r.offset != 0 || r.length != 0 {
@@ -422,97 +433,44 @@ func (c *serverConn) handle(r *request) handleResult {
 		// NBD_CMD_BLOCK_STATUS (no metadata context can be negotiated) and unknown commands.
 		return refuse(errInval, "unsupported command")
 	}
-	if !c.acquire(0) {
+	h, ok := c.acquire(0)
+	if !ok {
 		return handleEnd
 	}
-	c.start(r, nil, 0)
+	c.start(r, nil, h)
 	return handleNext
 }
 
-// acquire takes a request slot and n payload bytes, connection limits first. Only the
-// reader role's holder calls it.
-func (c *serverConn) acquire(n int64) bool {
-	if c.tryAcquire(n) {
-		return true
+// acquire takes a request slot and n payload bytes from the connection's budget. Only
+// the reader role's holder calls it. It fails when the connection is ending.
+func (c *serverConn) acquire(n int64) (hold, bool) {
+	if src := c.budget.tryAcquire(n); src != fromNone {
+		return hold{n, src}, true
 	}
 	// The inline replies held back hold slots and bytes, maybe those it waits for.
 	c.flushBatch()
-	if c.connReqs.acquire(c.ctx, 1) != nil {
-		return false
-	}
-	if c.s.reqs.acquire(c.ctx, 1) != nil {
-		c.connReqs.release(1)
-		return false
-	}
-	if n == 0 {
-		return true
-	}
-	if c.connBytes.acquire(c.ctx, n) != nil {
-		c.releaseSlot()
-		return false
-	}
-	if c.s.bytes.acquire(c.ctx, n) != nil {
-		c.connBytes.release(n)
-		c.releaseSlot()
-		return false
-	}
-	return true
-}
-
-// tryAcquire is acquire without waiting.
-func (c *serverConn) tryAcquire(n int64) bool {
-	if !c.connReqs.tryAcquire(1) {
-		return false
-	}
-	if !c.s.reqs.tryAcquire(1) {
-		c.connReqs.release(1)
-		return false
-	}
-	if n == 0 {
-		return true
-	}
-	if !c.connBytes.tryAcquire(n) {
-		c.releaseSlot()
-		return false
-	}
-	if !c.s.bytes.tryAcquire(n) {
-		c.connBytes.release(n)
-		c.releaseSlot()
-		return false
-	}
-	return true
-}
-
-func (c *serverConn) releaseSlot() {
-	c.s.reqs.release(1)
-	c.connReqs.release(1)
-}
-
-func (c *serverConn) release(n int64) {
-	if n > 0 {
-		c.s.bytes.release(n)
-		c.connBytes.release(n)
-	}
-	c.releaseSlot()
+	src := c.budget.acquire(c.ctx, n)
+	return hold{n, src}, src != fromNone
 }
 
 // queue answers a request refused by the reader. The reply takes a request slot, like
 // the others, so that a client that sends bad requests without reading the answers
 // cannot make the queue grow; it returns false if the connection is ending.
 func (c *serverConn) queue(r *reply) bool {
-	if !c.acquire(0) {
+	h, ok := c.acquire(0)
+	if !ok {
 		return false
 	}
-	r.slot = true
+	r.held = h
 	c.send(r)
 	return true
 }
 
 // job is a validated request handed to a worker.
 type job struct {
-	req   request
-	buf   *[]byte // WRITE payload
-	bytes int64   // semaphore bytes held for it
+	req  request
+	buf  *[]byte // WRITE payload
+	held hold    // budget units held for it
 }
 
 // readBuffer is the size of a connection's buffered reader: one read system call brings
@@ -523,29 +481,29 @@ const readBuffer = 256 << 10
 // workerIdle is how often the idle workers of a connection are told to exit.
 const workerIdle = 2 * time.Second
 
-// run runs a validated request that holds a request slot and n payload bytes (and buf,
-// a WRITE's payload): inline when it is a small READ or WRITE and the device has been
-// fast, otherwise on a worker. See inlineMax.
-func (c *serverConn) run(r *request, buf *[]byte, n int64) handleResult {
+// run runs a validated request that holds a request slot and its payload bytes (h; and
+// buf, a WRITE's payload): inline when it is a small READ or WRITE and the device has
+// been fast, otherwise on a worker. See inlineMax.
+func (c *serverConn) run(r *request, buf *[]byte, h hold) handleResult {
 	if (r.typ == cmdRead || r.typ == cmdWrite && r.flags&cmdFlagFUA == 0) && r.length <= inlineMax {
 		if c.inlineOff == 0 {
-			return c.runInline(r, buf, n)
+			return c.runInline(r, buf, h)
 		}
 		c.inlineOff--
 		if c.inlineOff == 0 {
 			c.inlineCost = 0 // try again afresh
 		}
 	}
-	c.start(r, buf, n)
+	c.start(r, buf, h)
 	return handleNext
 }
 
 // runInline runs r in the reader role's goroutine and keeps its reply for the next
 // flushBatch. If the watchdog took the role over meanwhile, it sends the reply itself
 // and returns handleLost.
-func (c *serverConn) runInline(r *request, buf *[]byte, n int64) handleResult {
+func (c *serverConn) runInline(r *request, buf *[]byte, h hold) handleResult {
 	rep := newReply(r.cookie, r.typ)
-	rep.slot, rep.bytes = true, n
+	rep.held = h
 	v := c.role.Add(1) // odd: running inline, the watchdog may take the role over
 	c.s.watchInline()
 	start := time.Now()
@@ -571,13 +529,13 @@ func (c *serverConn) runInline(r *request, buf *[]byte, n int64) handleResult {
 	return handleNext
 }
 
-// start runs r in a worker; the worker owns buf (the WRITE payload) and the slot and
-// bytes taken for it, which go back once its reply is sent. An idle worker takes the
+// start runs r in a worker; the worker owns buf (the WRITE payload) and the budget
+// units held for it (h), which go back once its reply is sent. An idle worker takes the
 // job if there is one; otherwise a new worker starts. Workers are bounded by the request
 // slots (one per job) and stay until the reaper finds them idle, so that a busy
 // connection reuses goroutines whose stacks have already grown.
-func (c *serverConn) start(r *request, buf *[]byte, n int64) {
-	j := job{req: *r, buf: buf, bytes: n}
+func (c *serverConn) start(r *request, buf *[]byte, h hold) {
+	j := job{req: *r, buf: buf, held: h}
 	select {
 	case c.jobs <- j:
 		return
@@ -595,7 +553,7 @@ func (c *serverConn) worker(j job) {
 	defer c.nworkers.Add(-1)
 	for {
 		rep := newReply(j.req.cookie, j.req.typ)
-		rep.slot, rep.bytes = true, j.bytes
+		rep.held = j.held
 		c.execute(&j.req, j.buf, rep)
 		c.send(rep)
 		select {
@@ -778,11 +736,15 @@ func (c *serverConn) writeBatch(batch []*reply) {
 			pos += l
 		}
 		c.wbufs = c.bufs // WriteTo consumes it; c.bufs keeps the array for the next batch
-		if _, err := c.wbufs.WriteTo(c.nc); err != nil {
+		if err := c.writeOut(); err != nil {
 			c.broken = true
-			if !isClosedConn(err) {
+			switch {
+			case errors.Is(err, errStalled):
+				c.s.logf("nbd: %s has taken no reply for %v; disconnecting", c.nc.RemoteAddr(), c.s.cfg.WriteTimeout)
+			case !isClosedConn(err):
 				c.s.logf("nbd: writing replies to %s: %v", c.nc.RemoteAddr(), err)
 			}
+			c.cancel()       // ends the reader's wait for budget
 			_ = c.nc.Close() // wakes the reader
 		}
 		clear(c.bufs[:cap(c.bufs)])
@@ -791,12 +753,64 @@ func (c *serverConn) writeBatch(batch []*reply) {
 		if r.data != nil {
 			putBuf(r.data)
 		}
-		if r.slot {
-			c.release(r.bytes)
+		if r.held.src != fromNone {
+			c.budget.release(r.held)
 		}
 		*r = reply{}
 		replyPool.Put(r)
 	}
+}
+
+// errStalled: the client has taken none of its replies for WriteTimeout.
+var errStalled = errors.New("replies not taken")
+
+// writeOut writes c.wbufs, all of it, unless the connection breaks or the client takes
+// none of it for WriteTimeout: such a client would hold the budget of its replies for
+// good. The server's write watch (Server.watchWrites) interrupts every write it finds in
+// progress at two of its looks in a row, writeCheck apart, with a write deadline in the
+// past; the writer notes whether a byte went out since the write began and goes on,
+// until none has for WriteTimeout. So a client that reads nothing is dropped after
+// WriteTimeout and at most twice that, and one that reads slowly never. (A deadline set
+// before each write would cost a clock read and a timer update per writev on the fast
+// path; the watch costs two atomic adds.)
+func (c *serverConn) writeOut() error {
+	var idle time.Time // since when nothing went out (at the latest), once interrupted
+	for {
+		seq := c.wseq.Add(1) // odd while writing
+		n, err := c.wbufs.WriteTo(c.nc)
+		c.wseq.Add(1)
+		if err == nil || !errors.Is(err, os.ErrDeadlineExceeded) {
+			return err
+		}
+		// Interrupted by the watch, or by its deadline meant for a write that had just
+		// ended (the watch sets wkick first).
+		if err := c.nc.SetWriteDeadline(time.Time{}); err != nil {
+			return err
+		}
+		now := time.Now()
+		switch {
+		case n > 0:
+			idle = now
+		case c.wkick.Load() != seq:
+		case idle.IsZero():
+			// Nothing since the write began, which the watch saw a look earlier.
+			idle = now.Add(-c.s.writeCheck)
+		}
+		if n == 0 && c.wkick.Load() == seq && now.Sub(idle) >= c.s.cfg.WriteTimeout {
+			return errStalled
+		}
+	}
+}
+
+// checkWrite is the write watch's look at c (see writeOut); only Server.watchWrites
+// calls it.
+func (c *serverConn) checkWrite() {
+	v := c.wseq.Load()
+	if v%2 == 1 && v == c.wseen {
+		c.wkick.Store(v)
+		_ = c.nc.SetWriteDeadline(time.Unix(1, 0))
+	}
+	c.wseen = v
 }
 
 // replyHeaderLen is the length of what encodeReply appends for r.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs atrest's whole test suite: installs what the tests need, then format and vet checks,
-# the tests (as root, with real loop devices, FUSE, cryptsetup, nbdkit, qemu, fio), the race
-# detector on the concurrent packages, the pure-Go build tag, and every fuzz target briefly.
+# the tests (as root, with real loop devices, FUSE, cryptsetup, nbdkit, qemu, fio), a smoke
+# run of the benchmark harness, the race detector on the concurrent packages, the pure-Go
+# build tag, and every fuzz target briefly.
 #
 # Environment:
 #   CI=true          a missing tool or missing root fails the run instead of skipping (set by .ci/run)
@@ -46,6 +47,17 @@ GOARCH=arm64 go build ./...
 
 step "go test"
 go test -count=1 -timeout 20m ./...
+
+# --- benchmark harness (bench/): not the benchmark itself, which takes too long for the
+# suite, but one short fio run on every peer of every level, so that the harness cannot
+# rot; it fails if anything is left behind (mounts, loop devices, processes, images).
+step "benchmark smoke run (bench/run.sh --smoke)"
+if [ "$(id -u)" -eq 0 ]; then
+	bench/run.sh --smoke
+else
+	echo "test.sh: not root: the benchmark smoke run is skipped" >&2
+fi
+# --- end of the benchmark step
 
 step "go test -tags purego"
 go test -count=1 -timeout 10m -tags purego ./blockcrypt/...

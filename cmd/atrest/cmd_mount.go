@@ -40,6 +40,7 @@ type mountOptions struct {
 	ioTimeout  time.Duration
 	mountpoint string
 	background bool
+	takeOver   bool
 	log        io.Writer
 }
 
@@ -65,7 +66,12 @@ func init() {
 			"system), and so do later requests, at once, until the server is back. Keep it longer\n" +
 			"than the time the server itself holds requests for a missing drive.\n" +
 			"SIGUSR1 (sent by 'atrest umount' when the server is unreachable) abandons the volume:\n" +
-			"the process records what it had not flushed and exits at once, taking nothing down.",
+			"the process records what it had not flushed and exits at once, taking nothing down.\n\n" +
+			"A volume has one writer at a time (docs/nbd.md): the daemon refuses a second mount of\n" +
+			"it, and so does this node for a volume it has mounted already. --take-over is for a\n" +
+			"writer that is dead or hung elsewhere: the daemon ends its connections and this mount\n" +
+			"becomes the writer; if the other writer is alive after all, it loses what it has not\n" +
+			"flushed and its file system sees I/O errors (two ext4 mounts of one volume corrupt it).",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "nbd", Usage: "NBD server: nbd+unix:///EXPORT?socket=PATH, nbd://HOST[:PORT]/EXPORT, unix:PATH or tcp:HOST:PORT (default: unix:" + defaultSocket + ")"},
 			&cli.StringFlag{Name: "export", Usage: "export (volume) name; overrides the one in --nbd (default: the server's default export)"},
@@ -74,6 +80,7 @@ func init() {
 			&cli.BoolFlag{Name: "background", Usage: "return once mounted; a child process serves the volume"},
 			&cli.StringFlag{Name: "fuse-dir", Usage: "directory for the FUSE mount (default: " + fusefs.DefaultRoot + "/<escaped mount point>)"},
 			&cli.DurationFlag{Name: "io-timeout", Value: mountstack.DefaultIOTimeout, Usage: "how long a request waits for the NBD server to come back before it fails with EIO"},
+			&cli.BoolFlag{Name: "take-over", Usage: "end the connections of the volume's current writer (dead or hung elsewhere) and become the writer"},
 		},
 		Action: func(c *cli.Context) error {
 			if c.NArg() != 1 {
@@ -82,7 +89,8 @@ func init() {
 			o := mountOptions{
 				nbd: c.String("nbd"), export: c.String("export"), fsType: c.String("fs"),
 				options: c.String("options"), fuseDir: c.String("fuse-dir"), mountpoint: c.Args().First(),
-				background: c.Bool("background"), log: c.App.ErrWriter, ioTimeout: c.Duration("io-timeout"),
+				background: c.Bool("background"), takeOver: c.Bool("take-over"), log: c.App.ErrWriter,
+				ioTimeout: c.Duration("io-timeout"),
 			}
 			if o.ioTimeout <= 0 {
 				return usagef("--io-timeout must be positive, not %v", o.ioTimeout)
@@ -190,9 +198,15 @@ func runMount(ctx context.Context, o mountOptions, ready *readiness) error {
 		}
 	}()
 
+	if o.takeOver {
+		logf("--take-over: the current writer of export %q loses its connections to the volume. If it is alive, "+
+			"the writes it has not flushed are lost and its file system sees I/O errors; if it is an ext4 mount, "+
+			"unmount it (or let it fail) before you use this mount: two ext4 mounts of one volume corrupt it", addr.Export)
+	}
 	s, err := mountstack.Mount(ctx, mountstack.Options{
 		Mountpoint: mp, Address: addr, FSType: o.fsType, MountOptions: o.options, FUSEDir: fuseDir,
 		IOTimeout: o.ioTimeout,
+		TakeOver:  o.takeOver,
 		Logf:      logf,
 		Logger:    slog.New(slog.NewTextHandler(out, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	})
@@ -272,6 +286,11 @@ func mountError(err error, mp string) error {
 		return fail(exitcodes.Busy, err, umount+" cleans up after it")
 	case errors.Is(cause, mountstack.ErrFUSEDirInUse):
 		return fail(exitcodes.Busy, err, "another 'atrest mount' uses it, or a crashed one left it: 'atrest umount' its mount point, or choose another --fuse-dir")
+	case errors.Is(cause, mountstack.ErrVolumeHeld):
+		return fail(exitcodes.Busy, err, "a volume has one writer at a time: unmount it there first; if that writer is dead or hung, "+
+			"'atrest mount --take-over' ends its connections (a live writer then loses what it has not flushed)")
+	case errors.Is(cause, mountstack.ErrVolumeMounted):
+		return fail(exitcodes.Busy, err, "a volume is mounted once per node: use that mount, or 'atrest umount' it first")
 	case errors.Is(cause, mountstack.ErrFilesOpen):
 		return fail(exitcodes.Busy, err, "files were still open on "+mp+"; the FUSE mount stays until they are closed")
 	case errors.Is(cause, mountstack.ErrBusy):

@@ -35,6 +35,8 @@ func TestMountErrorCodes(t *testing.T) {
 		{mountstack.ErrServed, exitcodes.Busy, "'atrest umount /srv/vol1' stops it"},
 		{mountstack.ErrLeftBehind, exitcodes.Busy, "'atrest umount /srv/vol1' cleans up after it"},
 		{mountstack.ErrFUSEDirInUse, exitcodes.Busy, "choose another --fuse-dir"},
+		{mountstack.ErrVolumeHeld, exitcodes.Busy, "'atrest mount --take-over' ends its connections"},
+		{mountstack.ErrVolumeMounted, exitcodes.Busy, "a volume is mounted once per node"},
 		{mountstack.ErrFilesOpen, exitcodes.Busy, "files were still open on /srv/vol1"},
 		{mountstack.ErrBusy, exitcodes.Busy, ""},
 		{mountstack.ErrUnknownExport, exitcodes.DriveMissing, "'atrest drive list'"},

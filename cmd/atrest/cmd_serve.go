@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/urfave/cli/v2"
 
 	"github.com/atrest/atrest/drive"
@@ -34,6 +35,7 @@ type serveOptions struct {
 	drives   []string // paths or glob patterns; none: the drives the keystore knows
 	readOnly bool
 	direct   bool
+	shared   bool // --shared-writers
 	drain    time.Duration
 	log      io.Writer
 }
@@ -48,12 +50,18 @@ func init() {
 			"there is one volume it is also the default export \"\". Listens on " + defaultSocket + "\n" +
 			"(mode 0600) unless --listen says otherwise or systemd passes sockets (LISTEN_FDS).\n" +
 			"Tells systemd READY=1 once every export answers; on SIGTERM stops accepting, answers\n" +
-			"the requests in flight, flushes the drives and exits.",
+			"the requests in flight, flushes the drives and exits.\n\n" +
+			"A volume has one writer at a time, whatever export name, socket or connection it comes\n" +
+			"through (docs/nbd.md): atrest mount is refused while another writer holds it, other\n" +
+			"clients get read-only access. --shared-writers turns the rule off: for benchmarks with\n" +
+			"several independent writers and for clients that coordinate themselves (cluster file\n" +
+			"systems). Two ext4 mounts of one volume corrupt it.",
 		Flags: []cli.Flag{
 			keystoreFlag(),
 			&cli.StringSliceFlag{Name: "listen", Usage: "unix:PATH or tcp:HOST:PORT (repeatable; TCP carries plaintext: keep it on loopback or a trusted network)"},
 			&cli.BoolFlag{Name: "read-only", Usage: "export every volume read-only"},
 			&cli.BoolFlag{Name: "direct-io", Usage: "open the drives with O_DIRECT (block devices and disk file systems; not tmpfs)"},
+			&cli.BoolFlag{Name: "shared-writers", Usage: "let several clients write to a volume at once (DANGEROUS for ext4: only for benchmarks and self-coordinating clients)"},
 			&cli.DurationFlag{Name: "drain-timeout", Value: 30 * time.Second, Usage: "how long SIGTERM waits for requests in flight"},
 		},
 		Action: func(c *cli.Context) error {
@@ -63,6 +71,7 @@ func init() {
 				drives:   c.Args().Slice(),
 				readOnly: c.Bool("read-only"),
 				direct:   c.Bool("direct-io"),
+				shared:   c.Bool("shared-writers"),
 				drain:    c.Duration("drain-timeout"),
 				log:      c.App.ErrWriter,
 			})
@@ -122,18 +131,27 @@ func runServe(ctx context.Context, o serveOptions) error {
 	}
 	names := exportNames(drives)
 	for _, d := range drives {
+		vid, err := uuid.Parse(d.Token.VolumeUUID)
+		if err != nil {
+			return fail(exitcodes.Header, fmt.Errorf("drive %s: the atrest token's volume UUID %q: %w", d.Path, d.Token.VolumeUUID, err), "")
+		}
 		for _, name := range names[d] {
 			err := srv.AddExport(nbd.Export{
-				Name:        name,
-				Description: fmt.Sprintf("atrest volume %s (drive %s)", d.Token.Volume, d.UUID),
-				Device:      d.Device,
-				ReadOnly:    o.readOnly,
+				Name:          name,
+				Description:   fmt.Sprintf("atrest volume %s (drive %s)", d.Token.Volume, d.UUID),
+				Device:        d.Device,
+				ReadOnly:      o.readOnly,
+				VolumeID:      nbd.VolumeID(vid),
+				SharedWriters: o.shared,
 			})
 			if err != nil {
 				return err
 			}
 		}
-		logf("unlocked %s: volume %q, %d bytes, %d-byte sectors, key %s", d.Path, d.Token.Volume, d.Device.Size(), d.SectorSize, d.KeyID)
+		logf("unlocked %s: volume %q (%s), %d bytes, %d-byte sectors, key %s", d.Path, d.Token.Volume, d.Token.VolumeUUID, d.Device.Size(), d.SectorSize, d.KeyID)
+	}
+	if o.shared && !o.readOnly {
+		logf("warning: --shared-writers: several clients may write to a volume at once; two ext4 mounts of one volume corrupt it")
 	}
 
 	listeners, err := serveListeners(o.listen)
@@ -343,12 +361,13 @@ func serveListeners(specs []string) ([]net.Listener, error) {
 }
 
 // selfCheck connects to the server as a client and reads the first sector of every
-// export, so that readiness is announced only when the exports really answer.
+// export, so that readiness is announced only when the exports really answer. It says
+// it never writes, so it never holds a volume against a mount.
 func selfCheck(ctx context.Context, addr net.Addr, exports []string) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	for _, name := range exports {
-		c, err := nbd.Dial(ctx, addr.Network()+":"+addr.String(), nbd.ClientOptions{Export: name, Connections: 1, ReconnectTimeout: -1})
+		c, err := nbd.Dial(ctx, addr.Network()+":"+addr.String(), nbd.ClientOptions{Export: name, Connections: 1, ReconnectTimeout: -1, ReadOnly: true, Description: "atrest serve's self-check"})
 		if err != nil {
 			return fmt.Errorf("self-check of export %q: %w", name, err)
 		}

@@ -1,14 +1,17 @@
 // Command plainserve is a benchmark helper: it serves image files over NBD through
-// atrest's nbd server, unencrypted, so that bench/nbd-fio.sh can set atrest's
-// encrypted export against the same server code without the encryption. With -encrypt
-// it puts blockcrypt (XTS-AES-256, a random key, 4096-byte sectors) over each file, a
-// stand-in for `atrest serve` until that command is wired to the keystore.
+// atrest's nbd server, unencrypted, so that the benchmark (bench/cmd/benchrun) can set
+// `atrest serve`'s encrypted exports against the same server code without the
+// encryption. With -encrypt it puts blockcrypt (XTS-AES-256, a random key, 4096-byte
+// sectors) over each file: the encrypted path without the keystore, for profiling it
+// with -cpuprofile.
 //
 //	plainserve -listen unix:/tmp/bench/plain.sock [-listen tcp:127.0.0.1:10809] [-encrypt] FILE...
 //
 // One file is the default export ""; several are exported under their base names. It
 // prints "ready" on stdout (and tells systemd READY=1) once it accepts connections, and
 // stops cleanly on SIGINT or SIGTERM. It is not part of atrest: keys are thrown away.
+// Its exports let several writers in at once (as `atrest serve --shared-writers` does
+// for the benchmark): the benchmark's peers take turns on one export.
 package main
 
 import (
@@ -110,7 +113,7 @@ func run(listens, files []string, encrypt, direct, trim bool) error {
 		if len(files) > 1 {
 			name = filepath.Base(path)
 		}
-		if err := srv.AddExport(nbd.Export{Name: name, Description: path, Device: dev}); err != nil {
+		if err := srv.AddExport(nbd.Export{Name: name, Description: path, Device: dev, SharedWriters: true}); err != nil {
 			return err
 		}
 	}

@@ -1,10 +1,12 @@
 // Command fuseserve exposes a drive image, or an NBD export through atrest's NBD client,
-// as a fusefs file, for bench/fuse-fio.sh: it mounts, prints "ready PATH" on stdout once
+// as a fusefs file, for the benchmark (bench/cmd/benchrun): it mounts, prints "ready PATH" on stdout once
 // the file is usable, and serves until it gets SIGINT or SIGTERM (then unmounts) or
 // until the mount is ended from outside.
 //
 //	fuseserve -image /dev/shm/drive.img -dir /tmp/bench/fusefs
 //	fuseserve -nbd 'nbd+unix:///?socket=/tmp/bench/nbd.sock' -dir /tmp/bench/fusefs [-replay-bytes -1]
+//
+// With -cpuprofile it writes a CPU profile (go tool pprof) until it stops.
 package main
 
 import (
@@ -14,6 +16,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"syscall"
 
 	"github.com/atrest/atrest/blockdev"
@@ -28,12 +31,25 @@ func main() {
 	name := flag.String("name", "volume", "name of the file in the directory")
 	direct := flag.Bool("direct", false, "open the image with O_DIRECT")
 	replay := flag.Int64("replay-bytes", 0, "the NBD client's replay log (nbd.ClientOptions.ReplayBytes): 0 the default (as atrest mount), -1 none")
+	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile to this file until the server stops")
 	flag.Parse()
 	if (*image == "") == (*uri == "") || *dir == "" || flag.NArg() > 0 {
 		fmt.Fprintln(os.Stderr, "usage: fuseserve (-image PATH [-direct] | -nbd URI) -dir DIR [-name NAME]")
 		os.Exit(2)
 	}
-	if err := run(*image, *uri, *dir, *name, *direct, *replay); err != nil {
+	if *cpuprofile != "" {
+		f, err := os.Create(*cpuprofile)
+		if err == nil {
+			err = pprof.StartCPUProfile(f)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "fuseserve:", err)
+			os.Exit(1)
+		}
+	}
+	err := run(*image, *uri, *dir, *name, *direct, *replay)
+	pprof.StopCPUProfile()
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "fuseserve:", err)
 		os.Exit(1)
 	}
