@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"time"
+
+	"github.com/atrest/atrest/keystore"
 )
 
 // Service is what a node answers, whether the caller holds the Node in its own process
@@ -143,6 +145,11 @@ type DriveStatus struct {
 	// token names).
 	KeyID      string `json:"key_id"`
 	SectorSize int    `json:"sector_size"`
+	// Present is true when the drive is there and opens with a current key (states
+	// present, rotating, header-degraded): a serving node serves it.
+	Present bool `json:"present"`
+	// Added is when the drive was formatted or adopted into the registry.
+	Added time.Time `json:"added"`
 	// Since is when the drive entered its state, where the node knows it.
 	Since *time.Time `json:"since,omitempty"`
 	// LastSeen is when the drive was last found at Path.
@@ -167,7 +174,8 @@ type VolumeStatus struct {
 	Layout     string `json:"layout"`
 	State      string `json:"state"`
 	Generation uint64 `json:"generation"`
-	Size       int64  `json:"size"`
+	// Size is the volume's size in bytes, known while it is served.
+	Size int64 `json:"size,omitempty"`
 	// Exports are the NBD export names it is served under (empty offline).
 	Exports []string `json:"exports"`
 	// Members are the member drives' UUIDs, in member order.
@@ -180,6 +188,9 @@ type RotateRequest struct {
 	// Force rotates even if drives are missing: they become stale, locked to the old
 	// master key for good.
 	Force bool `json:"force"`
+	// Step, in-process only, is called after every step of the rotation (progress
+	// lines, crash tests).
+	Step func(keystore.Step) `json:"-"`
 }
 
 // RotateResult is what a finished rotation reports.
@@ -214,6 +225,8 @@ type AddDriveRequest struct {
 	AdoptKeyFile string `json:"adopt_key_file"`
 	// KeepOldKeyslot keeps the adopted drive's old keyslot.
 	KeepOldKeyslot bool `json:"keep_old_keyslot"`
+	// Progress, in-process only, is called as a wipe advances (bytes done, of total).
+	Progress func(done, total int64) `json:"-"`
 }
 
 // AddDriveResult says what AddDrive did.
