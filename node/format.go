@@ -214,7 +214,9 @@ func (e *HoldsDataError) Error() string {
 }
 
 // Is makes a HoldsDataError match ErrHoldsData and ErrConflict.
-func (e *HoldsDataError) Is(target error) bool { return target == ErrHoldsData || target == ErrConflict }
+func (e *HoldsDataError) Is(target error) bool {
+	return target == ErrHoldsData || target == ErrConflict
+}
 
 // formatLocked formats or adopts the drive and records it in the registry, under the
 // registry lock (the custody lock l held).
