@@ -66,7 +66,7 @@ type Config struct {
 // Node is one machine's atrest; see the package documentation.
 type Node struct {
 	cfg    Config
-	dir    string // the keystore directory, absolute, symlinks resolved
+	dir    string // the keystore directory, absolute
 	log    *slog.Logger
 	events *bus
 	now    func() time.Time
@@ -93,9 +93,6 @@ func Open(ctx context.Context, cfg Config) (*Node, error) {
 	if err != nil {
 		return nil, err
 	}
-	if real, err := filepath.EvalSymlinks(dir); err == nil {
-		dir = real
-	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -111,7 +108,8 @@ func Open(ctx context.Context, cfg Config) (*Node, error) {
 	return n, nil
 }
 
-// Dir is the keystore directory (absolute, symlinks resolved).
+// Dir is the keystore directory (absolute; a keystore is never a symlink: keystore
+// refuses one).
 func (n *Node) Dir() string { return n.dir }
 
 // snapshot reads the custody state and the registry, without locks: the registry.json

@@ -59,7 +59,7 @@ var (
 
 // Identity says which keystore and cluster a Service manages.
 type Identity struct {
-	// Keystore is the keystore directory (absolute, symlinks resolved).
+	// Keystore is the keystore directory (absolute).
 	Keystore    string `json:"keystore"`
 	ClusterUUID string `json:"cluster_uuid"`
 	// Hostname is the node's host name.

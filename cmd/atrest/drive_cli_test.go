@@ -12,6 +12,7 @@ import (
 	"github.com/atrest/atrest/internal/exitcodes"
 	"github.com/atrest/atrest/keystore"
 	"github.com/atrest/atrest/luks2"
+	"github.com/atrest/atrest/node"
 )
 
 // commandPaths lists every command and subcommand as the words that run it, but for
@@ -70,7 +71,7 @@ func TestDriveUsageErrors(t *testing.T) {
 		want string
 	}{
 		{[]string{"drive", "adopt", img}, exitcodes.Usage, "drive adopt needs --key-file"},
-		{[]string{"drive", "adopt", "--key-file", filepath.Join(dir, "nonexistent"), img}, exitcodes.Usage, "--key-file: open " + filepath.Join(dir, "nonexistent")},
+		{[]string{"drive", "adopt", "--key-file", filepath.Join(dir, "nonexistent"), img}, exitcodes.Usage, "--key-file: stat " + filepath.Join(dir, "nonexistent")},
 		{[]string{"drive", "adopt", "--key-file", dir, img}, exitcodes.Usage, "is a directory"},
 		{[]string{"drive", "format", dir}, exitcodes.Usage, dir + " is a directory"},
 		{[]string{"drive", "format", "--force", dir}, exitcodes.Usage, dir + " is a directory"},
@@ -174,14 +175,14 @@ func TestDriveListAsServe(t *testing.T) {
 	if err := os.Truncate(cut, luks2.DataOffset); err != nil {
 		t.Fatal(err)
 	}
-	var list []driveListEntry
+	var list []node.DriveStatus
 	if err := json.Unmarshal([]byte(ksMust(t, bin, ks, "drive", "list", "--json")), &list); err != nil {
 		t.Fatal(err)
 	}
-	if len(list) != 2 || !list[0].Present || list[0].Detail != "" || list[1].Present || !strings.Contains(list[1].Detail, stateDamaged) {
+	if len(list) != 2 || !list[0].Present || list[0].Detail != "" || list[1].Present || list[1].State != node.DriveDamaged || !strings.Contains(list[1].Detail, "bad encrypted region") {
 		t.Fatalf("drive list: %+v", list)
 	}
-	if st := ksStatus(t, bin, ks); st.Drives[1].State != stateDamaged {
+	if st := ksStatus(t, bin, ks); st.Drives[1].State != node.DriveDamaged {
 		t.Fatalf("status of the truncated drive: %+v", st.Drives[1])
 	}
 	ksWant(t, ksRun(t, bin, ks, nil, "serve", "--listen", "unix:"+filepath.Join(dir, "s.sock"), cut), exitcodes.Header, "no whole 4096-byte sector")

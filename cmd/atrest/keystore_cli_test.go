@@ -21,6 +21,7 @@ import (
 	"github.com/atrest/atrest/keystore"
 	"github.com/atrest/atrest/luks2"
 	"github.com/atrest/atrest/luks2/luks2test"
+	"github.com/atrest/atrest/node"
 )
 
 // ksBuild builds the atrest binary into the test's temporary directory.
@@ -82,9 +83,9 @@ func ksWant(t testing.TB, r ksResult, code int, inStderr string) {
 	}
 }
 
-func ksStatus(t testing.TB, bin, ks string) cliStatus {
+func ksStatus(t testing.TB, bin, ks string) node.Status {
 	t.Helper()
-	var st cliStatus
+	var st node.Status
 	if err := json.Unmarshal([]byte(ksMust(t, bin, ks, "encryption-status", "--json")), &st); err != nil {
 		t.Fatal(err)
 	}
@@ -169,17 +170,14 @@ func TestKeystoreCommands(t *testing.T) {
 		t.Logf("mkfs.ext4 unavailable (%v: %s); ext4 detection not checked", err, out)
 	}
 
-	var list []struct {
-		keystore.LegacyDrive
-		Present bool `json:"present"`
-	}
+	var list []node.DriveStatus
 	if err := json.Unmarshal([]byte(ksMust(t, bin, ks, "drive", "list", "--json")), &list); err != nil {
 		t.Fatal(err)
 	}
 	if len(list) != 3 || list[1].Volume != "db" || list[1].SectorSize != 512 || !list[0].Present || list[0].Path != d1 {
 		t.Fatalf("list: %+v", list)
 	}
-	if out := ksMust(t, bin, ks, "drive", "list"); !strings.Contains(out, "vol0") || !strings.Contains(out, "PRESENT") {
+	if out := ksMust(t, bin, ks, "drive", "list"); !strings.Contains(out, "vol0") || !strings.Contains(out, "STATE") {
 		t.Fatalf("list: %s", out)
 	}
 
@@ -188,7 +186,7 @@ func TestKeystoreCommands(t *testing.T) {
 		t.Fatalf("status: %+v", st)
 	}
 	for _, d := range st.Drives {
-		if d.State != statePresent || d.KeyID != st.MasterKeyID {
+		if d.State != node.DrivePresent || d.KeyID != st.MasterKeyID {
 			t.Fatalf("status drive %+v", d)
 		}
 	}
@@ -240,11 +238,11 @@ func TestKeystoreCommands(t *testing.T) {
 	os.Rename(d2, d2+".pulled")
 	ksWant(t, ksRun(t, bin, ks, nil, "rotate-encryption-keys"), exitcodes.DriveMissing, "missing")
 	out = ksMust(t, bin, ks, "rotate-encryption-keys", "--force")
-	if !strings.Contains(out, "stays locked to old key") || !strings.HasSuffix(out, "Key rotation complete\n") {
+	if !strings.Contains(out, "is stale: locked to old key") || !strings.HasSuffix(out, "Key rotation complete\n") {
 		t.Fatalf("forced rotation: %s", out)
 	}
 	st = ksStatus(t, bin, ks)
-	if st.Drives[1].State != stateOldKey || st.Drives[1].KeyID == st.MasterKeyID {
+	if st.Drives[1].State != node.DriveStale || st.Drives[1].KeyID == st.MasterKeyID {
 		t.Fatalf("pulled drive: %+v", st.Drives[1])
 	}
 
@@ -367,7 +365,7 @@ func TestRotateSurvivesSIGKILL(t *testing.T) {
 	if j := k.State().Rotation; j == nil || j.Drives[0].State != keystore.RotDone || j.Drives[1].State != keystore.RotWiping || j.Drives[2].State != keystore.RotPending {
 		t.Fatalf("journal after a kill at drive-verified:2: %+v", j)
 	}
-	if st := ksStatus(t, bin, ks); !st.RotationUnderWay || st.Rotation.DrivesDone != 1 || st.Drives[1].State != stateRotating {
+	if st := ksStatus(t, bin, ks); !st.RotationUnderWay || st.Rotation.DrivesDone != 1 || st.Drives[1].State != node.DriveRotating {
 		t.Fatalf("status after the kill: %+v", st)
 	}
 	rerun("killed at drive-verified:2", old)
@@ -482,18 +480,18 @@ func TestDamagedHeaders(t *testing.T) {
 	}
 	flip(luks2.HeaderSize + 4096 + 2) // the secondary's JSON
 	st := ksStatus(t, bin, ks)
-	if st.Drives[0].State != stateDegraded || !strings.Contains(st.Drives[0].Detail, "secondary header damaged") {
+	if st.Drives[0].State != node.DriveDegraded || !strings.Contains(st.Drives[0].Detail, "secondary header damaged") {
 		t.Fatalf("one damaged copy: %+v", st.Drives[0])
 	}
 	ksMust(t, bin, ks, "rotate-encryption-keys")
-	if st := ksStatus(t, bin, ks); st.Drives[0].State != statePresent {
+	if st := ksStatus(t, bin, ks); st.Drives[0].State != node.DrivePresent {
 		t.Fatalf("after the rotation: %+v", st.Drives[0])
 	}
 	flip(4096 + 2)
 	flip(luks2.HeaderSize + 4096 + 2)
 	before, _ := os.ReadFile(d)
 	ksWant(t, ksRun(t, bin, ks, nil, "rotate-encryption-keys"), exitcodes.Header, "both LUKS2 header copies are damaged")
-	if st := ksStatus(t, bin, ks); st.Drives[0].State != stateDamaged {
+	if st := ksStatus(t, bin, ks); st.Drives[0].State != node.DriveDamaged {
 		t.Fatalf("both damaged: %+v", st.Drives[0])
 	}
 	if after, _ := os.ReadFile(d); !bytes.Equal(before, after) {

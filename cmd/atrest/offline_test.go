@@ -14,6 +14,7 @@ import (
 	"github.com/atrest/atrest/internal/exitcodes"
 	"github.com/atrest/atrest/keystore"
 	"github.com/atrest/atrest/luks2/luks2test"
+	"github.com/atrest/atrest/node"
 	"github.com/atrest/atrest/registry"
 )
 
@@ -62,7 +63,7 @@ func TestFormatVolumeNames(t *testing.T) {
 	if err := format(t, ks, b, "", formatOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	_, r, err := openOffline(context.Background(), ks)
+	r, err := registry.NewFileStore(ks).Load(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -88,11 +89,11 @@ func TestReformatReplacesEntry(t *testing.T) {
 	if err := format(t, ks, img, "db", formatOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	_, r1, _ := openOffline(context.Background(), ks)
+	r1, _ := registry.NewFileStore(ks).Load(context.Background())
 	if err := format(t, ks, img, "", formatOptions{force: true, sectorSize: 512}); err != nil {
 		t.Fatal(err)
 	}
-	_, r2, _ := openOffline(context.Background(), ks)
+	r2, _ := registry.NewFileStore(ks).Load(context.Background())
 	if len(r2.Drives) != 1 || r2.Drives[0].UUID == r1.Drives[0].UUID || r2.Volumes[0].Name != "db" || r2.Drives[0].SectorSize != 512 {
 		t.Fatalf("registry %s", r2.Marshal())
 	}
@@ -102,7 +103,7 @@ func TestReformatReplacesEntry(t *testing.T) {
 	if err := format(t, ks, img, "renamed", formatOptions{force: true}); err != nil {
 		t.Fatalf("another name on the replaced drive: %v", err)
 	}
-	_, r3, _ := openOffline(context.Background(), ks)
+	r3, _ := registry.NewFileStore(ks).Load(context.Background())
 	if len(r3.Drives) != 1 || len(r3.Volumes) != 1 || r3.Volumes[0].Name != "renamed" {
 		t.Fatalf("registry %s", r3.Marshal())
 	}
@@ -133,7 +134,7 @@ func TestV1KeystoreMigratesOnFirstChange(t *testing.T) {
 	}
 	v1, _ := os.ReadFile(filepath.Join(ks, keystore.StateFile))
 	st := ksStatus(t, bin, ks)
-	if len(st.Drives) != 1 || st.Drives[0].Volume != "golden" || st.Drives[0].State != stateAbsent {
+	if len(st.Drives) != 1 || st.Drives[0].Volume != "golden" || st.Drives[0].State != node.DriveMissing {
 		t.Fatalf("status of version 1: %+v", st)
 	}
 	if out := ksMust(t, bin, ks, "drive", "list"); !strings.Contains(out, "golden") {
@@ -155,7 +156,7 @@ func TestV1KeystoreMigratesOnFirstChange(t *testing.T) {
 	d := filepath.Join(t.TempDir(), "d.img")
 	ksMust(t, bin, ks, "drive", "format", "--create", "20M", d)
 	st = ksStatus(t, bin, ks)
-	if len(st.Drives) != 2 || st.Drives[0].Volume != "golden" || st.Drives[1].Volume != "vol0" || st.Drives[1].State != statePresent {
+	if len(st.Drives) != 2 || st.Drives[0].Volume != "golden" || st.Drives[1].Volume != "vol0" || st.Drives[1].State != node.DrivePresent {
 		t.Fatalf("status after the migration: %+v", st)
 	}
 }
