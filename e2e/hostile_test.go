@@ -94,7 +94,8 @@ func TestServeStuckClients(t *testing.T) {
 	}
 
 	for _, export := range []string{"calm", "hog"} {
-		promptRead(t, d, d.dial(export), "4 KiB read from export "+export)
+		// A reader: the stuck clients of hog are its writer (one writer per volume).
+		promptRead(t, d, d.dialReader(export), "4 KiB read from export "+export)
 	}
 	out := runProg(t, "", 30*time.Second, nil, testutil.Tool(t, "qemu-io"), "-f", "raw", "-r", "-c", "read 0 4k", d.uri("calm"))
 	if out.code != 0 || !strings.Contains(out.stdout, "read 4096/4096 bytes") {

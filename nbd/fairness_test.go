@@ -47,7 +47,8 @@ func dialClient(t *testing.T, ts *testServer, export string) *Client {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	c, err := Dial(ctx, ts.addr, ClientOptions{Export: export, Connections: 1, ReconnectTimeout: -1, ReplayBytes: -1})
+	// Read-only: the stuck clients that share the export are its writer (one per volume).
+	c, err := Dial(ctx, ts.addr, ClientOptions{Export: export, Connections: 1, ReconnectTimeout: -1, ReplayBytes: -1, ReadOnly: true})
 	if err != nil {
 		t.Fatalf("dial export %q: %v", export, err)
 	}

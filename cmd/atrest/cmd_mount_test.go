@@ -115,6 +115,8 @@ func TestUmountReport(t *testing.T) {
 			[]string{"atrest umount: /srv/vol1 had no record of its 'atrest mount'; took the atrest stack found there down"}},
 		{"stopped, flush failed", mountstack.Unmounted{Outcome: mountstack.Stopped, PID: 42, Server: "unix:/s", Lost: &mountstack.Loss{Writes: 1, Bytes: 4096}},
 			exitcodes.IO, []string{"unmounted /srv/vol1, but its mount process (pid 42) could not flush to the NBD server unix:/s: 1 write (4096 bytes) not yet flushed to the server is lost"}},
+		{"stopped, flush failed, nothing waiting", mountstack.Unmounted{Outcome: mountstack.Stopped, PID: 42, Server: "unix:/s", Lost: &mountstack.Loss{}},
+			exitcodes.IO, []string{"could not flush to the NBD server unix:/s: no write was left waiting for the server; writes that failed before returned errors"}},
 		{"cleaned up, loss recorded", mountstack.Unmounted{Outcome: mountstack.CleanedUp, PID: 42, Server: "unix:/s", Lost: &mountstack.Loss{Writes: 2, Bytes: -1}},
 			exitcodes.IO, []string{"the mount process (pid 42) of /srv/vol1 had exited and could not flush to the NBD server unix:/s: 2 writes not yet flushed"}},
 	} {

@@ -73,7 +73,13 @@ func umountReport(res mountstack.Unmounted, mp string, out io.Writer) error {
 		return fail(exitcodes.IO, errors.New(abandoned(res, mp)), journalHint)
 	}
 	if res.Lost != nil {
-		lost := fmt.Sprintf("could not flush to the NBD server %s: %s", res.Server, lostWrites(res.Lost.Writes, res.Lost.Bytes))
+		what := lostWrites(res.Lost.Writes, res.Lost.Bytes)
+		if res.Lost.Writes == 0 {
+			// The final flush failed with nothing waiting for the server: the writes
+			// that failed had failed before, in the programs that made them.
+			what = "no write was left waiting for the server; writes that failed before returned errors to the programs that made them"
+		}
+		lost := fmt.Sprintf("could not flush to the NBD server %s: %s", res.Server, what)
 		if res.Outcome == mountstack.Stopped {
 			return fail(exitcodes.IO, fmt.Errorf("unmounted %s, but its mount process (pid %d) %s", mp, res.PID, lost), journalHint)
 		}
