@@ -51,6 +51,7 @@ var errorClasses = []errorClass{
 	{"keystore-unsafe", http.StatusInternalServerError, []error{keystore.ErrUnsafe}},
 	{"keystore-corrupt", http.StatusInternalServerError, []error{keystore.ErrCorrupt, registry.ErrCorrupt}},
 	{"stray-key", http.StatusInternalServerError, []error{keystore.ErrStrayKey}},
+	{"not-migrated", http.StatusInternalServerError, []error{keystore.ErrNotMigrated}},
 	{"permission", http.StatusForbidden, []error{os.ErrPermission}},
 	{"gone", http.StatusBadGateway, []error{blockdev.ErrGone}},
 	{"medium", http.StatusBadGateway, []error{blockdev.ErrMedium}},
@@ -61,6 +62,10 @@ var errorClasses = []errorClass{
 
 // ErrHoldsData: a drive to format holds data (HoldsDataError matches it).
 var ErrHoldsData = errors.New("the drive holds data")
+
+// ErrWrongKey: no key given opens the drive (luks2.ErrWrongKey, for front ends that
+// do not import the layers).
+var ErrWrongKey = luks2.ErrWrongKey
 
 // ErrorCode returns the class of err: its code word and HTTP status; "internal" and
 // 500 for an error of no known class.

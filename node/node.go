@@ -200,3 +200,8 @@ func (n *Node) serving() bool {
 	defer n.mu.Unlock()
 	return n.srv != nil && !n.closed
 }
+
+// ValidVolumeName reports whether name can name a volume: 1 to 64 letters, digits,
+// '.', '_' or '-', starting with a letter or digit (it is an NBD export name and a
+// path element).
+func ValidVolumeName(name string) bool { return registry.ValidVolumeName(name) }

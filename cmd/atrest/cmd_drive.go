@@ -14,9 +14,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/atrest/atrest/internal/exitcodes"
-	"github.com/atrest/atrest/luks2"
 	"github.com/atrest/atrest/node"
-	"github.com/atrest/atrest/registry"
 )
 
 func init() {
@@ -118,11 +116,8 @@ func runFormat(ctx context.Context, o formatOptions) (err error) {
 	if o.sectorSize != 512 && o.sectorSize != 4096 {
 		return usagef("--sector-size %d: use 4096 or 512", o.sectorSize)
 	}
-	if o.volume != "" && !registry.ValidVolumeName(o.volume) {
+	if o.volume != "" && !node.ValidVolumeName(o.volume) {
 		return usagef("--volume %q: use 1 to 64 letters, digits, '.', '_' or '-'", o.volume)
-	}
-	if min := int64(luks2.DataOffset + o.sectorSize); o.create > 0 && o.create < min {
-		return usagef("--create: %d bytes is too small for a drive: its header area alone takes %d bytes, and one data sector more makes %d", o.create, luks2.DataOffset, min)
 	}
 	svc, daemon, done, err := service(ctx, o.keystore, o.control)
 	if err != nil {
@@ -192,7 +187,7 @@ type adoptOptions struct {
 }
 
 func runAdopt(ctx context.Context, o adoptOptions) error {
-	if o.volume != "" && !registry.ValidVolumeName(o.volume) {
+	if o.volume != "" && !node.ValidVolumeName(o.volume) {
 		return usagef("--volume %q: use 1 to 64 letters, digits, '.', '_' or '-'", o.volume)
 	}
 	var err error
@@ -220,7 +215,7 @@ func runAdopt(ctx context.Context, o adoptOptions) error {
 	defer done()
 	res, err := svc.AddDrive(ctx, node.AddDriveRequest{Path: o.path, Volume: o.volume, AdoptKeyFile: o.keyFile, KeepOldKeyslot: o.keepOld})
 	if err != nil {
-		if errors.Is(err, luks2.ErrWrongKey) {
+		if errors.Is(err, node.ErrWrongKey) {
 			return fail(exitcodes.Key, err, "the key file does not open this drive; nothing was changed")
 		}
 		return addDriveError(err, false)

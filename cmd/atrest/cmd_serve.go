@@ -16,7 +16,6 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/atrest/atrest/internal/exitcodes"
-	"github.com/atrest/atrest/luks2"
 	"github.com/atrest/atrest/nbd"
 	"github.com/atrest/atrest/node"
 )
@@ -193,7 +192,7 @@ func serveError(dir string, err error) error {
 		return usageError(err)
 	case errors.Is(err, node.ErrConflict):
 		return usageError(err)
-	case errors.Is(err, luks2.ErrWrongKey):
+	case errors.Is(err, node.ErrWrongKey):
 		return fail(exitcodes.Key, err, fmt.Sprintf("the master key of %s does not open this drive: is --keystore this cluster's current keystore (a backup from before a key rotation holds a retired key)?", dir))
 	}
 	return keystoreError(err)
