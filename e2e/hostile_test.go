@@ -75,6 +75,12 @@ func promptRead(t *testing.T, d *daemon, cl *nbd.Client, what string) {
 // (512 MiB); a client of the other export, and one of theirs, still read 4 KiB within a
 // second, and so does qemu-io.
 func TestServeStuckClients(t *testing.T) {
+	if raceBuild {
+		// Under -race the daemon decrypts the 512 MiB the stuck clients asked for at the
+		// race detector's pace, so the one-second bound measures the detector; the test
+		// runs in the pass without -race.
+		t.Skip("a latency bound: runs in the pass without -race")
+	}
 	t.Parallel()
 	c := newCluster(t)
 	d := c.serve(c.format("hog", "64M"), c.format("calm", "32M"))
