@@ -59,7 +59,7 @@ func init() {
 			&cli.BoolFlag{Name: "read-only", Usage: "export every volume read-only"},
 			&cli.BoolFlag{Name: "direct-io", Usage: "open the drives with O_DIRECT (block devices and disk file systems; not tmpfs)"},
 			&cli.BoolFlag{Name: "shared-writers", Usage: "let several clients write to a volume at once (DANGEROUS for ext4: only for benchmarks and self-coordinating clients)"},
-			&cli.StringFlag{Name: "control", Value: defaultControl, Usage: "the control API's unix socket (root only; \"\" for none)"},
+			&cli.StringFlag{Name: "control", Value: defaultControl, EnvVars: []string{"ATREST_CONTROL"}, Usage: "the control API's unix socket (root only; \"\" for none)"},
 			&cli.DurationFlag{Name: "drain-timeout", Value: 30 * time.Second, Usage: "how long SIGTERM waits for requests in flight"},
 		},
 		Action: func(c *cli.Context) error {
