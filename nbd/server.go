@@ -329,6 +329,17 @@ func (s *Server) RemoveExport(ctx context.Context, name string) error {
 	return s.stopConns(ctx, conns)
 }
 
+// Connections returns how many connections use the named export now (0 for an export
+// that does not exist).
+func (s *Server) Connections(name string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if e, ok := s.exports[name]; ok {
+		return len(e.conns)
+	}
+	return 0
+}
+
 // ServerStats are counters of a Server, for status lines and tests.
 type ServerStats struct {
 	Connections int    // open now, handshakes included

@@ -15,6 +15,7 @@ const (
 	EventDriveVanished    = "drive-vanished"     // missing
 	EventVolumeState      = "volume-state"       // a volume changed state (Data: state)
 	EventVolumeExported   = "volume-exported"    // served under its export names
+	EventVolumeRemoved    = "volume-removed"     // removed from the node
 	EventRotationStarted  = "rotation-started"   // (Data: old key id)
 	EventRotationStep     = "rotation-step"      // (Data: step name)
 	EventRotationFinished = "rotation-finished"  // (Data: new key id)

@@ -201,3 +201,56 @@ func TestRotateWhileServing(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestRemoveVolumeWhileServing: a served volume with a client is refused unless forced;
+// without one it is unexported, its drive let go (it can be formatted again) and it
+// leaves the registry; the other volume is served on.
+func TestRemoveVolumeWhileServing(t *testing.T) {
+	ctx := context.Background()
+	n, dir := newNode(t)
+	a, b := filepath.Join(dir, "a.img"), filepath.Join(dir, "b.img")
+	for _, p := range []string{a, b} {
+		if _, err := n.AddDrive(ctx, AddDriveRequest{Path: p, Create: 32 << 20}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sock := serveOn(t, n, dir)
+	c, err := nbd.Dial(ctx, "unix:"+sock, nbd.ClientOptions{Export: "vol0", Connections: 1, ReconnectTimeout: -1, ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.RemoveVolume(ctx, RemoveVolumeRequest{Name: "vol0"}); !errors.Is(err, ErrConflict) {
+		t.Fatalf("remove a volume with a client: %v", err)
+	}
+	c.Close()
+	if _, err := n.RemoveVolume(ctx, RemoveVolumeRequest{Name: "nope"}); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("remove no volume: %v", err)
+	}
+	if _, err := n.RemoveVolume(ctx, RemoveVolumeRequest{Name: "../x"}); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("remove a bad name: %v", err)
+	}
+	var removed *VolumeStatus
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		// The server counts the connection until it has seen it close.
+		if removed, err = n.RemoveVolume(ctx, RemoveVolumeRequest{Name: "vol0"}); !errors.Is(err, ErrConflict) || time.Now().After(deadline) {
+			break
+		}
+	}
+	if err != nil || removed.Name != "vol0" {
+		t.Fatalf("remove vol0: %+v, %v", removed, err)
+	}
+	if got := n.Exports(); !slices.Equal(got, []string{"vol1"}) {
+		t.Fatalf("exports after the removal: %q", got)
+	}
+	vols, err := n.Volumes(ctx)
+	if err != nil || len(vols) != 1 || vols[0].Name != "vol1" {
+		t.Fatalf("volumes after the removal: %+v, %v", vols, err)
+	}
+	// Let go: the drive can be formatted again, as a new volume.
+	if _, err := n.AddDrive(ctx, AddDriveRequest{Path: a, Force: true, Volume: "again"}); err != nil {
+		t.Fatalf("format the removed volume's drive: %v", err)
+	}
+	if got := n.Exports(); !slices.Equal(got, []string{"again", "vol1"}) {
+		t.Fatalf("exports: %q", got)
+	}
+}

@@ -41,6 +41,17 @@ type Service interface {
 	Volumes(ctx context.Context) ([]VolumeStatus, error)
 	// Volume returns one volume by name.
 	Volume(ctx context.Context, name string) (*VolumeStatus, error)
+	// RemoveVolume stops serving a volume and removes it and its drives from the
+	// registry; the drives keep their headers and data.
+	RemoveVolume(ctx context.Context, req RemoveVolumeRequest) (*VolumeStatus, error)
+}
+
+// RemoveVolumeRequest asks to remove a volume from the node.
+type RemoveVolumeRequest struct {
+	Name string `json:"name"`
+	// Force removes a volume that clients are connected to (they lose it); without it
+	// such a volume is refused (ErrConflict).
+	Force bool `json:"force"`
 }
 
 var (

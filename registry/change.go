@@ -62,6 +62,19 @@ func (r *Registry) ReplaceMember(old string, d Drive) error {
 	})
 }
 
+// RemoveVolume removes the volume with this UUID and its member drives from the
+// registry (the drives keep their headers and data).
+func (r *Registry) RemoveVolume(id string) error {
+	v := r.VolumeByUUID(id)
+	if v == nil {
+		return fmt.Errorf("volume %s: %w", id, ErrNotFound)
+	}
+	return r.apply(func(c *Registry) {
+		c.Volumes = slices.DeleteFunc(c.Volumes, func(x Volume) bool { return x.UUID == id })
+		c.Drives = slices.DeleteFunc(c.Drives, func(x Drive) bool { return x.VolumeUUID == id })
+	})
+}
+
 // SeenAt records that drive id was found at path at time t.
 func (r *Registry) SeenAt(id, path string, t time.Time) error {
 	if r.Drive(id) == nil {

@@ -183,6 +183,16 @@ func TestChanges(t *testing.T) {
 	if _, err := Parse(r.Marshal()); err != nil {
 		t.Fatal(err)
 	}
+	if err := r.RemoveVolume("44444444-4444-4444-8444-444444444444"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("RemoveVolume of no volume: %v", err)
+	}
+	must(t, r.RemoveVolume(v.UUID))
+	if r.Volume("m") != nil || r.Drive(nd.UUID) != nil || r.Drive("dddddddd-0000-4000-8000-000000000004") != nil || len(r.Volumes) != 2 || len(r.Drives) != 2 {
+		t.Fatalf("RemoveVolume left %s", r.Marshal())
+	}
+	if _, err := Parse(r.Marshal()); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func newStoreDir(t *testing.T) string {
