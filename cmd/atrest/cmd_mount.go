@@ -23,6 +23,7 @@ import (
 
 	"github.com/atrest/atrest/fusefs"
 	"github.com/atrest/atrest/internal/exitcodes"
+	"github.com/atrest/atrest/internal/sdnotify"
 	"github.com/atrest/atrest/mountstack"
 	"github.com/atrest/atrest/nbd"
 )
@@ -213,7 +214,7 @@ func runMount(ctx context.Context, o mountOptions, ready *readiness) error {
 	if err != nil {
 		return mountError(err, mp)
 	}
-	if _, err := nbd.Notify(fmt.Sprintf("READY=1\nSTATUS=%s mounted on %s", s.Name(), mp)); err != nil {
+	if _, err := sdnotify.Ready(fmt.Sprintf("%s mounted on %s", s.Name(), mp)); err != nil {
 		logf("sd_notify: %v", err)
 	}
 	if ready != nil {
@@ -221,7 +222,7 @@ func runMount(ctx context.Context, o mountOptions, ready *readiness) error {
 	}
 	select {
 	case <-ctx.Done():
-		nbd.Notify("STOPPING=1")
+		sdnotify.Stopping()
 	case <-s.Done():
 		// Ended from outside: Close only cleans up.
 	case <-abandon:

@@ -19,6 +19,7 @@ import (
 
 	"github.com/atrest/atrest/drive"
 	"github.com/atrest/atrest/internal/exitcodes"
+	"github.com/atrest/atrest/internal/sdnotify"
 	"github.com/atrest/atrest/keystore"
 	"github.com/atrest/atrest/luks2"
 	"github.com/atrest/atrest/nbd"
@@ -205,7 +206,7 @@ func runServe(ctx context.Context, o serveOptions) error {
 		addrs = append(addrs, l.Addr().Network()+":"+l.Addr().String())
 	}
 	logf("serving %d export(s) %q on %s", len(srv.Exports()), srv.Exports(), strings.Join(addrs, ", "))
-	if _, err := nbd.Notify(fmt.Sprintf("READY=1\nSTATUS=serving %d volume(s)", len(drives))); err != nil {
+	if _, err := sdnotify.Ready(fmt.Sprintf("serving %d volume(s)", len(drives))); err != nil {
 		logf("sd_notify: %v", err)
 	}
 
@@ -213,7 +214,7 @@ func runServe(ctx context.Context, o serveOptions) error {
 	case <-ctx.Done():
 	case err = <-serveErr:
 	}
-	nbd.Notify("STOPPING=1")
+	sdnotify.Stopping()
 	logf("stopping: draining requests and flushing drives")
 	sctx, cancel := context.WithTimeout(context.Background(), o.drain)
 	defer cancel()
@@ -343,7 +344,7 @@ func exportNames(drives []*drive.Unlocked) map[*drive.Unlocked][]string {
 // serveListeners returns the sockets passed by systemd, or else those of the --listen
 // specs.
 func serveListeners(specs []string) ([]net.Listener, error) {
-	ls, err := nbd.SystemdListeners()
+	ls, err := sdnotify.Listeners()
 	if err != nil || len(ls) > 0 {
 		return ls, err
 	}
