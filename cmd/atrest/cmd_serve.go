@@ -82,7 +82,8 @@ func init() {
 
 // runServe serves until ctx ends (SIGTERM, SIGINT), then shuts down gracefully.
 func runServe(ctx context.Context, o serveOptions) error {
-	logf := func(format string, args ...any) { fmt.Fprintf(o.log, "atrest serve: "+format+"\n", args...) }
+	log := newLogger(o.log, "atrest serve")
+	logf := func(format string, args ...any) { log.Info(fmt.Sprintf(format, args...)) }
 
 	if len(o.listen) == 0 {
 		o.listen = []string{"unix:" + defaultSocket}
@@ -103,7 +104,7 @@ func runServe(ctx context.Context, o serveOptions) error {
 
 	// ready receives once per listener being served; the server calls Ready.
 	ready := make(chan struct{}, 64)
-	srv := nbd.NewServer(nbd.ServerConfig{Logf: logf, Ready: func(net.Addr) { ready <- struct{}{} }})
+	srv := nbd.NewServer(nbd.ServerConfig{Logger: log, Ready: func(net.Addr) { ready <- struct{}{} }})
 	var drives []*drive.Unlocked
 	closeDrives := func() {
 		for _, d := range drives {

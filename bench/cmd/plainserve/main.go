@@ -19,6 +19,7 @@ import (
 	"crypto/rand"
 	"flag"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"os/signal"
@@ -31,6 +32,7 @@ import (
 
 	"github.com/atrest/atrest/blockcrypt"
 	"github.com/atrest/atrest/blockdev"
+	"github.com/atrest/atrest/internal/linelog"
 	"github.com/atrest/atrest/internal/sdnotify"
 	"github.com/atrest/atrest/nbd"
 )
@@ -84,7 +86,7 @@ func run(listens, files []string, encrypt, direct, trim bool) error {
 				sdnotify.Ready("")
 			}
 		},
-		Logf: func(format string, args ...any) { fmt.Fprintf(os.Stderr, format+"\n", args...) },
+		Logger: slog.New(linelog.New(os.Stderr, "plainserve", nil)),
 	})
 	var devs []blockdev.Device
 	defer func() {
