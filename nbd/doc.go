@@ -1,6 +1,7 @@
 // Package nbd serves blockdev.Devices over the Network Block Device protocol and
-// connects to NBD servers as a blockdev.Device (the protocol: shared/specs/nbd-protocol.md,
-// the NetworkBlockDevice/nbd doc/proto.md; section names are quoted in the code).
+// connects to NBD servers as a blockdev.Device. The protocol is
+// https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md; the code quotes
+// its section names.
 //
 // Server, Client and the helpers are safe for concurrent use, except that Client.Close
 // must not race with the Client's other calls.
