@@ -49,8 +49,8 @@ func (n *Node) Start(ctx context.Context) (err error) {
 		return ErrServing
 	}
 	cfg := n.cfg.NBD
-	if cfg.Logf == nil {
-		cfg.Logf = func(format string, args ...any) { n.log.Info(fmt.Sprintf(format, args...)) }
+	if cfg.Logger == nil {
+		cfg.Logger = n.log
 	}
 	n.srv = nbd.NewServer(cfg)
 	n.mu.Unlock()

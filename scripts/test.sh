@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs atrest's whole test suite: installs what the tests need, then format and vet checks,
+# Runs atrest's whole test suite: installs what the tests need, then format, go.mod and vet checks,
 # the tests (as root, with real loop devices, FUSE, cryptsetup, nbdkit, qemu, fio), a smoke
 # run of the benchmark harness, the race detector on the concurrent packages, the pure-Go
 # build tag, and every fuzz target briefly.
@@ -33,6 +33,11 @@ if [ -n "$unformatted" ]; then
 	echo "$unformatted" >&2
 	exit 1
 fi
+
+step "go mod tidy -diff"
+# go.mod and go.sum must be what `go mod tidy` makes of them: every direct dependency
+# listed as direct, nothing missing, nothing left over.
+go mod tidy -diff
 
 step "go vet"
 go vet ./...

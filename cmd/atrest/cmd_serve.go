@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"os"
 	"strings"
@@ -16,6 +15,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/atrest/atrest/internal/exitcodes"
+	"github.com/atrest/atrest/internal/sdnotify"
 	"github.com/atrest/atrest/nbd"
 	"github.com/atrest/atrest/node"
 )
@@ -34,7 +34,6 @@ type serveOptions struct {
 	drain    time.Duration
 	control  string // the control API's socket; "" for none
 	log      io.Writer
-	logger   *slog.Logger
 }
 
 func init() {
@@ -73,7 +72,6 @@ func init() {
 				drain:    c.Duration("drain-timeout"),
 				control:  c.String("control"),
 				log:      c.App.ErrWriter,
-				logger:   newLineLogger(c.App.ErrWriter, "atrest serve: ", false),
 			})
 		},
 	})
@@ -81,7 +79,8 @@ func init() {
 
 // runServe serves until ctx ends (SIGTERM, SIGINT), then shuts down gracefully.
 func runServe(ctx context.Context, o serveOptions) error {
-	logf := func(format string, args ...any) { fmt.Fprintf(o.log, "atrest serve: "+format+"\n", args...) }
+	log := newLogger(o.log, "atrest serve")
+	logf := func(format string, args ...any) { log.Info(fmt.Sprintf(format, args...)) }
 
 	if len(o.listen) == 0 {
 		o.listen = []string{"unix:" + defaultSocket}
@@ -92,7 +91,7 @@ func runServe(ctx context.Context, o serveOptions) error {
 		}
 	}
 	n, err := node.Open(ctx, node.Config{
-		Keystore: o.keystore, Logger: o.logger, Version: version(),
+		Keystore: o.keystore, Logger: log, Version: version(),
 		Drives: o.drives, ReadOnly: o.readOnly, Direct: o.direct, SharedWriters: o.shared,
 	})
 	if err != nil {
@@ -158,7 +157,7 @@ func runServe(ctx context.Context, o serveOptions) error {
 		addrs = append(addrs, l.Addr().Network()+":"+l.Addr().String())
 	}
 	logf("serving %d export(s) %q on %s", len(n.Exports()), n.Exports(), strings.Join(addrs, ", "))
-	if _, err := nbd.Notify(fmt.Sprintf("READY=1\nSTATUS=serving %d export(s)", len(n.Exports()))); err != nil {
+	if _, err := sdnotify.Ready(fmt.Sprintf("serving %d export(s)", len(n.Exports()))); err != nil {
 		logf("sd_notify: %v", err)
 	}
 
@@ -166,7 +165,7 @@ func runServe(ctx context.Context, o serveOptions) error {
 	case <-ctx.Done():
 	case err = <-serveErr:
 	}
-	nbd.Notify("STOPPING=1")
+	sdnotify.Stopping()
 	logf("stopping: draining requests and flushing drives")
 	stopControl()
 	sctx, cancel := context.WithTimeout(context.Background(), o.drain)
@@ -230,7 +229,7 @@ func listenError(err error, specs []string) error {
 // serveListeners returns the sockets passed by systemd, or else those of the --listen
 // specs.
 func serveListeners(specs []string) ([]net.Listener, error) {
-	ls, err := nbd.SystemdListeners()
+	ls, err := sdnotify.Listeners()
 	if err != nil || len(ls) > 0 {
 		return ls, err
 	}

@@ -496,7 +496,7 @@ func (b *bench) speed(ctx context.Context, atrest string) error {
 	if err := json.Unmarshal(out, &b.rep.Speed); err != nil {
 		return fmt.Errorf("atrest speed --json: %w", err)
 	}
-	// The first implementation measured is the one atrest uses: MeasureSpeed goes
+	// The first implementation measured is the one atrest uses: xtsspeed.Measure goes
 	// through them in order of preference, the chosen one first.
 	if len(b.rep.Speed) > 0 {
 		b.rep.SpeedImpl = b.rep.Speed[0].Impl

@@ -19,6 +19,7 @@ import (
 	"crypto/rand"
 	"flag"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"os/signal"
@@ -31,6 +32,8 @@ import (
 
 	"github.com/atrest/atrest/blockcrypt"
 	"github.com/atrest/atrest/blockdev"
+	"github.com/atrest/atrest/internal/linelog"
+	"github.com/atrest/atrest/internal/sdnotify"
 	"github.com/atrest/atrest/nbd"
 )
 
@@ -80,10 +83,10 @@ func run(listens, files []string, encrypt, direct, trim bool) error {
 		Ready: func(net.Addr) {
 			if int(ready.Add(1)) == len(ls) {
 				fmt.Println("ready")
-				nbd.Notify("READY=1")
+				sdnotify.Ready("")
 			}
 		},
-		Logf: func(format string, args ...any) { fmt.Fprintf(os.Stderr, format+"\n", args...) },
+		Logger: slog.New(linelog.New(os.Stderr, "plainserve", nil)),
 	})
 	var devs []blockdev.Device
 	defer func() {
@@ -128,7 +131,7 @@ func run(listens, files []string, encrypt, direct, trim bool) error {
 	case err := <-errc:
 		return err
 	}
-	nbd.Notify("STOPPING=1")
+	sdnotify.Stopping()
 	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	return srv.Shutdown(sctx)
