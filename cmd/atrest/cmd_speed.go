@@ -13,7 +13,6 @@ import (
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/atrest/atrest/blockcrypt"
 	"github.com/atrest/atrest/internal/exitcodes"
 	"github.com/atrest/atrest/internal/xtsspeed"
 )
@@ -160,8 +159,8 @@ func printSpeed(w io.Writer, results []xtsspeed.Result, sizes []int, note, sslVe
 		return err
 	}
 	fmt.Fprintln(w)
-	if impls := blockcrypt.Implementations(); len(impls) > 0 {
-		fmt.Fprintf(w, "atrest uses %s on this CPU.\n", impls[0])
+	if impl := xtsspeed.InUse(); impl != "" {
+		fmt.Fprintf(w, "atrest uses %s on this CPU.\n", impl)
 	}
 	if sslVersion != "" {
 		fmt.Fprintf(w, "OpenSSL: %s, `openssl speed -evp aes-256-xts`, one XTS data unit per buffer.\n", sslVersion)
