@@ -43,6 +43,8 @@ type Service interface {
 	Volume(ctx context.Context, name string) (*VolumeStatus, error)
 }
 
+var _ Service = (*Node)(nil)
+
 var (
 	// ErrNotFound: no drive or volume answers to the name given.
 	ErrNotFound = errors.New("not found")
