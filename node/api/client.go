@@ -106,16 +106,22 @@ func (c *Client) do(ctx context.Context, method, path string, in any, want int, 
 		return fmt.Errorf("control API %s: an answer over %d bytes", endpoint, maxResponse)
 	}
 	if resp.StatusCode != want {
-		var e ErrorBody
-		if decodeStrict(resp, b, &e) == nil && e.Error.Code != "" {
-			return &node.RemoteError{Code: e.Error.Code, Message: e.Error.Message}
-		}
-		return fmt.Errorf("control API %s: HTTP %s and not an atrest error: %q", endpoint, resp.Status, snippet(b))
+		return remoteError(endpoint, resp, b)
 	}
 	if err := decodeStrict(resp, b, out); err != nil {
 		return fmt.Errorf("control API %s: HTTP %s with an answer that is not the JSON expected: %w: %q", endpoint, resp.Status, err, snippet(b))
 	}
 	return nil
+}
+
+// remoteError is the error of an answer that is not a success: the node's error, as a
+// *node.RemoteError, or an error that says the answer is not an atrest error.
+func remoteError(endpoint string, resp *http.Response, b []byte) error {
+	var e ErrorBody
+	if decodeStrict(resp, b, &e) == nil && e.Error.Code != "" {
+		return &node.RemoteError{Code: e.Error.Code, Message: e.Error.Message}
+	}
+	return fmt.Errorf("control API %s: HTTP %s and not an atrest error: %q", endpoint, resp.Status, snippet(b))
 }
 
 // transportError says that no daemon answers (ErrNoDaemon) when the socket is not
@@ -262,11 +268,7 @@ func (c *Client) Events(ctx context.Context) (*EventStream, error) {
 	if resp.StatusCode != http.StatusOK {
 		defer resp.Body.Close()
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-		var e ErrorBody
-		if decodeStrict(resp, b, &e) == nil && e.Error.Code != "" {
-			return nil, &node.RemoteError{Code: e.Error.Code, Message: e.Error.Message}
-		}
-		return nil, fmt.Errorf("control API %s: HTTP %s and not an atrest error: %q", endpoint, resp.Status, snippet(b))
+		return nil, remoteError(endpoint, resp, b)
 	}
 	if mt, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type")); mt != "text/event-stream" {
 		resp.Body.Close()
