@@ -510,6 +510,7 @@ func TestBadRequests(t *testing.T) {
 		{"volume with NUL", "POST", "/v1/drives", "application/json", `{"path": "` + img + `", "create": 33554432, "volume": "a\u0000b"}`, 400, ""},
 		{"rotate unknown field", "POST", "/v1/encryption/rotate-keys", "application/json", `{"force": false, "now": true}`, 400, ""},
 		{"rotate malformed", "POST", "/v1/encryption/rotate-keys", "application/json", `{"force": fals`, 400, ""},
+		{"rotate without content type", "POST", "/v1/encryption/rotate-keys", "", `{"force": true}`, 415, ""},
 		{"rotate text", "POST", "/v1/encryption/rotate-keys", "text/plain", `{}`, 415, ""},
 		{"rotate huge", "POST", "/v1/encryption/rotate-keys", "application/json", `{"force": false}` + strings.Repeat(" ", MaxBody), 413, ""},
 		{"rotate with GET", "GET", "/v1/encryption/rotate-keys", "", ``, 405, "POST"},

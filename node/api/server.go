@@ -132,7 +132,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // ServeHTTP checks the peer, then routes; what the mux refuses (unknown path, wrong
 // method) is answered with the JSON error too.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if p, _ := r.Context().Value(peerKey{}).(peer); p.err != nil || p.uid != rootUID {
+	// A request that came by no connection of this server's (no credentials read) is
+	// refused too.
+	if p, ok := r.Context().Value(peerKey{}).(peer); !ok || p.err != nil || p.uid != rootUID {
 		s.log.Warn("control API: refused a peer that is not root", "uid", p.uid, "pid", p.pid, "err", p.err, "method", r.Method, "path", r.URL.Path)
 		why := fmt.Sprintf("uid %d", p.uid)
 		if p.err != nil {
@@ -234,10 +236,12 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 // is accepted (v left as is) if optional.
 func decodeBody(w http.ResponseWriter, r *http.Request, v any, optional bool) error {
 	ct := r.Header.Get("Content-Type")
+	badType := func() error {
+		return &httpError{http.StatusUnsupportedMediaType, fmt.Errorf("content type %q: send application/json: %w", ct, node.ErrInvalid)}
+	}
 	if ct != "" || !optional {
-		mt, _, err := mime.ParseMediaType(ct)
-		if err != nil || mt != "application/json" {
-			return &httpError{http.StatusUnsupportedMediaType, fmt.Errorf("content type %q: send application/json: %w", ct, node.ErrInvalid)}
+		if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
+			return badType()
 		}
 	}
 	rc := http.NewResponseController(w)
@@ -252,6 +256,8 @@ func decodeBody(w http.ResponseWriter, r *http.Request, v any, optional bool) er
 		return fmt.Errorf("read the request body: %w: %w", node.ErrInvalid, err)
 	case len(bytes.TrimSpace(b)) == 0 && optional:
 		return nil
+	case ct == "":
+		return badType()
 	}
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
