@@ -693,3 +693,61 @@ func TestDrivePathEscaping(t *testing.T) {
 		t.Errorf("GET by escaped path: %d %s", status, out)
 	}
 }
+
+// heldAdd is the node with AddDrive held until release is closed.
+type heldAdd struct {
+	*node.Node
+	started, release chan struct{}
+}
+
+func (h *heldAdd) AddDrive(ctx context.Context, req node.AddDriveRequest) (*node.AddDriveResult, error) {
+	close(h.started)
+	<-h.release
+	return h.Node.AddDrive(ctx, req)
+}
+
+// TestShutdownFinishesRequests: a request under way when Shutdown starts is answered,
+// its context not cancelled (a format with a wipe, which checks it, completes).
+func TestShutdownFinishesRequests(t *testing.T) {
+	n, dir := newNode(t)
+	h := &heldAdd{Node: n, started: make(chan struct{}), release: make(chan struct{})}
+	sock := filepath.Join(socketDir(t), "control.sock")
+	l, err := Listen(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := NewServer(h, nil)
+	served := make(chan error, 1)
+	go func() { served <- s.Serve(l) }()
+	added := make(chan error, 1)
+	go func() {
+		_, err := NewClient(sock).AddDrive(context.Background(), node.AddDriveRequest{Path: filepath.Join(dir, "a.img"), Create: 32 << 20, Wipe: true})
+		added <- err
+	}()
+	<-h.started
+	shut := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		shut <- s.Shutdown(ctx)
+	}()
+	// Shutdown has begun once the socket is gone (it closes the listener first).
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if _, err := os.Stat(sock); errors.Is(err, os.ErrNotExist) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("Shutdown did not close the listener")
+		}
+	}
+	close(h.release)
+	if err := <-added; err != nil {
+		t.Errorf("the request under way at Shutdown: %v", err)
+	}
+	if err := <-shut; err != nil {
+		t.Errorf("shutdown: %v", err)
+	}
+	if err := <-served; !errors.Is(err, http.ErrServerClosed) {
+		t.Errorf("serve: %v", err)
+	}
+}

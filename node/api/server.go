@@ -44,7 +44,8 @@ type Server struct {
 	mux  *http.ServeMux
 	http *http.Server
 	// base is cancelled by Shutdown, which ends the event streams (http.Server.Shutdown
-	// waits for requests to finish, and a stream never does by itself).
+	// waits for requests to finish, and a stream never does by itself); other requests'
+	// contexts do not derive from it, so that the requests under way finish.
 	base   context.Context
 	cancel context.CancelFunc
 }
@@ -106,7 +107,6 @@ func NewServer(svc node.Service, logger *slog.Logger) *Server {
 		IdleTimeout:    2 * time.Minute,
 		MaxHeaderBytes: 64 << 10,
 		ErrorLog:       slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
-		BaseContext:    func(net.Listener) context.Context { return s.base },
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 			return context.WithValue(ctx, peerKey{}, peerOf(c))
 		},
