@@ -43,8 +43,7 @@ func NewClient(path string) *Client {
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", path)
 		},
-		MaxIdleConns:      4,
-		DisableKeepAlives: false,
+		MaxIdleConns: 4,
 	}
 	// No time-out here: a rotation answers when it is done; the caller's context bounds
 	// each call.
@@ -52,8 +51,9 @@ func NewClient(path string) *Client {
 }
 
 // Dial returns a client of the daemon at the unix socket path, once it has answered
-// GET /v1/identity. When nothing listens there the error matches ErrNoDaemon; a daemon
-// that refuses the caller (not root) answers an error matching os.ErrPermission.
+// GET /v1/identity. When nothing listens there the error matches ErrNoDaemon; a caller
+// that is not root gets an error matching os.ErrPermission (the socket's mode refuses
+// it, or the daemon does).
 func Dial(ctx context.Context, path string) (*Client, error) {
 	c := NewClient(path)
 	if _, err := c.Identity(ctx); err != nil {
