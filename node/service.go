@@ -54,6 +54,8 @@ type RemoveVolumeRequest struct {
 	Force bool `json:"force"`
 }
 
+var _ Service = (*Node)(nil)
+
 var (
 	// ErrNotFound: no drive or volume answers to the name given.
 	ErrNotFound = errors.New("not found")
