@@ -133,7 +133,7 @@ func runServe(ctx context.Context, o serveOptions) error {
 			}
 		}()
 	}
-	stopControl, err := serveControl(ctx, n, o, serveErr)
+	stopControl, err := serveControl(ctx, n, o, log, serveErr)
 	if err != nil {
 		n.Close()
 		wg.Wait()

@@ -751,3 +751,41 @@ func TestShutdownFinishesRequests(t *testing.T) {
 		t.Errorf("serve: %v", err)
 	}
 }
+
+// TestRemoveVolume: DELETE /v1/volumes/{name} removes a volume through the Client; a
+// volume that is not there is 404, a bad force value or a body 400, and nothing changes
+// on a refusal.
+func TestRemoveVolume(t *testing.T) {
+	n, dir := newNode(t)
+	addDrive(t, n, dir, "keep")
+	addDrive(t, n, dir, "gone")
+	sock, c := serveAPI(t, n)
+	ctx := context.Background()
+	for _, tc := range []struct {
+		path string
+		body []byte
+		want int
+	}{
+		{"/v1/volumes/gone?force=maybe", nil, http.StatusBadRequest},
+		{"/v1/volumes/gone", []byte(`{"force":true}`), http.StatusBadRequest},
+		{"/v1/volumes/nope", nil, http.StatusNotFound},
+		{"/v1/volumes/a%0Ab", nil, http.StatusBadRequest},
+	} {
+		if code, _, b := call(t, sock, "DELETE", tc.path, "", tc.body); code != tc.want {
+			t.Errorf("DELETE %s: %d %s, want %d", tc.path, code, b, tc.want)
+		}
+	}
+	if vols, _ := n.Volumes(ctx); len(vols) != 2 {
+		t.Fatalf("a refused removal changed the volumes: %+v", vols)
+	}
+	v, err := c.RemoveVolume(ctx, node.RemoveVolumeRequest{Name: "gone"})
+	if err != nil || v.Name != "gone" {
+		t.Fatalf("RemoveVolume: %+v, %v", v, err)
+	}
+	if _, err := c.Volume(ctx, "gone"); !errors.Is(err, node.ErrNotFound) {
+		t.Fatalf("the removed volume: %v", err)
+	}
+	if _, err := c.RemoveVolume(ctx, node.RemoveVolumeRequest{Name: "gone", Force: true}); !errors.Is(err, node.ErrNotFound) {
+		t.Fatalf("remove it again: %v", err)
+	}
+}

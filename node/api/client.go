@@ -245,6 +245,19 @@ func (c *Client) Volume(ctx context.Context, name string) (*node.VolumeStatus, e
 	return &v, nil
 }
 
+// RemoveVolume is DELETE /v1/volumes/{name}[?force=true].
+func (c *Client) RemoveVolume(ctx context.Context, req node.RemoveVolumeRequest) (*node.VolumeStatus, error) {
+	var v node.VolumeStatus
+	path := "/v1/volumes/" + url.PathEscape(req.Name)
+	if req.Force {
+		path += "?force=true"
+	}
+	if err := c.do(ctx, "DELETE", path, nil, http.StatusOK, &v); err != nil {
+		return nil, err
+	}
+	return &v, nil
+}
+
 // EventStream is the daemon's events from the moment Events returned.
 type EventStream struct {
 	body io.ReadCloser

@@ -73,6 +73,7 @@ var routes = []route{
 	{"GET", "/v1/drives/{id}", (*Server).drive},
 	{"GET", "/v1/volumes", (*Server).volumes},
 	{"GET", "/v1/volumes/{name}", (*Server).volume},
+	{"DELETE", "/v1/volumes/{name}", (*Server).removeVolume},
 	{"GET", "/v1/events", nil}, // a stream: (*Server).events
 }
 
@@ -339,6 +340,29 @@ func (s *Server) volume(w http.ResponseWriter, r *http.Request) (int, any, error
 		return 0, nil, fmt.Errorf("volume name %q: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit: %w", name, node.ErrInvalid)
 	}
 	v, err := s.svc.Volume(r.Context(), name)
+	return http.StatusOK, v, err
+}
+
+// removeVolume stops serving a volume and removes it from the node (?force=true: even
+// while clients are connected).
+func (s *Server) removeVolume(w http.ResponseWriter, r *http.Request) (int, any, error) {
+	name := r.PathValue("name")
+	if !registry.ValidVolumeName(name) {
+		return 0, nil, fmt.Errorf("volume name %q: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit: %w", name, node.ErrInvalid)
+	}
+	force := false
+	switch f := r.URL.Query().Get("force"); f {
+	case "", "false":
+	case "true":
+		force = true
+	default:
+		return 0, nil, fmt.Errorf("force=%q: want true or false: %w", f, node.ErrInvalid)
+	}
+	if r.ContentLength > 0 {
+		return 0, nil, fmt.Errorf("DELETE takes no body: %w", node.ErrInvalid)
+	}
+	s.log.Info("control API: volume removal requested", "volume", name, "force", force)
+	v, err := s.svc.RemoveVolume(r.Context(), node.RemoveVolumeRequest{Name: name, Force: force})
 	return http.StatusOK, v, err
 }
 
