@@ -40,6 +40,9 @@ func Listen(spec string) (net.Listener, error) {
 	}
 }
 
+// ErrSocketInUse: Listen found a server answering on the unix socket it was to create.
+var ErrSocketInUse = errors.New("another server answers on this socket")
+
 func listenUnix(path string) (net.Listener, error) {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -52,7 +55,7 @@ func listenUnix(path string) (net.Listener, error) {
 		c, err := net.DialTimeout("unix", path, time.Second)
 		if err == nil {
 			c.Close()
-			return nil, fmt.Errorf("listen on %s: another server answers on this socket", path)
+			return nil, fmt.Errorf("listen on %s: %w", path, ErrSocketInUse)
 		}
 		if !errors.Is(err, syscall.ECONNREFUSED) {
 			return nil, fmt.Errorf("listen on %s: probing the existing socket: %w", path, err)

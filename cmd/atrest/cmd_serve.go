@@ -213,15 +213,8 @@ func listenError(err error, specs []string) error {
 	if errors.Is(err, syscall.EADDRINUSE) {
 		return fail(exitcodes.Busy, err, "another process listens there: stop it or choose another --listen address")
 	}
-	for _, spec := range specs {
-		// nbd.Listen refuses a unix socket that a live server answers on (and
-		// removes a stale one); tell that case apart by asking the socket.
-		if path, ok := strings.CutPrefix(spec, "unix:"); ok && strings.Contains(err.Error(), path) {
-			if c, derr := net.DialTimeout("unix", path, time.Second); derr == nil {
-				c.Close()
-				return fail(exitcodes.Busy, err, "another 'atrest serve' (or another NBD server) already serves "+path+": stop it first, or choose another --listen path")
-			}
-		}
+	if errors.Is(err, nbd.ErrSocketInUse) {
+		return fail(exitcodes.Busy, err, "another 'atrest serve' (or another NBD server) already serves it: stop it first, or choose another --listen path")
 	}
 	return fail(exitcodes.Failure, err, "")
 }
