@@ -299,7 +299,7 @@ func (n *Node) SelfCheck(ctx context.Context, addr net.Addr) error {
 // requests in flight are answered (until ctx ends: then connections are closed), the
 // drives are flushed and closed.
 func (n *Node) Shutdown(ctx context.Context) error {
-	n.emit(Event{Type: EventNodeStopping, Message: "stopping: draining requests and flushing drives"})
+	n.emit(Event{Type: EventNodeStopping, Message: "the node stops serving its volumes"})
 	n.mu.Lock()
 	srv := n.srv
 	n.mu.Unlock()

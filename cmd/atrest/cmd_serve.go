@@ -8,7 +8,6 @@ import (
 	"net"
 	"os"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -16,6 +15,7 @@ import (
 
 	"github.com/atrest/atrest/internal/exitcodes"
 	"github.com/atrest/atrest/internal/sdnotify"
+	"github.com/atrest/atrest/internal/serving"
 	"github.com/atrest/atrest/nbd"
 	"github.com/atrest/atrest/node"
 )
@@ -118,68 +118,31 @@ func runServe(ctx context.Context, o serveOptions) error {
 		}
 	}
 
-	// Serve gets a context that SIGTERM does not cancel: when its context ends, Serve
-	// closes every connection at once, and requests the drives already executed would
-	// go unanswered. The stop is Shutdown's below: stop reading, answer, flush.
-	serveCtx := context.WithoutCancel(ctx)
-	var wg sync.WaitGroup
-	serveErr := make(chan error, len(listeners)+1)
-	for _, l := range listeners {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := n.Serve(serveCtx, l); err != nil && !errors.Is(err, nbd.ErrServerClosed) {
-				serveErr <- fmt.Errorf("serve on %s: %w", l.Addr(), err)
-			}
-		}()
-	}
-	stopControl, err := serveControl(ctx, n, o, log, serveErr)
+	controlErr := make(chan error, 1)
+	stopControl, err := serveControl(ctx, n, o, log, controlErr)
 	if err != nil {
-		n.Close()
-		wg.Wait()
 		return err
 	}
 	defer stopControl()
-	abort := func(err error) error {
-		n.Close()
-		wg.Wait()
-		return err
-	}
-	if err := n.SelfCheck(ctx, listeners[0].Addr()); err != nil {
-		if ctx.Err() != nil {
-			// SIGTERM or SIGINT during the check: a stop before readiness, not a failure.
-			return abort(nil)
-		}
-		return abort(fail(exitcodes.Failure, err, ""))
-	}
-	var addrs []string
-	for _, l := range listeners {
-		addrs = append(addrs, l.Addr().Network()+":"+l.Addr().String())
-	}
-	logf("serving %d export(s) %q on %s", len(n.Exports()), n.Exports(), strings.Join(addrs, ", "))
-	if _, err := sdnotify.Ready(fmt.Sprintf("serving %d export(s)", len(n.Exports()))); err != nil {
-		logf("sd_notify: %v", err)
-	}
-
-	select {
-	case <-ctx.Done():
-	case err = <-serveErr:
-	}
-	sdnotify.Stopping()
-	logf("stopping: draining requests and flushing drives")
-	stopControl()
-	sctx, cancel := context.WithTimeout(context.Background(), o.drain)
-	defer cancel()
-	if serr := n.Shutdown(sctx); serr != nil {
-		logf("shutdown: %v", serr)
-		err = errors.Join(err, serr)
-	}
-	wg.Wait()
-	if err != nil {
+	err = serving.Run(ctx, n, serving.Options{
+		Listeners: listeners, Logger: log, Drain: o.drain, Errors: controlErr, Stopping: stopControl,
+		Ready: func(ctx context.Context) (string, error) {
+			if err := n.SelfCheck(ctx, listeners[0].Addr()); err != nil {
+				return "", fail(exitcodes.Failure, err, "")
+			}
+			var addrs []string
+			for _, l := range listeners {
+				addrs = append(addrs, l.Addr().Network()+":"+l.Addr().String())
+			}
+			logf("serving %d export(s) %q on %s", len(n.Exports()), n.Exports(), strings.Join(addrs, ", "))
+			return fmt.Sprintf("serving %d export(s)", len(n.Exports())), nil
+		},
+	})
+	var ce *cmdError
+	if err != nil && !errors.As(err, &ce) {
 		return fail(exitcodes.IO, err, "")
 	}
-	logf("stopped")
-	return nil
+	return err
 }
 
 // serveError maps a failure of node.Start to an exit code and a hint.
