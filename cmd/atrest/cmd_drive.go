@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -82,6 +83,20 @@ func init() {
 						keystore: c.String("keystore"), control: c.String("control"), path: c.Args().First(), keyFile: c.String("key-file"),
 						volume: c.String("volume"), keepOld: c.Bool("keep-old-keyslot"), out: c.App.Writer,
 					})
+				},
+			},
+			{
+				Name:      "show",
+				Usage:     "one drive: its registry entry and its state now",
+				ArgsUsage: "DRIVE",
+				Description: "DRIVE is the drive's UUID, a unique prefix of it (at least 8 characters) or its\n" +
+					"current path.",
+				Flags: []cli.Flag{keystoreFlag(), controlFlag(), &cli.BoolFlag{Name: "json", Usage: "print JSON"}},
+				Action: func(c *cli.Context) error {
+					if c.NArg() != 1 {
+						return usagef("drive show takes one DRIVE")
+					}
+					return runDriveShow(c.Context, c.String("keystore"), c.String("control"), c.Args().First(), c.Bool("json"), c.App.Writer)
 				},
 			},
 			{
@@ -254,4 +269,28 @@ func runDriveList(ctx context.Context, o driveListOptions) error {
 		return err
 	}
 	return printDrives(o.out, list, "")
+}
+
+func runDriveShow(ctx context.Context, keystore, control, name string, asJSON bool, w io.Writer) error {
+	if strings.HasPrefix(name, ".") || strings.Contains(name, "/") {
+		// A path: the registry keeps absolute ones.
+		if abs, err := filepath.Abs(name); err == nil {
+			name = abs
+		}
+	}
+	svc, _, done, err := service(ctx, keystore, control)
+	if err != nil {
+		return err
+	}
+	defer done()
+	d, err := svc.Drive(ctx, name)
+	if err != nil {
+		return keystoreError(err)
+	}
+	if asJSON {
+		b, _ := json.MarshalIndent(d, "", "  ")
+		_, err := fmt.Fprintf(w, "%s\n", b)
+		return err
+	}
+	return printDrives(w, []node.DriveStatus{*d}, "")
 }

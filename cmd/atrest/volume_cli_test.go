@@ -35,3 +35,20 @@ func TestVolumeRemove(t *testing.T) {
 		t.Fatalf("adopt the removed drive: %s", out)
 	}
 }
+
+// TestDriveShow: a drive is found by UUID, a unique prefix of 8 characters and its path;
+// a prefix that is too short is refused and says why, an unknown drive is not found.
+func TestDriveShow(t *testing.T) {
+	bin, dir, ks := ksCluster(t)
+	a := filepath.Join(dir, "a.img")
+	out := ksMust(t, bin, ks, "drive", "format", "--create", "20M", a)
+	id := strings.Fields(strings.SplitN(out, "drive ", 2)[1])[0]
+	id = strings.TrimSuffix(id, ",")
+	for _, name := range []string{id, id[:8], a} {
+		if got := ksMust(t, bin, ks, "drive", "show", name); !strings.Contains(got, id) || !strings.Contains(got, "present") {
+			t.Errorf("drive show %s: %s", name, got)
+		}
+	}
+	ksWant(t, ksRun(t, bin, ks, nil, "drive", "show", id[:4]), exitcodes.Failure, "at least 8 characters")
+	ksWant(t, ksRun(t, bin, ks, nil, "drive", "show", "ffffffff-ffff"), exitcodes.Failure, "not")
+}
