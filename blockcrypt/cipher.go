@@ -31,7 +31,22 @@ func NewCipher(key []byte) (*Cipher, error) {
 	return newCipherWith(bestImplementation(), key)
 }
 
-// newCipherWith is NewCipher with a chosen implementation (tests, benchmarks, speed).
+// NewCipherImpl is NewCipher with the implementation named impl, one of those
+// Implementations returns: for measuring and comparing them (package xtsspeed). The
+// data path uses NewCipher.
+func NewCipherImpl(impl string, key []byte) (*Cipher, error) {
+	for _, i := range implementations {
+		if i.name == impl {
+			if !i.available {
+				return nil, fmt.Errorf("XTS implementation %q: this CPU cannot run it", impl)
+			}
+			return newCipherWith(i, key)
+		}
+	}
+	return nil, fmt.Errorf("unknown XTS implementation %q", impl)
+}
+
+// newCipherWith is NewCipher with a chosen implementation (tests, benchmarks).
 func newCipherWith(impl *implementation, key []byte) (*Cipher, error) {
 	if len(key) != KeySize {
 		return nil, fmt.Errorf("key of %d bytes: %w", len(key), ErrKeySize)

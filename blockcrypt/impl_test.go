@@ -1,6 +1,9 @@
 package blockcrypt
 
-import "testing"
+import (
+	"errors"
+	"testing"
+)
 
 // forEachImplementation runs f as a subtest under every implementation compiled in (the
 // pattern of crypto/cipher's implementations.go in the Go tree). Implementations the
@@ -63,4 +66,25 @@ func testKey(seed byte) []byte {
 		k[i] = seed*31 + byte(i)*7 + 1
 	}
 	return k
+}
+
+// TestNewCipherImpl: every implementation this CPU runs can be chosen by name, and an
+// unknown name is refused.
+func TestNewCipherImpl(t *testing.T) {
+	for _, name := range Implementations() {
+		c, err := NewCipherImpl(name, testKey(40))
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if c.Implementation() != name {
+			t.Errorf("asked for %s, got %s", name, c.Implementation())
+		}
+		c.Close()
+	}
+	if _, err := NewCipherImpl("nonesuch", testKey(40)); err == nil {
+		t.Error("an unknown implementation was accepted")
+	}
+	if _, err := NewCipherImpl("purego", make([]byte, 32)); !errors.Is(err, ErrKeySize) {
+		t.Errorf("a 32-byte key: %v, want ErrKeySize", err)
+	}
 }

@@ -11,8 +11,9 @@ import (
 	"time"
 )
 
-// NBD protocol constants (shared/specs/nbd-protocol.md: "Newstyle negotiation",
-// "Request message", "Simple reply message").
+// NBD protocol constants
+// (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md: "Newstyle
+// negotiation", "Request message", "Simple reply message").
 const (
 	nbdMagic          = 0x4e42444d41474943 // "NBDMAGIC"
 	nbdOptMagic       = 0x49484156454F5054 // "IHAVEOPT"

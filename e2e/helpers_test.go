@@ -75,7 +75,7 @@ func buildAtrest(out string) error {
 // service manager or pick up another keystore.
 func cleanEnv(extra ...string) []string {
 	env := slices.DeleteFunc(os.Environ(), func(kv string) bool {
-		for _, p := range []string{"NOTIFY_SOCKET=", "LISTEN_PID=", "LISTEN_FDS=", "LISTEN_FDNAMES=", "ATREST_KEYSTORE="} {
+		for _, p := range []string{"NOTIFY_SOCKET=", "LISTEN_PID=", "LISTEN_FDS=", "LISTEN_FDNAMES=", "ATREST_KEYSTORE=", "ATREST_CONTROL="} {
 			if strings.HasPrefix(kv, p) {
 				return true
 			}
@@ -184,7 +184,7 @@ func newClusterIn(t *testing.T, dir, name string) *cluster {
 // run runs atrest with ATREST_KEYSTORE pointing at the cluster's keystore.
 func (c *cluster) run(args ...string) result {
 	c.t.Helper()
-	return runProg(c.t, c.dir, 60*time.Second, cleanEnv("ATREST_KEYSTORE="+c.ks), atrestBin, args...)
+	return runProg(c.t, c.dir, 60*time.Second, cleanEnv("ATREST_KEYSTORE="+c.ks, "ATREST_CONTROL="+c.control()), atrestBin, args...)
 }
 
 func (c *cluster) must(args ...string) string {
@@ -358,7 +358,7 @@ func (c *cluster) spawn(o spawnOpts) *daemon {
 	d := &daemon{t: t, sock: o.sock, stderr: newLogFile(t, c.dir), notify: newNotifySocket(t, c.dir), done: make(chan struct{}), ownsSocket: !o.raw}
 	d.cmd = exec.Command(name, args...)
 	d.cmd.Dir = c.dir
-	d.cmd.Env = cleanEnv(append([]string{"ATREST_KEYSTORE=" + c.ks, "NOTIFY_SOCKET=" + d.notify.path}, o.env...)...)
+	d.cmd.Env = cleanEnv(append([]string{"ATREST_KEYSTORE=" + c.ks, "ATREST_CONTROL=" + o.sock + ".ctl", "NOTIFY_SOCKET=" + d.notify.path}, o.env...)...)
 	d.cmd.Stdout, d.cmd.Stderr = d.stderr.f, d.stderr.f
 	d.cmd.ExtraFiles = o.extra
 	if err := d.cmd.Start(); err != nil {
@@ -376,6 +376,12 @@ func (c *cluster) spawn(o spawnOpts) *daemon {
 	})
 	return d
 }
+
+// control is the control socket of the cluster's default daemon (DIR/nbd.sock's):
+// the commands run reach it through ATREST_CONTROL. Each daemon's control socket is its
+// NBD socket's path with ".ctl" added, so that daemons of parallel tests never share
+// one (the default, /run/atrest/control.sock, is the machine's).
+func (c *cluster) control() string { return filepath.Join(c.dir, "nbd.sock.ctl") }
 
 // sockPath is the socket a daemon started with o serves on.
 func (c *cluster) sockPath(o spawnOpts) string {

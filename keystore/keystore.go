@@ -7,10 +7,13 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"slices"
 	"time"
 
 	"github.com/google/uuid"
+
+	"github.com/atrest/atrest/drive"
+	"github.com/atrest/atrest/internal/securefile"
+	"github.com/atrest/atrest/registry"
 )
 
 // DefaultDir is the keystore's place on the boot drive; EnvDir overrides it, and the
@@ -20,12 +23,23 @@ const (
 	EnvDir     = "ATREST_KEYSTORE"
 )
 
-// Keystore is an open keystore directory.
+// Keystore is a read-only snapshot of a keystore directory, taken without the lock: the
+// custody state as loaded (and, for a keystore.json of version 1, its drives). It is
+// safe for concurrent use.
 type Keystore struct {
-	dir   string
-	state *State
-	lockF *os.File // nil for a read-only snapshot
-	now   func() time.Time
+	dir    string
+	state  *State
+	legacy []LegacyDrive // version 1 only
+	now    func() time.Time
+}
+
+// Locked is a keystore held under its custody lock (an exclusive flock on dir/lock).
+// Only a Locked changes the keystore, and only Lock and Init make one, so holding one is
+// holding the lock. Its read methods (those of the embedded Keystore) see its own
+// changes. A Locked is used by one goroutine; Close releases the lock.
+type Locked struct {
+	*Keystore
+	lockF *os.File // nil once closed
 	// resumed: Init kept the master.key of an interrupted init.
 	resumed bool
 }
@@ -33,149 +47,164 @@ type Keystore struct {
 // Dir is the keystore directory.
 func (k *Keystore) Dir() string { return k.dir }
 
-// State returns a copy of keystore.json as loaded (or last written by this Keystore).
-func (k *Keystore) State() State {
-	s := *k.state
-	s.Drives = slices.Clone(s.Drives)
-	if s.Rotation != nil {
-		r := *s.Rotation
-		r.Drives = slices.Clone(r.Drives)
-		s.Rotation = &r
+// ClusterUUID is the cluster the keystore's master key belongs to.
+func (k *Keystore) ClusterUUID() string { return k.state.ClusterUUID }
+
+// State returns a copy of the custody state as loaded (or last written by this Locked).
+func (k *Keystore) State() State { return *k.state.clone() }
+
+// Keys returns the master keys that may open a drive now, read from their files at each
+// call: the master key, and during a rotation the next key too (if its file exists).
+// The caller zeroes them. It is a drive.KeySource.
+func (k *Keystore) Keys() ([]drive.Key, error) {
+	var keys []drive.Key
+	for _, name := range []string{MasterKeyFile, NextKeyFile} {
+		key, err := readKey(filepath.Join(k.dir, name))
+		if err != nil {
+			if name == NextKeyFile && errors.Is(err, fs.ErrNotExist) {
+				continue
+			}
+			drive.ZeroKeys(keys)
+			return nil, err
+		}
+		keys = append(keys, drive.Key{ID: KeyID(key), Key: key})
 	}
-	return s
+	return keys, nil
 }
 
-// Drives returns the registry.
-func (k *Keystore) Drives() []Drive { return slices.Clone(k.state.Drives) }
-
-// Init creates a keystore in dir: the directory (mode 0700) if it does not exist,
-// a new master key, keystore.json with a new cluster UUID, and the lock file. It
-// refuses a directory that already holds keystore.json or master.key.next. The
-// returned Keystore holds the lock.
+// Init creates a keystore in dir: the directory (mode 0700) if it does not exist, a new
+// master key, keystore.json (version 2) with a new cluster UUID, and the lock file. It
+// refuses a directory that already holds keystore.json, master.key.next or a registry.
+// The returned Locked holds the lock.
 //
 // Init writes master.key before keystore.json. If it finds a master.key without a
-// keystore.json (an init killed between the two writes), it finishes that init with
-// the key it finds rather than refusing or replacing it: no drive can use the key
-// yet, but the administrator may already have copied it away; InitResumed says so.
-func Init(dir string) (*Keystore, error) {
+// keystore.json (an init killed between the two writes), it finishes that init with the
+// key it finds rather than refusing or replacing it: no drive can use the key yet, but
+// the administrator may already have copied it away; InitResumed says so.
+func Init(dir string) (*Locked, error) {
 	if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
 		return nil, err
 	}
 	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
 		return nil, err
 	}
-	if err := checkDir(dir); err != nil {
+	if err := securefile.CheckDir(dir); err != nil {
 		return nil, err
 	}
 	exists := func(name string) bool {
 		_, err := os.Lstat(filepath.Join(dir, name))
 		return err == nil
 	}
-	for _, name := range []string{StateFile, NextKeyFile} {
+	for _, name := range []string{StateFile, NextKeyFile, registry.FileName} {
 		if exists(name) {
 			return nil, fmt.Errorf("%s: %w", filepath.Join(dir, name), ErrExists)
 		}
 	}
-	lf, err := lock(dir)
+	lf, err := securefile.Lock(dir, LockFile)
 	if err != nil {
 		return nil, err
 	}
-	k := &Keystore{dir: dir, lockF: lf, now: nowUTC}
+	l := &Locked{Keystore: &Keystore{dir: dir, now: nowUTC}, lockF: lf}
 	// Checked again under the lock: another init may have finished meanwhile.
 	if exists(StateFile) {
-		k.Close()
+		l.Close()
 		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, StateFile), ErrExists)
 	}
 	var key []byte
 	if exists(MasterKeyFile) {
 		if key, err = readKey(filepath.Join(dir, MasterKeyFile)); err != nil {
-			k.Close()
-			return nil, fmt.Errorf("an earlier init left %w", err)
+			l.Close()
+			return nil, fmt.Errorf("%w: %w", ErrStrayKey, err)
 		}
-		k.resumed = true
+		l.resumed = true
 	} else {
 		key = newMasterKey()
 	}
 	defer clear(key)
-	now := k.now()
-	k.state = &State{
+	now := l.now()
+	l.state = &State{
 		Format: FormatName, Version: FormatVersion,
 		ClusterUUID: uuid.NewString(), Created: now,
 		MasterKey: KeyInfo{ID: KeyID(key), Created: now},
-		Drives:    []Drive{},
 	}
 	// The key first: a keystore.json always names a key that exists.
-	if !k.resumed {
-		if err := writeAtomic(dir, MasterKeyFile, key); err != nil {
-			k.Close()
+	if !l.resumed {
+		if err := securefile.WriteAtomic(dir, MasterKeyFile, key); err != nil {
+			l.Close()
 			return nil, err
 		}
 	}
-	if err := k.save(); err != nil {
-		k.Close()
+	if err := l.save(); err != nil {
+		l.Close()
 		return nil, err
 	}
-	return k, nil
+	return l, nil
 }
 
-// InitResumed reports whether Init finished an interrupted init, keeping the
-// master.key it found.
-func (k *Keystore) InitResumed() bool { return k.resumed }
+// InitResumed reports whether Init finished an interrupted init, keeping the master.key
+// it found.
+func (l *Locked) InitResumed() bool { return l.resumed }
 
 func nowUTC() time.Time { return time.Now().UTC().Truncate(time.Second) }
 
 // Open loads the keystore in dir as a read-only snapshot, without the lock, after
-// checking the directory and its files (owner, mode, no symlinks).
+// checking the directory, the directories above and its files (owner, mode, no
+// symlinks).
 func Open(dir string) (*Keystore, error) {
 	if err := checkDir(dir); err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("%s: %w", dir, ErrNoKeystore)
-		}
 		return nil, err
 	}
 	k := &Keystore{dir: dir, now: nowUTC}
-	if err := k.load(); err != nil {
+	if err := k.load(false); err != nil {
 		return nil, err
 	}
 	return k, nil
 }
 
-// OpenLocked is Open holding the keystore lock, for the commands that change the
-// keystore or a header. It fails with ErrBusy if another process holds it.
-func OpenLocked(dir string) (*Keystore, error) {
+// Lock is Open holding the custody lock, for the operations that change the keystore or
+// a drive's header. It fails with ErrBusy if another process holds it.
+func Lock(dir string) (*Locked, error) {
 	if err := checkDir(dir); err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("%s: %w", dir, ErrNoKeystore)
-		}
 		return nil, err
 	}
 	if _, err := os.Lstat(filepath.Join(dir, StateFile)); errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("%s: %w", dir, ErrNoKeystore)
 	}
-	lf, err := lock(dir)
+	lf, err := securefile.Lock(dir, LockFile)
 	if err != nil {
 		return nil, err
 	}
-	k := &Keystore{dir: dir, lockF: lf, now: nowUTC}
-	if err := k.load(); err != nil {
-		k.Close()
+	l := &Locked{Keystore: &Keystore{dir: dir, now: nowUTC}, lockF: lf}
+	if err := l.load(true); err != nil {
+		l.Close()
 		return nil, err
 	}
-	return k, nil
+	return l, nil
 }
 
-// load reads and checks keystore.json and master.key (which must be the key the
-// state names, or, once a rotation has reached its commit phase, its new key).
+// checkDir checks the keystore directory and the directories above it.
+func checkDir(dir string) error {
+	if err := securefile.CheckDir(dir); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("%s: %w", dir, ErrNoKeystore)
+		}
+		return err
+	}
+	return nil
+}
+
+// load reads and checks keystore.json and master.key (which must be the key the state
+// names, or, once a rotation has reached its commit phase, its new key).
 //
-// Without the lock, a rotation in another process may replace both files between
-// the two reads: the pair read then does not match although each file is sound. An
-// unlocked load therefore reads keystore.json again when they disagree and starts
-// over if it changed. Once master.key holds a new key it never goes back, so a state
-// read unchanged on both sides of the key read is the state that goes with the key.
-func (k *Keystore) load() error {
+// Without the lock, a rotation in another process may replace both files between the
+// two reads: the pair read then does not match although each file is sound. An unlocked
+// load therefore reads keystore.json again when they disagree and starts over if it
+// changed. Once master.key holds a new key it never goes back, so a state read unchanged
+// on both sides of the key read is the state that goes with the key.
+func (k *Keystore) load(locked bool) error {
 	const attempts = 20 // loadOnce answers errStateMoved only without the lock
 	for i := 1; ; i++ {
-		err := k.loadOnce()
+		err := k.loadOnce(locked)
 		if err == nil || i == attempts || !errors.Is(err, errStateMoved) {
 			return err
 		}
@@ -188,20 +217,17 @@ var testHookStateRead func()
 // errStateMoved is what loadOnce answers when keystore.json changed under it.
 var errStateMoved = errors.New("keystore.json changed while it was read")
 
-func (k *Keystore) loadOnce() error {
+func (k *Keystore) loadOnce(locked bool) error {
 	p := filepath.Join(k.dir, StateFile)
-	b, err := readSecure(p, maxStateSize)
+	b, err := readState(p)
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("%s: %w", k.dir, ErrNoKeystore)
-		}
 		return err
 	}
-	s, err := ParseState(b)
+	s, legacy, err := ParseState(b)
 	if err != nil {
 		return fmt.Errorf("%s: %w", p, err)
 	}
-	k.state = s
+	k.state, k.legacy = s, legacy
 	if testHookStateRead != nil {
 		testHookStateRead()
 	}
@@ -214,8 +240,8 @@ func (k *Keystore) loadOnce() error {
 	// overwritten, or already the new key; otherwise it is the key the state names.
 	if id := KeyID(key); id != s.MasterKey.ID && (s.Rotation == nil || s.Rotation.Phase != PhaseCommit) {
 		err := fmt.Errorf("%s holds key %s but %s names %s: %w", MasterKeyFile, id, StateFile, s.MasterKey.ID, ErrCorrupt)
-		if k.lockF == nil {
-			if again, rerr := readSecure(p, maxStateSize); rerr == nil && !bytes.Equal(again, b) {
+		if !locked {
+			if again, rerr := readState(p); rerr == nil && !bytes.Equal(again, b) {
 				return fmt.Errorf("%w: %w", errStateMoved, err)
 			}
 		}
@@ -223,60 +249,69 @@ func (k *Keystore) loadOnce() error {
 	}
 	// The other files must be safe too.
 	for _, name := range []string{LockFile, NextKeyFile} {
-		if err := checkPath(filepath.Join(k.dir, name), false); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		if err := securefile.CheckPath(filepath.Join(k.dir, name), false); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return err
 		}
 	}
 	return nil
 }
 
-// save writes keystore.json atomically. Only a locked Keystore writes.
-func (k *Keystore) save() error {
-	if k.lockF == nil {
-		panic("BUG: keystore: save without the lock")
+// readState reads keystore.json.
+func readState(p string) ([]byte, error) {
+	b, err := securefile.ReadFile(p, maxStateSize)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil, fmt.Errorf("%s: %w", filepath.Dir(p), ErrNoKeystore)
+	case errors.Is(err, securefile.ErrTooLarge):
+		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
 	}
-	return writeAtomic(k.dir, StateFile, k.state.Marshal())
+	return b, err
 }
 
-// Close releases the lock, if held.
-func (k *Keystore) Close() error {
-	if k.lockF == nil {
+// save writes keystore.json atomically.
+func (l *Locked) save() error {
+	if l.lockF == nil {
+		return errClosed
+	}
+	if l.V1() {
+		return fmt.Errorf("%s: %w", filepath.Join(l.dir, StateFile), ErrNotMigrated)
+	}
+	return securefile.WriteAtomic(l.dir, StateFile, l.state.Marshal())
+}
+
+// MasterKey returns the master key, to wrap a drive's data key with (format, adopt),
+// which the caller zeroes. It refuses while a rotation is under way
+// (ErrRotationUnderWay): a drive wrapped by the old key now would be left out of the
+// rotation, whose drive list is fixed, and locked out when the old key is destroyed. It
+// refuses a keystore.json of version 1 too (ErrNotMigrated): the drive would be recorded
+// in a registry that the migration then derives again from version 1's drives.
+func (l *Locked) MasterKey() (drive.Key, error) {
+	if l.lockF == nil {
+		return drive.Key{}, errClosed
+	}
+	if l.V1() {
+		return drive.Key{}, fmt.Errorf("%s: %w", filepath.Join(l.dir, StateFile), ErrNotMigrated)
+	}
+	if l.state.Rotation != nil {
+		return drive.Key{}, ErrRotationUnderWay
+	}
+	key, err := readKey(filepath.Join(l.dir, MasterKeyFile))
+	if err != nil {
+		return drive.Key{}, err
+	}
+	if id := KeyID(key); id != l.state.MasterKey.ID {
+		clear(key)
+		return drive.Key{}, fmt.Errorf("%s holds key %s but %s names %s: %w", MasterKeyFile, id, StateFile, l.state.MasterKey.ID, ErrCorrupt)
+	}
+	return drive.Key{ID: l.state.MasterKey.ID, Key: key}, nil
+}
+
+// Close releases the lock. Calling it again does nothing.
+func (l *Locked) Close() error {
+	if l.lockF == nil {
 		return nil
 	}
-	err := k.lockF.Close()
-	k.lockF = nil
+	err := l.lockF.Close()
+	l.lockF = nil
 	return err
 }
-
-// masterKeys returns the keys that may open a drive now, with their ids: the
-// master key, and during a rotation the next key too (if its file exists). The
-// caller zeroes them.
-func (k *Keystore) masterKeys() ([]namedKey, error) {
-	var keys []namedKey
-	for _, name := range []string{MasterKeyFile, NextKeyFile} {
-		key, err := readKey(filepath.Join(k.dir, name))
-		if err != nil {
-			if name == NextKeyFile && errors.Is(err, fs.ErrNotExist) {
-				continue
-			}
-			zeroKeys(keys)
-			return nil, err
-		}
-		keys = append(keys, namedKey{id: KeyID(key), key: key})
-	}
-	return keys, nil
-}
-
-type namedKey struct {
-	id  string
-	key []byte
-}
-
-func zeroKeys(keys []namedKey) {
-	for _, k := range keys {
-		clear(k.key)
-	}
-}
-
-// lockHeld reports whether this Keystore holds the lock (for assertions).
-func (k *Keystore) lockHeld() bool { return k.lockF != nil }

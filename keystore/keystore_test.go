@@ -3,35 +3,21 @@ package keystore
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 
-	"github.com/atrest/atrest/blockdev"
+	"github.com/atrest/atrest/drive"
+	"github.com/atrest/atrest/internal/securefile"
 	"github.com/atrest/atrest/internal/testutil"
 	"github.com/atrest/atrest/luks2"
 	"github.com/atrest/atrest/luks2/luks2test"
+	"github.com/atrest/atrest/registry"
 )
-
-const testDriveSize = 32 << 20
-
-func newKeystore(t testing.TB) (*Keystore, string) {
-	t.Helper()
-	dir := filepath.Join(t.TempDir(), "ks")
-	k, err := Init(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { k.Close() })
-	return k, dir
-}
 
 func hashFile(t testing.TB, p string) [32]byte {
 	t.Helper()
@@ -43,7 +29,7 @@ func hashFile(t testing.TB, p string) [32]byte {
 }
 
 func TestInit(t *testing.T) {
-	k, dir := newKeystore(t)
+	l, dir := newKeystore(t)
 	for name, mode := range map[string]os.FileMode{".": 0o700 | os.ModeDir, MasterKeyFile: 0o600, StateFile: 0o600, LockFile: 0o600} {
 		fi, err := os.Lstat(filepath.Join(dir, name))
 		if err != nil {
@@ -54,10 +40,13 @@ func TestInit(t *testing.T) {
 		}
 	}
 	key, _ := os.ReadFile(filepath.Join(dir, MasterKeyFile))
-	if len(key) != MasterKeySize || KeyID(key) != k.State().MasterKey.ID {
-		t.Fatalf("master key of %d bytes, id %s vs %s", len(key), KeyID(key), k.State().MasterKey.ID)
+	if len(key) != MasterKeySize || KeyID(key) != l.State().MasterKey.ID {
+		t.Fatalf("master key of %d bytes, id %s vs %s", len(key), KeyID(key), l.State().MasterKey.ID)
 	}
-	k.Close()
+	if s := l.State(); s.Version != FormatVersion || l.V1() || l.LegacyDrives() != nil {
+		t.Fatalf("a new keystore is version %d", s.Version)
+	}
+	l.Close()
 	if _, err := Init(dir); !errors.Is(err, ErrExists) {
 		t.Fatalf("second init: %v", err)
 	}
@@ -65,11 +54,22 @@ func TestInit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if k2.State().ClusterUUID != k.State().ClusterUUID {
+	if k2.ClusterUUID() != l.ClusterUUID() || k2.Dir() != dir {
 		t.Fatal("cluster UUID changed")
 	}
 	if _, err := Open(filepath.Join(dir, "nope")); !errors.Is(err, ErrNoKeystore) {
 		t.Fatalf("missing dir: %v", err)
+	}
+	if _, err := Lock(filepath.Join(dir, "nope")); !errors.Is(err, ErrNoKeystore) {
+		t.Fatalf("missing dir, locked: %v", err)
+	}
+
+	// A registry without a keystore is someone's inventory: init leaves it alone.
+	dir2 := filepath.Join(t.TempDir(), "ks")
+	os.Mkdir(dir2, 0o700)
+	os.WriteFile(filepath.Join(dir2, registry.FileName), []byte("{}"), 0o600)
+	if _, err := Init(dir2); !errors.Is(err, ErrExists) {
+		t.Fatalf("init beside a registry: %v", err)
 	}
 }
 
@@ -77,20 +77,20 @@ func TestInit(t *testing.T) {
 // (the state made here by removing keystore.json) is finished by the next init, with
 // the key it left; keystore.json alone, or master.key.next, still refuses.
 func TestInitResume(t *testing.T) {
-	k, dir := newKeystore(t)
-	k.Close()
+	l, dir := newKeystore(t)
+	l.Close()
 	key := readMaster(t, dir)
 	if err := os.Remove(filepath.Join(dir, StateFile)); err != nil {
 		t.Fatal(err)
 	}
-	k2, err := Init(dir)
+	l2, err := Init(dir)
 	if err != nil {
 		t.Fatalf("init after an interrupted one: %v", err)
 	}
-	if !k2.InitResumed() || k2.State().MasterKey.ID != KeyID(key) || !bytes.Equal(readMaster(t, dir), key) {
-		t.Fatalf("resumed %v with key %s, want the key left behind, %s", k2.InitResumed(), k2.State().MasterKey.ID, KeyID(key))
+	if !l2.InitResumed() || l2.State().MasterKey.ID != KeyID(key) || !bytes.Equal(readMaster(t, dir), key) {
+		t.Fatalf("resumed %v with key %s, want the key left behind, %s", l2.InitResumed(), l2.State().MasterKey.ID, KeyID(key))
 	}
-	k2.Close()
+	l2.Close()
 	if _, err := Open(dir); err != nil {
 		t.Fatal(err)
 	}
@@ -106,7 +106,7 @@ func TestInitResume(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir2, MasterKeyFile), []byte("short"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Init(dir2); !errors.Is(err, ErrCorrupt) {
+	if _, err := Init(dir2); !errors.Is(err, ErrCorrupt) || !errors.Is(err, ErrStrayKey) {
 		t.Fatalf("init over a short master.key: %v", err)
 	}
 	if b, _ := os.ReadFile(filepath.Join(dir2, MasterKeyFile)); string(b) != "short" {
@@ -114,12 +114,20 @@ func TestInitResume(t *testing.T) {
 	}
 }
 
+// describe is an error's text with the fix an UnsafeError carries.
+func describe(err error) string {
+	if ue := (*securefile.UnsafeError)(nil); errors.As(err, &ue) {
+		return err.Error() + " (fix: " + ue.Fix + ")"
+	}
+	return fmt.Sprint(err)
+}
+
 // TestStickyParent: a world-writable parent with the sticky bit (/tmp, /var/tmp) is
 // accepted, as it is by OpenSSH.
 func TestStickyParent(t *testing.T) {
 	testutil.Root(t)
-	k, dir := newKeystore(t)
-	k.Close()
+	l, dir := newKeystore(t)
+	l.Close()
 	if err := os.Chmod(filepath.Dir(dir), os.ModeSticky|0o777); err != nil {
 		t.Fatal(err)
 	}
@@ -129,46 +137,36 @@ func TestStickyParent(t *testing.T) {
 	if err := os.Chmod(filepath.Dir(dir), 0o777); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Open(dir); !errors.Is(err, ErrUnsafe) || !strings.Contains(withFix(err), "chmod go-w "+filepath.Dir(dir)) {
-		t.Fatalf("open under a world-writable parent: %v", err)
+	if _, err := Open(dir); !errors.Is(err, ErrUnsafe) || !strings.Contains(describe(err), "chmod go-w "+filepath.Dir(dir)) {
+		t.Fatalf("open under a world-writable parent: %v", describe(err))
 	}
-}
-
-// withFix is the message of err with the fix of an UnsafeError after it; it fails
-// the test if the message itself carries a hint (cmd/atrest prints the fix as one).
-func withFix(err error) string {
-	if err == nil {
-		return ""
-	}
-	msg := err.Error()
-	if strings.Contains(msg, "hint") {
-		panic("a keystore error carries a hint: " + msg)
-	}
-	var ue *UnsafeError
-	if errors.As(err, &ue) {
-		msg += " (fix: " + ue.Fix + ")"
-	}
-	return msg
 }
 
 func TestLock(t *testing.T) {
-	k, dir := newKeystore(t)
-	if _, err := OpenLocked(dir); !errors.Is(err, ErrBusy) {
+	l, dir := newKeystore(t)
+	if _, err := Lock(dir); !errors.Is(err, ErrBusy) {
 		t.Fatalf("second locker: %v", err)
 	}
 	if _, err := Open(dir); err != nil {
 		t.Fatalf("a reader needs no lock: %v", err)
 	}
-	k.Close()
-	k2, err := OpenLocked(dir)
+	l.Close()
+	l2, err := Lock(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	k2.Close()
+	l2.Close()
+	// A Locked closed no longer changes anything.
+	if _, err := l2.MasterKey(); !errors.Is(err, errClosed) {
+		t.Fatalf("MasterKey after Close: %v", err)
+	}
+	if _, err := l2.Rotate(context.Background(), RotateOptions{}); !errors.Is(err, errClosed) {
+		t.Fatalf("Rotate after Close: %v", err)
+	}
 }
 
-// TestUnsafeKeystoreRefused: each unsafe or corrupt keystore is refused with an
-// error that names the file, and no file changes.
+// TestUnsafeKeystoreRefused: each unsafe or corrupt keystore is refused with an error
+// that names the file (and, for an unsafe one, the fix), and no file changes.
 func TestUnsafeKeystoreRefused(t *testing.T) {
 	testutil.Root(t)
 	cases := map[string]struct {
@@ -192,7 +190,7 @@ func TestUnsafeKeystoreRefused(t *testing.T) {
 			os.Rename(p, filepath.Join(d, "elsewhere"))
 			return os.Symlink("elsewhere", p)
 		}, "keystore.json is a symlink", ErrUnsafe},
-		"dir symlink":     {nil, "replace it with the directory it points to", ErrUnsafe},
+		"dir symlink":     {nil, "is a symlink", ErrUnsafe},
 		"parent writable": {func(d string) error { return os.Chmod(filepath.Dir(d), 0o777) }, "writable by group or others", ErrUnsafe},
 		"parent owner":    {func(d string) error { return os.Chown(filepath.Dir(d), 1234, 0) }, "is owned by uid 1234", ErrUnsafe},
 		"key not regular": {func(d string) error {
@@ -206,17 +204,19 @@ func TestUnsafeKeystoreRefused(t *testing.T) {
 			return os.WriteFile(p, b[:len(b)/2], 0o600)
 		}, "unexpected end of JSON", ErrCorrupt},
 		"empty json":     {func(d string) error { return os.WriteFile(filepath.Join(d, StateFile), nil, 0o600) }, "keystore.json", ErrCorrupt},
-		"future version": {func(d string) error { return editState(d, `"version": 1`, `"version": 2`) }, "version 2", ErrCorrupt},
-		"unknown field":  {func(d string) error { return editState(d, `"drives": []`, `"drives": [], "x": 1`) }, "unknown field", ErrCorrupt},
+		"future version": {func(d string) error { return editState(d, `"version": 2`, `"version": 3`) }, "version 3", ErrCorrupt},
+		"unknown field":  {func(d string) error { return editState(d, `"rotation": null`, `"rotation": null, "x": 1`) }, "unknown field", ErrCorrupt},
+		"drives in v2":   {func(d string) error { return editState(d, `"rotation": null`, `"rotation": null, "drives": []`) }, "unknown field", ErrCorrupt},
 		"short key":      {func(d string) error { return os.WriteFile(filepath.Join(d, MasterKeyFile), []byte("short"), 0o600) }, "not a 32-byte master key", ErrCorrupt},
+		"long key":       {func(d string) error { return os.WriteFile(filepath.Join(d, MasterKeyFile), make([]byte, 5000), 0o600) }, "master.key is 5000 bytes", ErrCorrupt},
 		"other key": {func(d string) error {
 			return os.WriteFile(filepath.Join(d, MasterKeyFile), bytes.Repeat([]byte{1}, 32), 0o600)
 		}, "but keystore.json names", ErrCorrupt},
 	}
 	for name, c := range cases {
 		t.Run(name, func(t *testing.T) {
-			k, dir := newKeystore(t)
-			k.Close()
+			l, dir := newKeystore(t)
+			l.Close()
 			open := dir
 			if c.break_ == nil {
 				open = dir + ".link"
@@ -227,11 +227,13 @@ func TestUnsafeKeystoreRefused(t *testing.T) {
 				t.Fatal(err)
 			}
 			before := snapshot(t, dir)
-			for _, f := range []func(string) (*Keystore, error){Open, OpenLocked} {
-				_, err := f(open)
-				if msg := withFix(err); !errors.Is(err, c.err) || !strings.Contains(msg, c.want) {
-					t.Fatalf("got %s, want %v naming %q", msg, c.err, c.want)
-				}
+			_, err := Open(open)
+			if !errors.Is(err, c.err) || !strings.Contains(describe(err), c.want) {
+				t.Fatalf("open: got %v, want %v naming %q", describe(err), c.err, c.want)
+			}
+			_, err = Lock(open)
+			if !errors.Is(err, c.err) || !strings.Contains(describe(err), c.want) {
+				t.Fatalf("lock: got %v, want %v naming %q", describe(err), c.err, c.want)
 			}
 			if after := snapshot(t, dir); after != before {
 				t.Fatalf("refusing changed the keystore:\n%s\n%s", before, after)
@@ -269,316 +271,17 @@ func snapshot(t testing.TB, dir string) string {
 	return b.String()
 }
 
-// writeThrough writes data through an unlocked drive at off.
-func writeThrough(t testing.TB, k *Keystore, path string, data []byte, off int64) {
-	t.Helper()
-	u, err := k.Unlock(path, UnlockOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := u.Device.WriteAt(data, off); err != nil {
-		t.Fatal(err)
-	}
-	if err := u.Device.Close(); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func readThrough(t testing.TB, k *Keystore, path string, n int, off int64) []byte {
-	t.Helper()
-	u, err := k.Unlock(path, UnlockOptions{ReadOnly: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer u.Device.Close()
-	b := make([]byte, n)
-	if _, err := u.Device.ReadAt(b, off); err != nil && err != io.EOF {
-		t.Fatal(err)
-	}
-	return b
-}
-
-// pythonDecrypt decrypts n bytes of the data segment at segment offset off (a
-// sector multiple) with python3-cryptography, as dm-crypt would: aes-xts-plain64,
-// IV = offset / 512 whatever the sector size.
-const pythonXTS = `
-import sys
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-img, key, data_off, off, n, ss, mode = sys.argv[1], bytes.fromhex(sys.argv[2]), *map(int, sys.argv[3:8])
-f = open(img, 'r+b')
-out = b''
-for o in range(off, off + n, ss):
-    c = Cipher(algorithms.AES(key), modes.XTS((o // 512).to_bytes(16, 'little')))
-    f.seek(data_off + o)
-    if mode == 0:
-        out += c.decryptor().update(f.read(ss))
-    else:
-        pt = sys.stdin.buffer.read(ss)
-        f.seek(data_off + o)
-        f.write(c.encryptor().update(pt))
-sys.stdout.buffer.write(out)
-`
-
-func python(t testing.TB, img string, key []byte, off int64, n, ss int, encrypt []byte) []byte {
-	t.Helper()
-	mode := "0"
-	if encrypt != nil {
-		mode = "1"
-	}
-	cmd := exec.Command(testutil.Python3(t), "-c", pythonXTS, img, fmt.Sprintf("%x", key),
-		fmt.Sprint(luks2.DataOffset), fmt.Sprint(off), fmt.Sprint(n), fmt.Sprint(ss), mode)
-	cmd.Stdin = bytes.NewReader(encrypt)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("python: %v\n%s", err, stderr.String())
-	}
-	return out
-}
-
-func randomBytes(n int) []byte {
-	b := make([]byte, n)
-	rand.Read(b)
-	return b
-}
-
-// TestFormatInterop: a drive atrest formats opens in cryptsetup with master.key,
-// gives the data key atrest used, and data written through atrest decrypts in
-// python3-cryptography (IV in 512-byte units) at both sector sizes.
-func TestFormatInterop(t *testing.T) {
-	luks2test.Cryptsetup(t)
-	for _, ss := range []int{4096, 512} {
-		t.Run(fmt.Sprint(ss), func(t *testing.T) {
-			k, dir := newKeystore(t)
-			img := luks2test.SparseImage(t, testDriveSize)
-			d, err := k.FormatDrive(img, FormatOptions{SectorSize: ss})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if d.Volume != "vol0" || d.SectorSize != ss || len(k.Drives()) != 1 {
-				t.Fatalf("drive %+v", d)
-			}
-			mk := filepath.Join(dir, MasterKeyFile)
-			if ok, out := luks2test.Opens(t, img, mk); !ok {
-				t.Fatalf("cryptsetup refuses master.key: %s", out)
-			}
-			vk := luks2test.VolumeKey(t, img, mk)
-			// Data at an odd place: crosses sectors, not aligned.
-			data := randomBytes(3*ss + 100)
-			off := int64(5*ss + 7)
-			writeThrough(t, k, img, data, off)
-			first := off / int64(ss) * int64(ss)
-			n := int((off+int64(len(data))+int64(ss)-1)/int64(ss)*int64(ss) - first)
-			plain := python(t, img, vk, first, n, ss, nil)
-			if !bytes.Equal(plain[off-first:off-first+int64(len(data))], data) {
-				t.Fatal("python3-cryptography does not decrypt what atrest wrote")
-			}
-			// And the other way: python encrypts, atrest reads.
-			theirs := randomBytes(2 * ss)
-			python(t, img, vk, int64(9*ss), len(theirs), ss, theirs)
-			if got := readThrough(t, k, img, len(theirs), int64(9*ss)); !bytes.Equal(got, theirs) {
-				t.Fatal("atrest does not decrypt what python3-cryptography wrote")
-			}
-			u, err := k.Unlock(img, UnlockOptions{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer u.Device.Close()
-			if u.Volume != "vol0" || u.UUID != d.UUID || u.SectorSize != ss || u.Device.Caps().Trim || u.MemberCount != 1 {
-				t.Fatalf("unlocked %+v", u)
-			}
-			if u.Device.Size() != testDriveSize-luks2.DataOffset {
-				t.Fatalf("data size %d", u.Device.Size())
-			}
-		})
-	}
-}
-
-func TestFormatVolumeNames(t *testing.T) {
-	k, _ := newKeystore(t)
-	a := luks2test.SparseImage(t, testDriveSize)
-	if _, err := k.FormatDrive(a, FormatOptions{Volume: "db", AllowDiscards: true}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := k.FormatDrive(luks2test.SparseImage(t, testDriveSize), FormatOptions{Volume: "db"}); !errors.Is(err, ErrVolumeExists) {
-		t.Fatalf("taken name: %v", err)
-	}
-	if _, err := k.FormatDrive(luks2test.SparseImage(t, testDriveSize), FormatOptions{Volume: "../x"}); err == nil {
-		t.Fatal("bad name accepted")
-	}
-	u, err := k.Unlock(a, UnlockOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !u.Device.Caps().Trim || u.Volume != "db" {
-		t.Fatalf("%+v", u)
-	}
-	u.Device.Close()
-}
-
-// TestAdopt: drives cryptsetup formatted with a key file, holding data written as
-// dm-crypt would (python3-cryptography), join the cluster and keep their data; a
-// wrong key file changes nothing.
-func TestAdopt(t *testing.T) {
-	luks2test.Cryptsetup(t)
-	cases := map[string][]string{
-		"pbkdf2": luks2test.FastPBKDF2,
-		// cryptsetup 2.6's default keyslot as it comes out on this 2-core machine
-		// (argon2id, 4 passes over 1 GiB, 2 threads), given explicitly so that
-		// luksFormat skips its 2-second benchmark.
-		"argon2id default": {"--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory", "1048576", "--pbkdf-parallel", "2"},
-	}
-	for name, args := range cases {
-		t.Run(name, func(t *testing.T) {
-			k, dir := newKeystore(t)
-			img := luks2test.SparseImage(t, testDriveSize)
-			oldKey := randomBytes(32)
-			oldFile := luks2test.KeyFile(t, oldKey)
-			vk := randomBytes(64)
-			luks2test.Format(t, img, oldFile, append(args, "--sector-size", "512", "--volume-key-file", luks2test.KeyFile(t, vk))...)
-			data := randomBytes(8192)
-			python(t, img, vk, 4096, len(data), 512, data)
-
-			if strings.HasPrefix(name, "pbkdf2") {
-				before := hashFile(t, img)
-				_, err := k.AdoptDrive(img, randomBytes(32), AdoptOptions{})
-				if !errors.Is(err, luks2.ErrWrongKey) {
-					t.Fatalf("wrong key file: %v", err)
-				}
-				if hashFile(t, img) != before || len(k.Drives()) != 0 {
-					t.Fatal("a refused adoption changed something")
-				}
-			}
-			r, err := k.AdoptDrive(img, oldKey, AdoptOptions{Volume: "old"})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if r.OldSlot != 0 || len(r.OtherSlots) != 0 || r.Drive.SectorSize != 512 {
-				t.Fatalf("%+v", r)
-			}
-			if got := readThrough(t, k, img, len(data), 4096); !bytes.Equal(got, data) {
-				t.Fatal("adopted drive's data changed")
-			}
-			if ok, _ := luks2test.Opens(t, img, filepath.Join(dir, MasterKeyFile)); !ok {
-				t.Fatal("cryptsetup refuses master.key on the adopted drive")
-			}
-			if ok, _ := luks2test.Opens(t, img, oldFile); ok {
-				t.Fatal("the old key file still opens the adopted drive")
-			}
-			if _, err := k.AdoptDrive(img, oldKey, AdoptOptions{}); !errors.Is(err, ErrRegistered) {
-				t.Fatalf("second adoption: %v", err)
-			}
-		})
-	}
-}
-
-func TestAdoptKeepOldKeyslot(t *testing.T) {
-	luks2test.Cryptsetup(t)
-	k, _ := newKeystore(t)
-	img := luks2test.SparseImage(t, testDriveSize)
-	oldKey := randomBytes(32)
-	oldFile := luks2test.KeyFile(t, oldKey)
-	luks2test.Format(t, img, oldFile, luks2test.FastPBKDF2...)
-	other := luks2test.KeyFile(t, randomBytes(32))
-	luks2test.MustRun(t, append([]string{"luksAddKey", "--batch-mode", "--key-file", oldFile, img, other}, luks2test.FastPBKDF2...)...)
-	r, err := k.AdoptDrive(img, oldKey, AdoptOptions{KeepOldKeyslot: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if fmt.Sprint(r.OtherSlots) != "[0 1]" {
-		t.Fatalf("other slots %v", r.OtherSlots)
-	}
-	if ok, _ := luks2test.Opens(t, img, oldFile); !ok {
-		t.Fatal("kept keyslot lost")
-	}
-}
-
-// formatDrives makes n drives with known data at offset 12345 of each.
-func formatDrives(t testing.TB, k *Keystore, n int) (paths []string, data [][]byte) {
-	t.Helper()
-	for i := range n {
-		p := luks2test.SparseImage(t, testDriveSize)
-		if _, err := k.FormatDrive(p, FormatOptions{SectorSize: []int{4096, 512}[i%2]}); err != nil {
-			t.Fatal(err)
-		}
-		d := randomBytes(10000)
-		writeThrough(t, k, p, d, 12345)
-		paths, data = append(paths, p), append(data, d)
-	}
-	return paths, data
-}
-
-// checkRotated: every drive opens with the current master key in atrest and in
-// cryptsetup, its data is unchanged, and the old key opens nothing.
-func checkRotated(t testing.TB, dir string, paths []string, data [][]byte, oldKey []byte) {
-	t.Helper()
-	k, err := Open(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	oldFile := luks2test.KeyFile(t, oldKey)
-	for i, p := range paths {
-		if got := readThrough(t, k, p, len(data[i]), 12345); !bytes.Equal(got, data[i]) {
-			t.Fatalf("drive %d: data changed", i)
-		}
-		dev := openTestDrive(t, p)
-		h, err := luks2.Load(dev)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, _, err := h.Unlock(dev, oldKey); !errors.Is(err, luks2.ErrWrongKey) {
-			t.Fatalf("drive %d: old key: %v", i, err)
-		}
-		if len(h.Keyslots()) != 1 {
-			t.Fatalf("drive %d: %d keyslots after rotation", i, len(h.Keyslots()))
-		}
-		tok, _ := h.AtrestToken()
-		if tok.MasterKeyID != k.State().MasterKey.ID {
-			t.Fatalf("drive %d: token names %s", i, tok.MasterKeyID)
-		}
-		dev.Close()
-		if luks2test.InCryptsetup(t) {
-			if ok, out := luks2test.Opens(t, p, filepath.Join(dir, MasterKeyFile)); !ok {
-				t.Fatalf("drive %d: cryptsetup refuses the new master.key: %s", i, out)
-			}
-			if ok, _ := luks2test.Opens(t, p, oldFile); ok {
-				t.Fatalf("drive %d: cryptsetup opens with the old key", i)
-			}
-		}
-	}
-	if k.State().Rotation != nil {
-		t.Fatal("journal not cleared")
-	}
-	if _, err := os.Lstat(filepath.Join(dir, NextKeyFile)); !errors.Is(err, os.ErrNotExist) {
-		t.Fatalf("master.key.next left behind: %v", err)
-	}
-}
-
-func readMaster(t testing.TB, dir string) []byte {
-	t.Helper()
-	b, err := os.ReadFile(filepath.Join(dir, MasterKeyFile))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
 func TestRotate(t *testing.T) {
-	k, dir := newKeystore(t)
-	paths, data := formatDrives(t, k, 3)
+	l, dir := newKeystore(t)
+	paths, data := formatDrives(t, l, dir, 3)
 	oldKey := readMaster(t, dir)
-	oldID := k.State().MasterKey.ID
+	oldID := l.State().MasterKey.ID
 	var steps []string
 	// A reader in "another process" unlocks every drive at every step.
-	err := k.Rotate(context.Background(), RotateOptions{Step: func(s Step) {
+	out, err := rotate(t, l, dir, RotateOptions{Step: func(s Step) {
 		steps = append(steps, s.Name)
-		r, err := Open(dir)
-		if err != nil {
-			t.Fatalf("at %s: %v", s.Name, err)
-		}
 		for i, p := range paths {
-			if got := readThrough(t, r, p, len(data[i]), 12345); !bytes.Equal(got, data[i]) {
+			if got := readThrough(t, dir, p, len(data[i]), 12345); !bytes.Equal(got, data[i]) {
 				t.Fatalf("at %s: drive %d reads wrong data", s.Name, i)
 			}
 		}
@@ -587,26 +290,21 @@ func TestRotate(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("steps: %v", steps)
-	if len(steps) != 2+5*3+4 || steps[len(steps)-1] != StepFinished {
+	if len(steps) != 2+5*3+5 || steps[len(steps)-1] != StepFinished || steps[len(steps)-2] != StepOutcome {
 		t.Fatalf("steps %v", steps)
 	}
-	st := k.State()
-	if st.MasterKey.ID == oldID || st.LastRotation == nil || bytes.Equal(readMaster(t, dir), oldKey) {
+	st := l.State()
+	if st.MasterKey.ID == oldID || st.LastRotation == nil || !st.LastRotation.Equal(out.Time) || bytes.Equal(readMaster(t, dir), oldKey) {
 		t.Fatal("master key not replaced")
 	}
-	for _, d := range st.Drives {
-		if d.KeyID != st.MasterKey.ID || d.State != DriveActive {
-			t.Fatalf("registry %+v", d)
-		}
+	if out.OldKeyID != oldID || out.NewKeyID != st.MasterKey.ID || len(out.Rewrapped) != 3 || len(out.Stale) != 0 || out.Resumed {
+		t.Fatalf("outcome %+v", out)
 	}
 	checkRotated(t, dir, paths, data, oldKey)
-	status, err := k.Status()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, d := range status.Drives {
-		if d.State != StatePresent || d.KeyID != st.MasterKey.ID {
-			t.Fatalf("status %+v", d)
+	k, _ := Open(dir)
+	for _, p := range paths {
+		if h, err := drive.Check(p, drive.UnlockOptions{ClusterUUID: k.ClusterUUID(), Keys: k.Keys}); err != nil || h.State != drive.StatePresent || h.KeyID != st.MasterKey.ID {
+			t.Fatalf("check %+v, %v", h, err)
 		}
 	}
 }
@@ -615,14 +313,14 @@ func TestRotate(t *testing.T) {
 // keystore.json and its read of master.key leaves a pair that does not match; Open
 // reads the state again and opens the keystore as it is after the rotation.
 func TestOpenAcrossRotation(t *testing.T) {
-	k, dir := newKeystore(t)
-	paths, data := formatDrives(t, k, 1)
-	oldID := k.State().MasterKey.ID
+	l, dir := newKeystore(t)
+	paths, data := formatDrives(t, l, dir, 1)
+	oldID := l.State().MasterKey.ID
 	rotations := 0
 	testHookStateRead = func() {
 		if rotations == 0 {
 			rotations++
-			if err := k.Rotate(context.Background(), RotateOptions{}); err != nil {
+			if _, err := rotate(t, l, dir, RotateOptions{}); err != nil {
 				t.Error(err)
 			}
 		}
@@ -636,169 +334,287 @@ func TestOpenAcrossRotation(t *testing.T) {
 	if rotations != 1 {
 		t.Fatal("the rotation did not run")
 	}
-	if id := r.State().MasterKey.ID; id == oldID || id != k.State().MasterKey.ID {
-		t.Fatalf("opened with master key %s; old %s, new %s", id, oldID, k.State().MasterKey.ID)
+	if id := r.State().MasterKey.ID; id == oldID || id != l.State().MasterKey.ID {
+		t.Fatalf("opened with master key %s; old %s, new %s", id, oldID, l.State().MasterKey.ID)
 	}
-	if got := readThrough(t, r, paths[0], len(data[0]), 12345); !bytes.Equal(got, data[0]) {
+	if got := readThrough(t, dir, paths[0], len(data[0]), 12345); !bytes.Equal(got, data[0]) {
 		t.Fatal("drive reads wrong data after the rotation")
 	}
 }
 
 func TestRotateAbsentDrive(t *testing.T) {
-	k, dir := newKeystore(t)
-	paths, data := formatDrives(t, k, 3)
+	l, dir := newKeystore(t)
+	paths, data := formatDrives(t, l, dir, 3)
+	ids := rotateDrives(t, dir)
 	oldKey := readMaster(t, dir)
 	pulled := paths[1] + ".pulled"
 	os.Rename(paths[1], pulled)
 	before := snapshot(t, dir)
-	err := k.Rotate(context.Background(), RotateOptions{})
+	_, err := rotate(t, l, dir, RotateOptions{})
 	var me *MissingError
-	if !errors.As(err, &me) || !errors.Is(err, ErrDriveMissing) || len(me.Drives) != 1 || !strings.Contains(err.Error(), paths[1]) {
+	if !errors.As(err, &me) || !errors.Is(err, ErrDriveMissing) || len(me.Drives) != 1 || me.Rewrapping || !strings.Contains(err.Error(), paths[1]) {
 		t.Fatalf("absent drive: %v", err)
 	}
 	if snapshot(t, dir) != before {
 		t.Fatal("a refused rotation changed the keystore")
 	}
-	if err := k.Rotate(context.Background(), RotateOptions{Force: true}); err != nil {
+	out, err := rotate(t, l, dir, RotateOptions{Force: true})
+	if err != nil {
 		t.Fatal(err)
 	}
+	if fmt.Sprint(out.Stale) != fmt.Sprint([]string{ids[1].UUID}) || len(out.Rewrapped) != 2 {
+		t.Fatalf("outcome %+v", out)
+	}
 	checkRotated(t, dir, []string{paths[0], paths[2]}, [][]byte{data[0], data[2]}, oldKey)
-	st, _ := k.Status()
-	if st.Drives[1].State != StateOldKey || st.Drives[1].KeyID == k.State().MasterKey.ID {
-		t.Fatalf("pulled drive: %+v", st.Drives[1])
+	if d := loadRegistry(t, dir).Drive(ids[1].UUID); d.State != registry.DriveStale || d.KeyID == l.State().MasterKey.ID {
+		t.Fatalf("pulled drive: %+v", d)
 	}
 	// The pulled drive is locked to the old key for good: the old key opens it,
 	// the new one does not, even when it comes back.
 	os.Rename(pulled, paths[1])
-	if _, err := k.Unlock(paths[1], UnlockOptions{}); !errors.Is(err, luks2.ErrWrongKey) {
+	if _, err := unlock(t, dir, paths[1], true); !errors.Is(err, luks2.ErrWrongKey) {
 		t.Fatalf("new key on the pulled drive: %v", err)
 	}
-	dev := openTestDrive(t, paths[1])
+	dev, _ := luks2test.OpenReadOnly(paths[1])
 	defer dev.Close()
 	h, _ := luks2.Load(dev)
 	if _, _, err := h.Unlock(dev, oldKey); err != nil {
 		t.Fatalf("old key on the pulled drive: %v", err)
 	}
 	// A second rotation leaves it alone.
-	if err := k.Rotate(context.Background(), RotateOptions{}); err != nil {
-		t.Fatal(err)
+	if out, err := rotate(t, l, dir, RotateOptions{}); err != nil || len(out.Stale) != 0 {
+		t.Fatalf("second rotation: %+v, %v", out, err)
 	}
 }
 
 // errCrash stands for the process dying at a step.
 var errCrash = errors.New("crash")
 
-// TestRotateCrashAtEveryStep stops the rotation at every step boundary (a panic
-// out of the step callback, the lock then dropped, as a dead process drops it),
-// checks that every drive opens with a key the journal names, then reruns.
+// crashRotation runs a rotation that panics at its stop-th step (counting from 0), as a
+// process dying there; it reports whether it crashed. The lock is dropped after, as a
+// dead process drops it.
+func crashRotation(t testing.TB, l *Locked, dir string, stop int) (crashed bool) {
+	t.Helper()
+	return crashRotationWith(t, l, dir, stop, RotateOptions{})
+}
+
+func crashRotationWith(t testing.TB, l *Locked, dir string, stop int, o RotateOptions) (crashed bool) {
+	t.Helper()
+	defer l.Close()
+	defer func() {
+		if r := recover(); r != nil {
+			if r != errCrash {
+				panic(r)
+			}
+			crashed = true
+		}
+	}()
+	n := 0
+	o.Step = func(s Step) {
+		if n == stop {
+			panic(errCrash)
+		}
+		n++
+	}
+	if _, err := rotate(t, l, dir, o); err != nil {
+		t.Fatal(err)
+	}
+	return false
+}
+
+// TestRotateCrashAtEveryStep stops a forced rotation (one drive pulled) at every step
+// boundary (a panic out of the step callback, the lock then dropped), checks that every
+// drive opens with a key the keystore gives and that a keystore with no rotation under
+// way has its outcome in the registry, then reruns; the rerun finishes the rotation and
+// records the outcome in the registry (called again after a crash that followed
+// Finish).
 func TestRotateCrashAtEveryStep(t *testing.T) {
 	for stop := 0; ; stop++ {
-		k, dir := newKeystore(t)
-		paths, data := formatDrives(t, k, 2)
+		l, dir := newKeystore(t)
+		paths, data := formatDrives(t, l, dir, 3)
+		pulled := rotateDrives(t, dir)[2].UUID
+		os.Rename(paths[2], paths[2]+".pulled")
+		paths, data = paths[:2], data[:2]
 		oldKey := readMaster(t, dir)
-		n := 0
-		crashed := func() (crashed bool) {
-			defer func() {
-				if r := recover(); r != nil {
-					if r != errCrash {
-						panic(r)
-					}
-					crashed = true
-				}
-			}()
-			err := k.Rotate(context.Background(), RotateOptions{Step: func(s Step) {
-				if n == stop {
-					panic(errCrash)
-				}
-				n++
-			}})
-			if err != nil {
-				t.Fatal(err)
-			}
-			return false
-		}()
-		k.Close()
-		if !crashed {
+		if !crashRotationWith(t, l, dir, stop, RotateOptions{Force: true}) {
 			t.Logf("crashed at each of %d steps", stop)
 			return
 		}
-		r, err := Open(dir)
+		k, err := Open(dir)
 		if err != nil {
 			t.Fatalf("stop %d: keystore does not open after the crash: %v", stop, err)
 		}
 		for i, p := range paths {
-			if got := readThrough(t, r, p, len(data[i]), 12345); !bytes.Equal(got, data[i]) {
+			if got := readThrough(t, dir, p, len(data[i]), 12345); !bytes.Equal(got, data[i]) {
 				t.Fatalf("stop %d: drive %d", stop, i)
 			}
 		}
-		k2, err := OpenLocked(dir)
+		if st := k.State(); st.Rotation == nil {
+			// Not started, or finished: then the registry has its outcome.
+			finished := st.LastRotation != nil
+			for _, d := range loadRegistry(t, dir).Drives {
+				if d.UUID == pulled && (d.State == registry.DriveStale) != finished || d.UUID != pulled && d.KeyID != st.MasterKey.ID {
+					t.Fatalf("stop %d: no rotation under way, and the registry has drive %+v (master key %s)", stop, d, st.MasterKey.ID)
+				}
+			}
+		}
+		l2, err := Lock(dir)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := k2.Rotate(context.Background(), RotateOptions{}); err != nil {
+		if _, err := rotate(t, l2, dir, RotateOptions{Force: true}); err != nil {
 			t.Fatalf("stop %d: rerun: %v", stop, err)
 		}
-		k2.Close()
+		l2.Close()
 		checkRotated(t, dir, paths, data, oldKey)
+		if d := loadRegistry(t, dir).Drive(pulled); d.State != registry.DriveStale {
+			t.Fatalf("stop %d: the pulled drive: %+v", stop, d)
+		}
 	}
 }
 
-func TestStatusDuringRotation(t *testing.T) {
-	k, dir := newKeystore(t)
-	formatDrives(t, k, 2)
-	var seen []string
-	k.Rotate(context.Background(), RotateOptions{Step: func(s Step) {
-		r, err := Open(dir)
+// TestRotateDuringRotation: at every step, a reader in "another process" opens the
+// keystore, sees the rotation under way, and finds every drive present (Check, the
+// status's view) with a key the keystore gives.
+func TestRotateDuringRotation(t *testing.T) {
+	l, dir := newKeystore(t)
+	paths, _ := formatDrives(t, l, dir, 2)
+	rewrapping := false
+	if _, err := rotate(t, l, dir, RotateOptions{Step: func(s Step) {
+		k, err := Open(dir)
 		if err != nil {
 			t.Fatal(err)
 		}
-		st, err := r.Status()
-		if err != nil {
-			t.Fatal(err)
+		r := k.State().Rotation
+		if s.Name != StepFinished && s.Name != StepNextKeyWritten && r == nil {
+			t.Fatalf("at %s: no rotation under way", s.Name)
 		}
-		if s.Name != StepFinished && s.Name != StepNextKeyWritten && (!st.RotationUnderWay || st.Rotation == nil) {
-			t.Fatalf("at %s: no rotation reported", s.Name)
+		if r != nil && (r.Drives[0].State == RotAdding || r.Drives[0].State == RotWiping) {
+			rewrapping = true
 		}
-		for _, d := range st.Drives {
-			if d.State != StatePresent && d.State != StateRotating {
-				t.Fatalf("at %s: drive %s", s.Name, d.State)
+		for _, p := range paths {
+			h, err := drive.Check(p, drive.UnlockOptions{ClusterUUID: k.ClusterUUID(), Keys: k.Keys})
+			if err != nil || h.State != drive.StatePresent {
+				t.Fatalf("at %s: %s: %+v, %v", s.Name, p, h, err)
 			}
-			seen = append(seen, d.State)
 		}
-	}})
-	if !strings.Contains(strings.Join(seen, " "), StateRotating) {
-		t.Fatal("no drive was ever reported rotating")
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	if !rewrapping {
+		t.Fatal("no step saw a drive being rewrapped")
 	}
 }
 
-func openTestDrive(t testing.TB, p string) *blockdevFile {
-	t.Helper()
-	f, err := openDriveReadOnly(p)
+// TestMasterKeyDuringRotation: while the journal records a rotation, the master key is
+// not handed out for a new drive (it would be left out of the rotation and locked out
+// when the old key is destroyed); the rerun that finishes the rotation hands it out
+// again.
+func TestMasterKeyDuringRotation(t *testing.T) {
+	l, dir := newKeystore(t)
+	formatDrives(t, l, dir, 1)
+	if !crashRotation(t, l, dir, 3) {
+		t.Fatal("no crash")
+	}
+	l2, err := Lock(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return f
+	defer l2.Close()
+	if _, err := l2.MasterKey(); !errors.Is(err, ErrRotationUnderWay) {
+		t.Fatalf("master key during a rotation: %v", err)
+	}
+	if _, err := rotate(t, l2, dir, RotateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	key, err := l2.MasterKey()
+	if err != nil || key.ID != l2.State().MasterKey.ID || KeyID(key.Key) != key.ID {
+		t.Fatalf("master key after the rotation: %s, %v", key.ID, err)
+	}
 }
 
-type blockdevFile = blockdev.File
+// TestRotateResumeNeedsItsDrives: a resumed rotation must be given the drives its
+// journal still has to rewrap; a drive missing in the middle of its rewrap is refused
+// even with Force.
+func TestRotateResumeNeedsItsDrives(t *testing.T) {
+	l, dir := newKeystore(t)
+	paths, data := formatDrives(t, l, dir, 1)
+	oldKey := readMaster(t, dir)
+	// Stop after drive-start: the drive is being rewrapped.
+	if !crashRotation(t, l, dir, 2) {
+		t.Fatal("no crash")
+	}
+	l2, err := Lock(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l2.Close()
+	if j := l2.State().Rotation; j == nil || j.Drives[0].State != RotAdding {
+		t.Fatalf("journal %+v", j)
+	}
+	before := snapshot(t, dir)
+	if _, err := l2.Rotate(context.Background(), RotateOptions{}); err == nil || !strings.Contains(err.Error(), "not among the drives given") {
+		t.Fatalf("resume without the drives: %v", err)
+	}
+	os.Rename(paths[0], paths[0]+".pulled")
+	_, err = rotate(t, l2, dir, RotateOptions{Force: true})
+	var me *MissingError
+	if !errors.As(err, &me) || !me.Rewrapping {
+		t.Fatalf("resume with the drive missing mid-rewrap: %v", err)
+	}
+	if snapshot(t, dir) != before {
+		t.Fatal("a refused resume changed the keystore")
+	}
+	os.Rename(paths[0]+".pulled", paths[0])
+	if out, err := rotate(t, l2, dir, RotateOptions{}); err != nil || !out.Resumed {
+		t.Fatalf("resume: %+v, %v", out, err)
+	}
+	checkRotated(t, dir, paths, data, oldKey)
+}
 
-// TestReformatReplacesEntry: formatting (forced by the caller) over a registered
-// drive replaces its registry entry instead of leaving a stale one.
-func TestReformatReplacesEntry(t *testing.T) {
-	k, _ := newKeystore(t)
-	img := luks2test.SparseImage(t, testDriveSize)
-	d1, err := k.FormatDrive(img, FormatOptions{Volume: "db"})
+// TestRotateTruncatedDrive: a rotation that meets a drive shorter than its header stops
+// with ErrTruncated and does not blame the master key.
+func TestRotateTruncatedDrive(t *testing.T) {
+	l, dir := newKeystore(t)
+	paths, _ := formatDrives(t, l, dir, 1)
+	if err := os.Truncate(paths[0], 2*luks2.HeaderSize); err != nil {
+		t.Fatal(err)
+	}
+	_, err := rotate(t, l, dir, RotateOptions{})
+	if !errors.Is(err, luks2.ErrTruncated) || errors.Is(err, luks2.ErrWrongKey) || strings.Contains(err.Error(), "does not open") {
+		t.Fatalf("rotation over a truncated drive: %v, want ErrTruncated", err)
+	}
+}
+
+// TestRotateBesideDaemon: a rotation rewraps a drive that the daemon holds exclusively
+// and serves, and the served device goes on reading what was written through it.
+func TestRotateBesideDaemon(t *testing.T) {
+	l, dir := newKeystore(t)
+	paths, _ := formatDrives(t, l, dir, 1)
+	k, err := Open(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	d2, err := k.FormatDrive(img, FormatOptions{SectorSize: 512})
+	u, err := drive.Unlock(paths[0], drive.UnlockOptions{ClusterUUID: k.ClusterUUID(), Keys: k.Keys, Exclusive: true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ds := k.Drives(); len(ds) != 1 || ds[0].UUID != d2.UUID || ds[0].UUID == d1.UUID || ds[0].Volume != "db" || ds[0].SectorSize != 512 {
-		t.Fatalf("registry %+v", ds)
+	defer u.Device.Close()
+	data := randomBytes(8192)
+	if _, err := u.Device.WriteAt(data, 4096); err != nil {
+		t.Fatal(err)
 	}
-	if _, err := k.FormatDrive(img, FormatOptions{Volume: "db"}); err != nil {
-		t.Fatalf("same name on the replaced drive: %v", err)
+	if err := u.Device.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rotate(t, l, dir, RotateOptions{}); err != nil {
+		t.Fatalf("rotation beside the daemon: %v", err)
+	}
+	got := make([]byte, len(data))
+	if _, err := u.Device.ReadAt(got, 4096); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("the served device after a rotation: %v", err)
+	}
+	if h, err := drive.Check(paths[0], drive.UnlockOptions{ClusterUUID: k.ClusterUUID(), Keys: k.Keys}); err != nil || h.State != drive.StatePresent || h.KeyID != l.State().MasterKey.ID {
+		t.Fatalf("check beside the daemon: %+v, %v", h, err)
 	}
 }

@@ -8,56 +8,97 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/atrest/atrest/drive"
+	"github.com/atrest/atrest/internal/securefile"
 	"github.com/atrest/atrest/luks2"
+	"github.com/atrest/atrest/registry"
 )
 
-// Rotation steps reported to RotateOptions.Step, in order; the drive steps repeat
-// for each drive. Every step is reported after what it names is durable, so a crash
-// right after any of them is a crash at a step boundary (the crash tests stop the
-// process at each).
+// Rotation steps reported to RotateOptions.Step, in order; the drive steps repeat for
+// each drive. Every step is reported after what it names is durable, so a crash right
+// after any of them is a crash at a step boundary (the crash tests stop the process at
+// each).
 const (
 	StepResume         = "resume"            // a journal was found: resuming
 	StepNextKeyWritten = "next-key-written"  // master.key.next is durable
 	StepJournal        = "journal-recorded"  // the journal names the new key
-	StepDriveStart     = "drive-start"       // old slot recorded (state adding)
-	StepDriveAdded     = "drive-added"       // new keyslot written
-	StepDriveVerified  = "drive-verified"    // new key opens it (state wiping)
-	StepDriveWiped     = "drive-wiped"       // old keyslot wiped and removed
-	StepDriveDone      = "drive-done"        // token updated (state done)
-	StepDriveAbsent    = "drive-absent"      // absent, left to the old key (--force)
+	StepDriveStart     = drive.StepStarted   // old slot recorded (state adding)
+	StepDriveAdded     = drive.StepAdded     // new keyslot written
+	StepDriveVerified  = drive.StepVerified  // new key opens it (state wiping)
+	StepDriveWiped     = drive.StepWiped     // old keyslot wiped and removed
+	StepDriveDone      = drive.StepDone      // token updated (state done)
+	StepDriveAbsent    = "drive-absent"      // missing, left to the old key (Force)
 	StepCommit         = "commit-recorded"   // every drive done: phase commit
 	StepOldKeyDestroy  = "old-key-destroyed" // master.key overwritten in place
 	StepKeyReplaced    = "master-key-replaced"
-	StepFinished       = "finished" // journal cleared, last rotation recorded
+	StepOutcome        = "outcome-recorded" // Finish returned
+	StepFinished       = "finished"         // journal cleared, last rotation recorded
 )
+
+// RotateDrive is a drive a rotation rewraps, as the caller's registry knows it.
+type RotateDrive struct {
+	UUID string
+	// Path is where the drive is now (its last seen path).
+	Path string
+	// Volume names the drive's volume in messages; with VolumeUUID, MemberIndex and
+	// MemberCount it rebuilds the atrest token of a drive that lost its own.
+	Volume      string
+	VolumeUUID  string
+	MemberIndex int
+	MemberCount int
+}
 
 // Step is a rotation progress report.
 type Step struct {
 	Name  string
-	Drive *Drive // drive steps only
-	Index int    // drive steps: 1-based position among the drives
-	Total int    // drive steps: number of drives in the rotation
+	Drive *RotateDrive // drive steps only
+	Index int          // drive steps: 1-based position among the drives
+	Total int          // drive steps: number of drives in the rotation
 }
 
 // RotateOptions configure Rotate.
 type RotateOptions struct {
-	// Force rotates even if registered drives are absent: they stay locked to the
-	// old master key for good and are marked so in the registry.
+	// Drives are the drives to rewrap: every active drive of the registry. A new
+	// rotation records them in its journal; a resumed one looks the journal's drives up
+	// among them by UUID (those still to rewrap must be there).
+	Drives []RotateDrive
+	// Force rotates even if drives are missing: they stay locked to the old master key
+	// for good (RotateOutcome.Stale).
 	Force bool
 	// Step, if set, is called after each step (progress; test crash points).
 	Step func(Step)
+	// Finish, if set, records the outcome where the drives are kept (the registry: the
+	// new key id of the drives rewrapped, the stale ones). It is called once every drive
+	// is done and master.key replaced, before the journal is cleared, so a crash in
+	// between is finished by a rerun, which calls Finish again with the same outcome:
+	// it must be idempotent. An error leaves the journal for a rerun.
+	Finish func(RotateOutcome) error
 }
 
-// MissingError lists the absent drives that made Rotate refuse.
+// RotateOutcome is what a rotation did.
+type RotateOutcome struct {
+	OldKeyID, NewKeyID string
+	// Rewrapped are the drives (UUIDs) the new key opens now, in journal order.
+	Rewrapped []string
+	// Stale are the drives left locked to the old key (missing under Force).
+	Stale []string
+	// Resumed is true when the rotation was found in the journal.
+	Resumed bool
+	// Time is the rotation time, recorded as the last rotation.
+	Time time.Time
+}
+
+// MissingError lists the missing drives that made Rotate refuse. It matches
+// ErrDriveMissing.
 type MissingError struct {
-	Drives []Drive
-	// Rewrapping: the drive vanished while the rotation was rewrapping it, so Force
-	// cannot leave it out; it must come back.
+	Drives []RotateDrive
+	// Rewrapping is true for a drive whose rewrap had started: Force does not skip it,
+	// it must come back.
 	Rewrapping bool
 }
 
@@ -66,105 +107,111 @@ func (e *MissingError) Error() string {
 	for _, d := range e.Drives {
 		s = append(s, fmt.Sprintf("%s (volume %s, last seen at %s)", d.UUID, d.Volume, d.Path))
 	}
-	msg := fmt.Sprintf("%d drive(s) absent: %s", len(e.Drives), strings.Join(s, ", "))
+	what := "missing"
 	if e.Rewrapping {
-		msg += " (being rewrapped: it cannot be left out)"
+		what = "missing in the middle of its rewrap"
 	}
-	return msg
+	return fmt.Sprintf("%d drive(s) %s: %s", len(e.Drives), what, strings.Join(s, ", "))
 }
 
 func (e *MissingError) Unwrap() error { return ErrDriveMissing }
 
-// Rotate replaces the master key (DESIGN §4): it writes the new key to
+// Rotate replaces the master key (docs/luks2-profile.md §3): it writes the new key to
 // master.key.next and records the journal; for each drive it adds a keyslot wrapping
-// the drive's (unchanged) data key with the new key, verifies it, wipes the old
-// keyslot and updates the token; then it replaces master.key atomically, destroys the
-// old key, records the rotation time and clears the journal. Each step is durable
-// before the next starts, and the journal says which key opens which drive, so a
-// crash anywhere leaves every drive openable (Unlock tries both keys) and a rerun
-// finishes the rotation. A rotation found in the journal is resumed.
-func (k *Keystore) Rotate(ctx context.Context, o RotateOptions) error {
-	if !k.lockHeld() {
-		panic("BUG: keystore: Rotate without the lock")
+// the drive's (unchanged) data key with the new key, verifies it, wipes the old keyslot
+// and updates the token (drive.Rewrap); then it replaces master.key atomically,
+// destroys the old key, has the caller record the outcome (Finish), records the
+// rotation time and clears the journal. Each step is durable before the next starts,
+// and the journal says which key opens which drive, so a crash anywhere leaves every
+// drive openable (Keys gives both keys meanwhile) and a rerun finishes the rotation. A
+// rotation found in the journal is resumed.
+//
+// Drives are opened shared: the daemon may serve them meanwhile, with their data keys,
+// which do not change.
+func (l *Locked) Rotate(ctx context.Context, o RotateOptions) (*RotateOutcome, error) {
+	if l.lockF == nil {
+		return nil, errClosed
+	}
+	if l.V1() {
+		return nil, fmt.Errorf("%s: %w", filepath.Join(l.dir, StateFile), ErrNotMigrated)
 	}
 	step := func(s Step) {
 		if o.Step != nil {
 			o.Step(s)
 		}
 	}
-	if k.state.Rotation == nil {
-		if err := k.startRotation(o, step); err != nil {
-			return err
-		}
-	} else {
+	resumed := l.state.Rotation != nil
+	if resumed {
 		step(Step{Name: StepResume})
+	} else if err := l.startRotation(o, step); err != nil {
+		return nil, err
 	}
-	r := k.state.Rotation
+	r := l.state.Rotation
 	if r.Phase == PhaseDrives {
-		oldKey, err := readKey(k.path(MasterKeyFile))
+		oldKey, newKey, err := l.rotationKeys()
 		if err != nil {
-			return err
+			return nil, err
 		}
-		defer clear(oldKey)
-		if id := KeyID(oldKey); id != r.OldKeyID {
-			return fmt.Errorf("%s holds key %s, the journal expects %s: %w", MasterKeyFile, id, r.OldKeyID, ErrCorrupt)
-		}
-		newKey, err := readKey(k.path(NextKeyFile))
-		if err != nil {
-			return fmt.Errorf("the rotation journal needs the new key: %w", err)
-		}
-		defer clear(newKey)
-		if id := KeyID(newKey); id != r.NewKey.ID {
-			return fmt.Errorf("%s holds key %s, the journal expects %s: %w", NextKeyFile, id, r.NewKey.ID, ErrCorrupt)
+		defer drive.ZeroKeys([]drive.Key{oldKey, newKey})
+		drives := make(map[string]RotateDrive, len(o.Drives))
+		for _, d := range o.Drives {
+			drives[d.UUID] = d
 		}
 		for i := range r.Drives {
 			if err := ctx.Err(); err != nil {
-				return fmt.Errorf("key rotation interrupted (rerun to finish it): %w", err)
+				return nil, fmt.Errorf("key rotation interrupted: %w", err)
 			}
-			if err := k.rotateDrive(i, oldKey, newKey, o, step); err != nil {
-				return err
+			if err := l.rotateDrive(i, drives, oldKey, newKey, o, step); err != nil {
+				return nil, err
 			}
 		}
 		r.Phase = PhaseCommit
-		if err := k.save(); err != nil {
-			return err
+		if err := l.save(); err != nil {
+			return nil, err
 		}
 		step(Step{Name: StepCommit})
 	}
-	if err := k.replaceMasterKey(step); err != nil {
-		return err
+	if err := l.replaceMasterKey(step); err != nil {
+		return nil, err
 	}
-	now := k.now()
+	out := RotateOutcome{OldKeyID: r.OldKeyID, NewKeyID: r.NewKey.ID, Resumed: resumed, Time: l.now()}
 	for _, rd := range r.Drives {
-		d := k.state.drive(rd.UUID)
 		if rd.State == RotDone {
-			d.KeyID = r.NewKey.ID
+			out.Rewrapped = append(out.Rewrapped, rd.UUID)
 		} else {
-			d.State = DriveRetired
+			out.Stale = append(out.Stale, rd.UUID)
 		}
 	}
-	k.state.MasterKey = r.NewKey
-	k.state.LastRotation = &now
-	k.state.Rotation = nil
-	if err := k.save(); err != nil {
-		return err
+	if o.Finish != nil {
+		if err := o.Finish(out); err != nil {
+			return nil, fmt.Errorf("record the outcome of the key rotation: %w", err)
+		}
+	}
+	step(Step{Name: StepOutcome})
+	l.state.MasterKey = r.NewKey
+	l.state.LastRotation = &out.Time
+	l.state.Rotation = nil
+	if err := l.save(); err != nil {
+		return nil, err
 	}
 	step(Step{Name: StepFinished})
-	return nil
+	return &out, nil
 }
 
-// startRotation checks that the drives are there, writes the new key and records
-// the journal.
-func (k *Keystore) startRotation(o RotateOptions, step func(Step)) error {
-	var missing []Drive
-	r := &Rotation{Started: k.now(), OldKeyID: k.state.MasterKey.ID, Phase: PhaseDrives, Drives: []RotationDrive{}}
-	for _, d := range k.state.Drives {
-		if d.State != DriveActive {
-			continue
+// startRotation checks that the drives are there, writes the new key and records the
+// journal.
+func (l *Locked) startRotation(o RotateOptions, step func(Step)) error {
+	var missing []RotateDrive
+	r := &Rotation{Started: l.now(), OldKeyID: l.state.MasterKey.ID, Phase: PhaseDrives, Drives: []RotationDrive{}}
+	seen := map[string]bool{}
+	for _, d := range o.Drives {
+		if !validUUID(d.UUID) || seen[d.UUID] {
+			return fmt.Errorf("rotate drive %q: not a UUID, or given twice", d.UUID)
 		}
+		seen[d.UUID] = true
 		rd := RotationDrive{UUID: d.UUID, State: RotPending, OldSlot: -1, NewSlot: -1}
-		if err := probe(d); err != nil {
-			if !errors.Is(err, ErrDriveMissing) {
+		if err := drive.Probe(d.Path, d.UUID); err != nil {
+			if !errors.Is(err, drive.ErrMissing) {
 				return err
 			}
 			missing = append(missing, d)
@@ -177,169 +224,110 @@ func (k *Keystore) startRotation(o RotateOptions, step func(Step)) error {
 	}
 	newKey := newMasterKey()
 	defer clear(newKey)
-	r.NewKey = KeyInfo{ID: KeyID(newKey), Created: k.now()}
-	// The key is durable before the journal names it, so that a journal never
-	// names a key that is lost. A crash in between leaves a stray next key that the
-	// next start overwrites.
-	if err := writeAtomic(k.dir, NextKeyFile, newKey); err != nil {
+	r.NewKey = KeyInfo{ID: KeyID(newKey), Created: l.now()}
+	// The key is durable before the journal names it, so that a journal never names a
+	// key that is lost. A crash in between leaves a stray next key that the next start
+	// overwrites.
+	if err := securefile.WriteAtomic(l.dir, NextKeyFile, newKey); err != nil {
 		return err
 	}
 	step(Step{Name: StepNextKeyWritten})
-	k.state.Rotation = r
-	if err := k.save(); err != nil {
-		k.state.Rotation = nil
+	l.state.Rotation = r
+	if err := l.save(); err != nil {
+		l.state.Rotation = nil
 		return err
 	}
 	step(Step{Name: StepJournal})
-	for _, rd := range r.Drives {
-		if rd.State == RotAbsent {
-			step(Step{Name: StepDriveAbsent, Drive: k.state.drive(rd.UUID)})
-		}
+	for i := range missing {
+		step(Step{Name: StepDriveAbsent, Drive: &missing[i]})
 	}
 	return nil
 }
 
-// probe checks that the drive is at its path: a LUKS2 header with its UUID.
-func probe(d Drive) error {
-	dev, err := openDriveReadOnly(d.Path)
-	if err != nil {
-		return fmt.Errorf("drive %s at %s: %v: %w", d.UUID, d.Path, err, ErrDriveMissing)
-	}
-	defer dev.Close()
-	h, err := luks2.Load(dev)
-	if err != nil {
-		if errors.Is(err, luks2.ErrNotLUKS) {
-			return fmt.Errorf("drive %s at %s: %v: %w", d.UUID, d.Path, err, ErrDriveMissing)
+// rotationKeys reads the old and the new key of the journal, checking each is the key
+// the journal names.
+func (l *Locked) rotationKeys() (oldKey, newKey drive.Key, err error) {
+	r := l.state.Rotation
+	read := func(name, want string) (drive.Key, error) {
+		key, err := readKey(filepath.Join(l.dir, name))
+		if err != nil {
+			return drive.Key{}, err
 		}
-		return fmt.Errorf("drive %s at %s: %w", d.UUID, d.Path, err)
+		if id := KeyID(key); id != want {
+			clear(key)
+			return drive.Key{}, fmt.Errorf("%s holds key %s, the journal expects %s: %w", name, id, want, ErrCorrupt)
+		}
+		return drive.Key{ID: want, Key: key}, nil
 	}
-	if h.UUID() != d.UUID {
-		return fmt.Errorf("drive %s: %s holds drive %s instead: %w", d.UUID, d.Path, h.UUID(), ErrDriveMissing)
+	if oldKey, err = read(MasterKeyFile, r.OldKeyID); err != nil {
+		return oldKey, newKey, err
 	}
-	return nil
+	if newKey, err = read(NextKeyFile, r.NewKey.ID); err != nil {
+		clear(oldKey.Key)
+		return oldKey, newKey, fmt.Errorf("the rotation journal needs the new key: %w", err)
+	}
+	return oldKey, newKey, nil
 }
 
 // rotateDrive moves drive i of the journal on from wherever it stands to done.
-func (k *Keystore) rotateDrive(i int, oldKey, newKey []byte, o RotateOptions, step func(Step)) error {
-	r := k.state.Rotation
+func (l *Locked) rotateDrive(i int, drives map[string]RotateDrive, oldKey, newKey drive.Key, o RotateOptions, step func(Step)) error {
+	r := l.state.Rotation
 	rd := &r.Drives[i]
 	if rd.State == RotDone || rd.State == RotAbsent {
 		return nil
 	}
-	d := k.state.drive(rd.UUID)
-	at := Step{Drive: d, Index: i + 1, Total: len(r.Drives)}
-	if err := probe(*d); err != nil {
-		if errors.Is(err, ErrDriveMissing) && rd.State == RotPending && o.Force {
+	d, ok := drives[rd.UUID]
+	if !ok {
+		return fmt.Errorf("the rotation journal names drive %s (%s), which is not among the drives given", rd.UUID, rd.State)
+	}
+	at := Step{Drive: &d, Index: i + 1, Total: len(r.Drives)}
+	if err := drive.Probe(d.Path, d.UUID); err != nil {
+		if errors.Is(err, drive.ErrMissing) && rd.State == RotPending && o.Force {
 			rd.State = RotAbsent
-			at.Name = StepDriveAbsent
-			if err := k.save(); err != nil {
+			if err := l.save(); err != nil {
 				return err
 			}
+			at.Name = StepDriveAbsent
 			step(at)
 			return nil
 		}
-		if errors.Is(err, ErrDriveMissing) {
-			return &MissingError{Drives: []Drive{*d}, Rewrapping: rd.State != RotPending}
+		if errors.Is(err, drive.ErrMissing) {
+			return &MissingError{Drives: []RotateDrive{d}, Rewrapping: rd.State != RotPending}
 		}
 		return err
 	}
-	dev, err := openDrive(d.Path)
+	dev, err := drive.Open(d.Path, drive.OpenOptions{})
 	if err != nil {
 		return err
 	}
 	defer dev.Close()
-	h, err := loadHeader(dev, d.Path, true)
-	if err != nil {
-		return err
-	}
-	if rd.State == RotPending {
-		vk, slot, err := h.UnlockAny(dev, atrestSlots(h), oldKey)
-		if errors.Is(err, luks2.ErrWrongKey) {
-			return fmt.Errorf("%s: the current master key does not open drive %s: %w", d.Path, d.UUID, err)
-		}
-		if err != nil {
-			return fmt.Errorf("%s: drive %s: %w", d.Path, d.UUID, err)
-		}
-		clear(vk)
-		rd.OldSlot, rd.State = slot, RotAdding
-		if err := k.save(); err != nil {
-			return err
-		}
-		at.Name = StepDriveStart
-		step(at)
-	}
-	if rd.State == RotAdding {
-		// A previous run may have written the new slot already.
-		var others []int
-		for _, s := range atrestSlots(h) {
-			if s != rd.OldSlot {
-				others = append(others, s)
+	return drive.Rewrap(dev, d.Path, drive.RewrapState{Phase: rd.State, OldSlot: rd.OldSlot, NewSlot: rd.NewSlot}, drive.RewrapOptions{
+		Old: oldKey, New: newKey,
+		Token: luks2.AtrestToken{
+			ClusterUUID: l.state.ClusterUUID, Volume: d.Volume, VolumeUUID: d.VolumeUUID,
+			MemberIndex: d.MemberIndex, MemberCount: d.MemberCount,
+		},
+		Record: func(name string, s drive.RewrapState) error {
+			if s.Phase != rd.State || s.OldSlot != rd.OldSlot || s.NewSlot != rd.NewSlot {
+				rd.State, rd.OldSlot, rd.NewSlot = s.Phase, s.OldSlot, s.NewSlot
+				if err := l.save(); err != nil {
+					return err
+				}
 			}
-		}
-		vk, slot, err := h.UnlockAny(dev, others, newKey)
-		if err != nil {
-			// Not written yet, unless a slot could not be read; one outside the
-			// allow-list (an adopted drive's old passphrase) is not atrest's.
-			if !errors.Is(err, luks2.ErrWrongKey) && !errors.Is(err, luks2.ErrUnsupported) {
-				return fmt.Errorf("%s: %w", d.Path, err)
-			}
-			if vk, err = h.UnlockSlot(dev, rd.OldSlot, oldKey); err != nil {
-				return fmt.Errorf("%s: keyslot %d of drive %s: %w", d.Path, rd.OldSlot, d.UUID, err)
-			}
-			if slot, err = h.AddKeyslot(dev, vk, newKey); err != nil {
-				clear(vk)
-				return fmt.Errorf("%s: %w", d.Path, err)
-			}
-			at.Name = StepDriveAdded
+			at.Name = name
 			step(at)
-		}
-		err = verifySlot(dev, d.Path, slot, newKey, vk)
-		clear(vk)
-		if err != nil {
-			return err
-		}
-		rd.NewSlot, rd.State = slot, RotWiping
-		if err := k.save(); err != nil {
-			return err
-		}
-		at.Name = StepDriveVerified
-		step(at)
-	}
-	// RotWiping.
-	if slices.ContainsFunc(h.Keyslots(), func(ks luks2.Keyslot) bool { return ks.ID == rd.OldSlot }) && rd.OldSlot != rd.NewSlot {
-		if err := h.WipeKeyslot(dev, rd.OldSlot); err != nil {
-			return fmt.Errorf("%s: %w", d.Path, err)
-		}
-		at.Name = StepDriveWiped
-		step(at)
-	}
-	t, err := h.AtrestToken()
-	if err != nil {
-		return fmt.Errorf("%s: %w", d.Path, err)
-	}
-	if t == nil {
-		t = d.token(k.state.ClusterUUID)
-	}
-	t.Keyslots, t.MasterKeyID = []int{rd.NewSlot}, r.NewKey.ID
-	if err := h.SetAtrestToken(dev, t); err != nil {
-		return fmt.Errorf("%s: %w", d.Path, err)
-	}
-	rd.State = RotDone
-	if err := k.save(); err != nil {
-		return err
-	}
-	at.Name = StepDriveDone
-	step(at)
-	return nil
+			return nil
+		},
+	})
 }
 
 // replaceMasterKey makes the new key the master key: the old key is overwritten in
 // place and flushed (while master.key.next still holds the new one), then
-// master.key.next is renamed over master.key and the directory flushed. Rerunnable:
-// each part checks whether it already happened.
-func (k *Keystore) replaceMasterKey(step func(Step)) error {
-	r := k.state.Rotation
-	next, cur := k.path(NextKeyFile), k.path(MasterKeyFile)
+// master.key.next is renamed over master.key and the directory flushed. Rerunnable: each
+// part checks whether it already happened.
+func (l *Locked) replaceMasterKey(step func(Step)) error {
+	r := l.state.Rotation
+	next, cur := filepath.Join(l.dir, NextKeyFile), filepath.Join(l.dir, MasterKeyFile)
 	newKey, err := readKey(next)
 	if errors.Is(err, fs.ErrNotExist) {
 		// Renamed already: master.key must be the new key.
@@ -370,16 +358,16 @@ func (k *Keystore) replaceMasterKey(step func(Step)) error {
 	if err := os.Rename(next, cur); err != nil {
 		return err
 	}
-	if err := syncDir(k.dir); err != nil {
+	if err := securefile.SyncDir(l.dir); err != nil {
 		return err
 	}
 	step(Step{Name: StepKeyReplaced})
 	return nil
 }
 
-// destroyInPlace overwrites a key file's bytes with random ones and flushes them.
-// On a journaling or copy-on-write file system, or a flash drive, older copies of
-// the blocks may survive: the threat model (DESIGN §1) leaves the boot drive out.
+// destroyInPlace overwrites a key file's bytes with random ones and flushes them. On a
+// journaling or copy-on-write file system, or a flash drive, older copies of the blocks
+// may survive: the threat model (docs/design.md) leaves the boot drive out.
 func destroyInPlace(path string) error {
 	fd, err := unix.Open(path, unix.O_WRONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -393,4 +381,38 @@ func destroyInPlace(path string) error {
 		return err
 	}
 	return f.Sync()
+}
+
+// RotateDrives lists the drives a rotation rewraps, as RotateOptions.Drives takes them:
+// the active drives of the registry, with their volumes.
+func RotateDrives(r *registry.Registry) []RotateDrive {
+	var out []RotateDrive
+	for _, d := range r.Drives {
+		if d.State != registry.DriveActive {
+			continue
+		}
+		rd := RotateDrive{UUID: d.UUID, Path: d.Path, MemberIndex: d.MemberIndex}
+		if v := r.VolumeByUUID(d.VolumeUUID); v != nil {
+			rd.Volume, rd.VolumeUUID, rd.MemberCount = v.Name, v.UUID, len(v.Members)
+		}
+		out = append(out, rd)
+	}
+	return out
+}
+
+// Record records the outcome of a rotation in the registry (for RotateOptions.Finish,
+// then commit): the drives rewrapped get the new key id, the ones left to the old key
+// become stale. Recording the same outcome again changes nothing.
+func (o RotateOutcome) Record(r *registry.Registry) error {
+	for _, id := range o.Rewrapped {
+		if err := r.SetKeyID(id, o.NewKeyID); err != nil {
+			return err
+		}
+	}
+	for _, id := range o.Stale {
+		if err := r.MarkStale(id); err != nil {
+			return err
+		}
+	}
+	return nil
 }

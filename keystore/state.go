@@ -6,21 +6,26 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"path/filepath"
 	"regexp"
 	"time"
 
 	"github.com/google/uuid"
+
+	"github.com/atrest/atrest/drive"
 )
 
 // FormatName and FormatVersion identify keystore.json; a file of another name or
-// version is refused, never rewritten.
+// version is refused, never rewritten. FormatVersion1 (which also held the drives) is
+// read, and migrated by the first change (Locked.MigrateV1).
 const (
-	FormatName    = "atrest-keystore"
-	FormatVersion = 1
+	FormatName     = "atrest-keystore"
+	FormatVersion  = 2
+	FormatVersion1 = 1
 )
 
-// State is the content of keystore.json (schema in docs/luks2-profile.md).
+// State is the content of keystore.json: the key custody (schema in
+// docs/luks2-profile.md). Version is FormatVersion, or FormatVersion1 for a file not yet
+// migrated.
 type State struct {
 	Format       string     `json:"format"`
 	Version      int        `json:"version"`
@@ -30,36 +35,12 @@ type State struct {
 	LastRotation *time.Time `json:"last_rotation"`
 	// Rotation is the journal of the rotation under way, nil when none is.
 	Rotation *Rotation `json:"rotation"`
-	Drives   []Drive   `json:"drives"`
 }
 
 // KeyInfo names a master key.
 type KeyInfo struct {
 	ID      string    `json:"id"`
 	Created time.Time `json:"created"`
-}
-
-// Drive states in the registry.
-const (
-	// DriveActive: a member in service, wrapped by the current master key.
-	DriveActive = "active"
-	// DriveRetired: absent at a forced rotation and locked to an old master key for
-	// good; it can only come back as a new member (format or adopt).
-	DriveRetired = "locked-to-old-key"
-)
-
-// Drive is a drive of the cluster.
-type Drive struct {
-	UUID        string    `json:"uuid"` // the LUKS2 header's UUID
-	Volume      string    `json:"volume"`
-	VolumeUUID  string    `json:"volume_uuid"`
-	MemberIndex int       `json:"member_index"`
-	MemberCount int       `json:"member_count"`
-	KeyID       string    `json:"key_id"` // master key that wraps its keyslot
-	Path        string    `json:"path"`   // last known path, absolute
-	SectorSize  int       `json:"sector_size"`
-	State       string    `json:"state"`
-	Added       time.Time `json:"added"`
 }
 
 // Rotation phases.
@@ -71,13 +52,13 @@ const (
 	PhaseCommit = "commit"
 )
 
-// Per-drive rotation states, in order.
+// Per-drive rotation states, in order: the rewrap phases of package drive, and absent.
 const (
-	RotPending = "pending" // untouched: the old key opens it
-	RotAdding  = "adding"  // old_slot known; the new slot may or may not be written
-	RotWiping  = "wiping"  // new_slot verified; the old slot may or may not be wiped
-	RotDone    = "done"    // only the new key opens it; token updated
-	RotAbsent  = "absent"  // absent under --force: stays locked to the old key
+	RotPending = drive.PhasePending
+	RotAdding  = drive.PhaseAdding
+	RotWiping  = drive.PhaseWiping
+	RotDone    = drive.PhaseDone
+	RotAbsent  = "absent" // missing under Force: stays locked to the old key
 )
 
 // Rotation is the rotation journal.
@@ -97,47 +78,64 @@ type RotationDrive struct {
 	NewSlot int    `json:"new_slot"` // -1 until known
 }
 
-var (
-	keyIDPattern  = regexp.MustCompile(`^mk-[0-9a-f]{16}$`)
-	volumePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
-)
-
-// ValidVolumeName reports whether name can name a volume (it becomes an NBD export
-// name): 1 to 64 letters, digits, '.', '_' or '-', not starting with a punctuation.
-func ValidVolumeName(name string) bool { return volumePattern.MatchString(name) }
+var keyIDPattern = regexp.MustCompile(`^mk-[0-9a-f]{16}$`)
 
 // maxStateSize bounds keystore.json.
 const maxStateSize = 16 << 20
 
-// ParseState decodes and validates keystore.json. Unknown fields, another format
-// or version, trailing data and inconsistencies are errors wrapping ErrCorrupt.
-func ParseState(b []byte) (*State, error) {
+// ParseState decodes and validates keystore.json of either version. For version 1 it
+// also returns the drives that version kept (non-nil, maybe empty); for version 2 drives
+// is nil. Unknown fields, another format or version, trailing data and inconsistencies
+// are errors wrapping ErrCorrupt.
+func ParseState(b []byte) (s *State, drives []LegacyDrive, err error) {
 	var probe struct {
 		Format  string `json:"format"`
 		Version int    `json:"version"`
 	}
 	if err := json.Unmarshal(b, &probe); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrCorrupt, err)
+		return nil, nil, fmt.Errorf("%w: %v", ErrCorrupt, err)
 	}
 	if probe.Format != FormatName {
-		return nil, fmt.Errorf("%w: format %q is not %q", ErrCorrupt, probe.Format, FormatName)
+		return nil, nil, fmt.Errorf("%w: format %q is not %q", ErrCorrupt, probe.Format, FormatName)
 	}
-	if probe.Version != FormatVersion {
-		return nil, fmt.Errorf("%w: version %d (this atrest reads version %d; a newer atrest wrote it?)", ErrCorrupt, probe.Version, FormatVersion)
+	switch probe.Version {
+	case FormatVersion:
+		s = new(State)
+		err = decodeStrict(b, s)
+	case FormatVersion1:
+		var v1 stateV1
+		if err = decodeStrict(b, &v1); err == nil {
+			s, drives = &v1.State, v1.Drives
+			if drives == nil {
+				err = errors.New("drives is missing")
+			} else {
+				err = validateV1(s, drives)
+			}
+		}
+	default:
+		return nil, nil, fmt.Errorf("%w: version %d (this atrest reads versions %d and %d; a newer atrest wrote it?)",
+			ErrCorrupt, probe.Version, FormatVersion1, FormatVersion)
 	}
+	if err == nil {
+		err = s.validate()
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: %v", ErrCorrupt, err)
+	}
+	return s, drives, nil
+}
+
+// decodeStrict decodes one JSON object without unknown fields or trailing data.
+func decodeStrict(b []byte, v any) error {
 	d := json.NewDecoder(bytes.NewReader(b))
 	d.DisallowUnknownFields()
-	var s State
-	if err := d.Decode(&s); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrCorrupt, err)
+	if err := d.Decode(v); err != nil {
+		return err
 	}
 	if _, err := d.Token(); err != io.EOF {
-		return nil, fmt.Errorf("%w: trailing data after the JSON object", ErrCorrupt)
+		return errors.New("trailing data after the JSON object")
 	}
-	if err := s.validate(); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrCorrupt, err)
-	}
-	return &s, nil
+	return nil
 }
 
 func validUUID(s string) bool {
@@ -145,6 +143,8 @@ func validUUID(s string) bool {
 	return err == nil && len(s) == 36
 }
 
+// validate checks the custody state (either version; version 1's drives are checked by
+// validateV1).
 func (s *State) validate() error {
 	if !validUUID(s.ClusterUUID) {
 		return fmt.Errorf("cluster_uuid %q is not a UUID", s.ClusterUUID)
@@ -155,68 +155,50 @@ func (s *State) validate() error {
 	if s.Created.IsZero() || s.MasterKey.Created.IsZero() {
 		return errors.New("a creation time is missing")
 	}
-	if s.Drives == nil {
-		return errors.New("drives is missing")
+	r := s.Rotation
+	if r == nil {
+		return nil
 	}
-	seen := map[string]bool{}
-	for i, d := range s.Drives {
-		switch {
-		case !validUUID(d.UUID):
-			return fmt.Errorf("drives[%d].uuid %q is not a UUID", i, d.UUID)
-		case seen[d.UUID]:
-			return fmt.Errorf("drive %s is listed twice", d.UUID)
-		case !ValidVolumeName(d.Volume):
-			return fmt.Errorf("drives[%d].volume %q is not a volume name", i, d.Volume)
-		case !validUUID(d.VolumeUUID):
-			return fmt.Errorf("drives[%d].volume_uuid %q is not a UUID", i, d.VolumeUUID)
-		case d.MemberCount < 1 || d.MemberIndex < 0 || d.MemberIndex >= d.MemberCount:
-			return fmt.Errorf("drives[%d] is member %d of %d", i, d.MemberIndex, d.MemberCount)
-		case !keyIDPattern.MatchString(d.KeyID):
-			return fmt.Errorf("drives[%d].key_id %q is not a key id", i, d.KeyID)
-		case !filepath.IsAbs(d.Path):
-			// A relative path would name another file in every working directory.
-			return fmt.Errorf("drives[%d].path %q is not an absolute path", i, d.Path)
-		case d.SectorSize != 512 && d.SectorSize != 4096:
-			return fmt.Errorf("drives[%d].sector_size %d", i, d.SectorSize)
-		case d.State != DriveActive && d.State != DriveRetired:
-			return fmt.Errorf("drives[%d].state %q", i, d.State)
-		}
-		seen[d.UUID] = true
+	if r.OldKeyID != s.MasterKey.ID {
+		return fmt.Errorf("rotation.old_key_id %s is not the master key %s", r.OldKeyID, s.MasterKey.ID)
 	}
-	if r := s.Rotation; r != nil {
-		if r.OldKeyID != s.MasterKey.ID {
-			return fmt.Errorf("rotation.old_key_id %s is not the master key %s", r.OldKeyID, s.MasterKey.ID)
+	if !keyIDPattern.MatchString(r.NewKey.ID) || r.NewKey.ID == r.OldKeyID {
+		return fmt.Errorf("rotation.new_key.id %q", r.NewKey.ID)
+	}
+	if r.Phase != PhaseDrives && r.Phase != PhaseCommit {
+		return fmt.Errorf("rotation.phase %q", r.Phase)
+	}
+	if r.Drives == nil {
+		return errors.New("rotation.drives is missing")
+	}
+	inJournal := map[string]bool{}
+	for i, d := range r.Drives {
+		if !validUUID(d.UUID) || inJournal[d.UUID] {
+			return fmt.Errorf("rotation.drives[%d] names drive %q, not a UUID or twice", i, d.UUID)
 		}
-		if !keyIDPattern.MatchString(r.NewKey.ID) || r.NewKey.ID == r.OldKeyID {
-			return fmt.Errorf("rotation.new_key.id %q", r.NewKey.ID)
+		inJournal[d.UUID] = true
+		switch d.State {
+		case RotPending, RotAdding, RotWiping, RotDone, RotAbsent:
+		default:
+			return fmt.Errorf("rotation.drives[%d].state %q", i, d.State)
 		}
-		if r.Phase != PhaseDrives && r.Phase != PhaseCommit {
-			return fmt.Errorf("rotation.phase %q", r.Phase)
+		if d.OldSlot < -1 || d.OldSlot > 31 || d.NewSlot < -1 || d.NewSlot > 31 {
+			return fmt.Errorf("rotation.drives[%d] keyslots %d, %d", i, d.OldSlot, d.NewSlot)
 		}
-		inJournal := map[string]bool{}
-		for i, d := range r.Drives {
-			if !seen[d.UUID] || inJournal[d.UUID] {
-				return fmt.Errorf("rotation.drives[%d] names drive %q, unknown or twice", i, d.UUID)
-			}
-			inJournal[d.UUID] = true
-			switch d.State {
-			case RotPending, RotAdding, RotWiping, RotDone, RotAbsent:
-			default:
-				return fmt.Errorf("rotation.drives[%d].state %q", i, d.State)
-			}
-			if d.OldSlot < -1 || d.OldSlot > 31 || d.NewSlot < -1 || d.NewSlot > 31 {
-				return fmt.Errorf("rotation.drives[%d] keyslots %d, %d", i, d.OldSlot, d.NewSlot)
-			}
-			if r.Phase == PhaseCommit && d.State != RotDone && d.State != RotAbsent {
-				return fmt.Errorf("rotation in phase commit with drive %s %s", d.UUID, d.State)
-			}
+		if r.Phase == PhaseCommit && d.State != RotDone && d.State != RotAbsent {
+			return fmt.Errorf("rotation in phase commit with drive %s %s", d.UUID, d.State)
 		}
 	}
 	return nil
 }
 
-// Marshal encodes the state as keystore.json (indented, newline-terminated).
+// Marshal encodes the state as keystore.json of FormatVersion (indented,
+// newline-terminated). It panics on an invalid state or another version: writers
+// validate before they get here, and version 1 is never written.
 func (s *State) Marshal() []byte {
+	if s.Format != FormatName || s.Version != FormatVersion {
+		panic(fmt.Sprintf("BUG: keystore: writing format %q version %d", s.Format, s.Version))
+	}
 	if err := s.validate(); err != nil {
 		panic("BUG: keystore: writing an invalid state: " + err.Error())
 	}
@@ -227,12 +209,17 @@ func (s *State) Marshal() []byte {
 	return append(b, '\n')
 }
 
-// drive returns the registry entry of a drive, or nil.
-func (s *State) drive(uuid string) *Drive {
-	for i := range s.Drives {
-		if s.Drives[i].UUID == uuid {
-			return &s.Drives[i]
-		}
+// clone returns a deep copy.
+func (s *State) clone() *State {
+	c := *s
+	if s.LastRotation != nil {
+		t := *s.LastRotation
+		c.LastRotation = &t
 	}
-	return nil
+	if s.Rotation != nil {
+		r := *s.Rotation
+		r.Drives = append([]RotationDrive{}, r.Drives...)
+		c.Rotation = &r
+	}
+	return &c
 }

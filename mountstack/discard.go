@@ -1,8 +1,11 @@
 package mountstack
 
 import (
+	"errors"
+	"fmt"
 	"github.com/atrest/atrest/fusefs"
 	"github.com/atrest/atrest/volmount"
+	"log/slog"
 )
 
 // prepareDiscards sets the loop device up, before anything uses it, so that fstrim on
@@ -23,17 +26,17 @@ import (
 // discards off at once, so that the first fstrim is already refused ("the discard
 // operation is not supported"), instead of failing inside ext4, which would report
 // the range trimmed.
-func prepareDiscards(srv *fusefs.Server, name, loop string, discard bool, logf func(string, ...any)) {
+func prepareDiscards(srv *fusefs.Server, name, loop string, discard bool, log *slog.Logger) {
 	if !discard {
 		err := volmount.Discard(loop, 0, 4096)
 		if n, lerr := volmount.QueueLimit(loop, "discard_max_bytes"); lerr != nil || n != 0 {
-			logf("warning: discards are not allowed on this drive, but %s still accepts them (%v, %v): the first fstrim may report bytes it did not trim", loop, err, lerr)
+			log.Warn(fmt.Sprintf("discards are not allowed on this drive, but %s still accepts them: the first fstrim may report bytes it did not trim", loop), "err", errors.Join(err, lerr))
 		}
 		return
 	}
 	err := srv.RefuseZeroRange(name, 0, 4096, func() error { return volmount.ZeroOut(loop, 0, 4096) })
 	if n, lerr := volmount.QueueLimit(loop, "write_zeroes_max_bytes"); err != nil || lerr != nil || n != 0 {
-		logf("warning: could not turn write-zeroes off on %s (%v, %v, write_zeroes_max_bytes %d): its zeroings cannot be told from discards, so fstrim will be refused", loop, err, lerr, n)
+		log.Warn(fmt.Sprintf("could not turn write-zeroes off on %s: its zeroings cannot be told from discards, so fstrim will be refused", loop), "err", errors.Join(err, lerr), "write_zeroes_max_bytes", n)
 	}
 }
 

@@ -15,7 +15,7 @@
 // answer it with Stack.Abandon and exit), which records in the state file what its NBD
 // client held unflushed, lost with it; Unmount reports it (Unmounted).
 //
-// The package prints nothing: it logs through Options.Logf and Options.Logger, and its
+// The package prints nothing: it logs through Options.Logger, and its
 // errors match the sentinels in errors.go where a caller has to tell cases apart. It
 // needs root (see volmount and fusefs). The process that calls Mount should already be
 // an I/O flusher (fusefs.EnsureIOFlusher), which re-executes the process and so is the

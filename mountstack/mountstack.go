@@ -42,12 +42,10 @@ type Options struct {
 	// means fusefs.DefaultRoot/<the mount point escaped as systemd-escape --path
 	// does>, which is removed again once unmounted (a directory given here stays).
 	FUSEDir string
-	// Logf receives a line for each thing an administrator may want to know: what was
-	// mounted, warnings, the stop, the NBD client's reconnects. It is called from
-	// several goroutines. Nil discards the lines.
-	Logf func(format string, args ...any)
-	// Logger receives the FUSE server's Device errors and diagnostics (see
-	// fusefs.Options.Logger). Nil discards them.
+	// Logger receives a record for each thing an administrator may want to know: what
+	// was mounted, warnings, the stop, the NBD client's reconnects (nbd.ClientOptions),
+	// the FUSE server's Device errors and diagnostics (fusefs.Options). It is used from
+	// several goroutines. Nil discards the records.
 	Logger *slog.Logger
 }
 
@@ -62,7 +60,7 @@ type Stack struct {
 	fuseDir string
 	name    string // of the FUSE file
 	loop    string
-	logf    func(format string, args ...any)
+	log     *slog.Logger
 	client  *nbd.Client
 	srv     *fusefs.Server
 	state   State      // as recorded in the state file
@@ -91,9 +89,9 @@ type Stack struct {
 // (the NBD client's Caps: atrest serve offers it where the drive allows discards), and
 // is refused from its first call otherwise (see prepareDiscards).
 func Mount(ctx context.Context, o Options) (*Stack, error) {
-	logf := o.Logf
-	if logf == nil {
-		logf = func(string, ...any) {}
+	log := o.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
 	}
 	mp, err := AbsMountpoint(o.Mountpoint)
 	if err != nil {
@@ -159,11 +157,11 @@ func Mount(ctx context.Context, o Options) (*Stack, error) {
 	if err := mountedHere(mp, addr, volumeID); err != nil {
 		return nil, err
 	}
-	client, err := dial(dctx, addr, nbd.ClientOptions{TakeOver: o.TakeOver, Description: desc, ReconnectTimeout: ioTimeout, Logf: func(f string, a ...any) { logf("nbd: "+f, a...) }})
+	client, err := dial(dctx, addr, nbd.ClientOptions{TakeOver: o.TakeOver, Description: desc, ReconnectTimeout: ioTimeout, Logger: log})
 	if err != nil {
 		return nil, err
 	}
-	s := &Stack{mp: mp, fuseDir: fuseDir, logf: logf, client: client}
+	s := &Stack{mp: mp, fuseDir: fuseDir, log: log, client: client}
 	if v := client.VolumeID(); v != volumeID {
 		// Another server answered meanwhile: check its volume as well.
 		volumeID = v
@@ -182,7 +180,7 @@ func Mount(ctx context.Context, o Options) (*Stack, error) {
 	// FUSE file lets holes through exactly then, asking the client's Caps itself.
 	discard := client.Caps().Trim
 	path := filepath.Join(fuseDir, s.name)
-	fopts := fusefs.Options{Logger: o.Logger, TrimHoles: func(string) bool { return writeZeroesOff(path) }}
+	fopts := fusefs.Options{Logger: log, TrimHoles: func(string) bool { return writeZeroesOff(path) }}
 	srv, err := fusefs.Mount(fuseDir, []fusefs.File{{Name: s.name, Device: client}}, fopts)
 	if err != nil {
 		s.closeClient()
@@ -205,7 +203,7 @@ func Mount(ctx context.Context, o Options) (*Stack, error) {
 	}
 	prepare := func(loop string) error {
 		if !info.ReadOnly {
-			prepareDiscards(srv, s.name, loop, discard, logf)
+			prepareDiscards(srv, s.name, loop, discard, log)
 		}
 		return nil
 	}
@@ -219,14 +217,14 @@ func Mount(ctx context.Context, o Options) (*Stack, error) {
 	s.loop = vol.Loop
 	state.Loop = vol.Loop
 	if err := writeState(state); err != nil {
-		logf("update %s: %v", StatePath(mp), err)
+		log.Error("updating the state file failed", "path", StatePath(mp), "err", err)
 	}
 	s.state = *state
 	how := "mounted"
 	if vol.Created {
 		how = "created " + vol.FSType + " and mounted"
 	}
-	logf("%s %s (export %q of %s, %d bytes) on %s through %s and %s", how, file, addr.Export, addr, info.Size, mp, vol.Loop, fuseDir)
+	log.Info(fmt.Sprintf("%s %s on %s", how, file, mp), "export", addr.Export, "server", addr, "size", info.Size, "loop", vol.Loop, "fuse", fuseDir)
 
 	return s, nil
 }
@@ -266,7 +264,7 @@ func mountedHere(mp string, addr nbd.Address, v nbd.VolumeID) error {
 // err.
 func (s *Stack) abort(err error) error {
 	if uerr := s.srv.Unmount(); uerr != nil {
-		s.logf("%v", uerr)
+		s.log.Error("unmounting the FUSE directory failed", "err", uerr)
 	}
 	s.srv.Wait()
 	removeFUSEDir(s.srv.Dir())
@@ -279,7 +277,7 @@ func (s *Stack) abort(err error) error {
 func (s *Stack) closeClient() error {
 	ferr := s.client.Flush()
 	if ferr != nil {
-		s.logf("flush: %v", ferr)
+		s.log.Error("flush failed", "err", ferr)
 	}
 	return errors.Join(ferr, s.client.Close())
 }
@@ -322,7 +320,7 @@ func (s *Stack) Close(ctx context.Context) error {
 	case <-s.srv.Done():
 		// Someone ended the FUSE mount (Unmount without a state file, or by hand):
 		// what was above it is gone or dead.
-		s.logf("the FUSE mount %s was ended from outside", s.fuseDir)
+		s.log.Warn(fmt.Sprintf("the FUSE mount %s was ended from outside", s.fuseDir))
 		// The state file stays while the flush waits for the server: `atrest umount`
 		// may meanwhile have the process Abandon the stack, which records in it what
 		// the client held.
@@ -336,7 +334,7 @@ func (s *Stack) Close(ctx context.Context) error {
 		return nil
 	default:
 	}
-	s.logf("stopping: unmounting %s", s.mp)
+	s.log.Info("stopping: unmounting " + s.mp)
 	err := s.teardown(ctx)
 	if cerr := s.closeClient(); cerr != nil {
 		err = errors.Join(err, mark(cerr, ErrFlush))
@@ -344,7 +342,7 @@ func (s *Stack) Close(ctx context.Context) error {
 	}
 	if err == nil {
 		removeState(s.mp)
-		s.logf("stopped")
+		s.log.Info("stopped")
 	}
 	return err
 }
@@ -363,7 +361,7 @@ func (s *Stack) teardown(ctx context.Context) error {
 			err = volmount.Unmount(s.mp, false)
 		}
 		if errors.Is(err, syscall.EBUSY) {
-			s.logf("%v; detaching it lazily: the volume is served until the last file there is closed", err)
+			s.log.Warn(fmt.Sprintf("%v; detaching it lazily: the volume is served until the last file there is closed", err))
 			err = volmount.Unmount(s.mp, true)
 		}
 		if err != nil {
@@ -381,7 +379,7 @@ func (s *Stack) teardown(ctx context.Context) error {
 			return err
 		}
 		// The atrest command cancels ctx on a second signal.
-		s.logf("waiting for %s to be released (files still open on the detached file system); signal again to stop now", s.loop)
+		s.log.Info(fmt.Sprintf("waiting for %s to be released (files still open on the detached file system); signal again to stop now", s.loop))
 		if ctx.Err() != nil {
 			return mark(err, ErrFilesOpen)
 		}

@@ -111,7 +111,7 @@ func TestMountClose(t *testing.T) {
 	addr, _, _ := serveMem(t, 64<<20)
 	mp := filepath.Join(t.TempDir(), "mnt")
 	var log testutil.Log
-	opts := Options{Mountpoint: mp, Address: addr, MountOptions: "noatime", Logf: log.Logf}
+	opts := Options{Mountpoint: mp, Address: addr, MountOptions: "noatime", Logger: log.Logger()}
 	leftovers(t, mp)
 
 	// A stale state file (its process is gone) is replaced.
@@ -280,7 +280,7 @@ func TestMountOneWriter(t *testing.T) {
 	leftovers(t, mp1)
 	leftovers(t, mp2)
 	var log testutil.Log
-	s, err := Mount(context.Background(), Options{Mountpoint: mp1, Address: addr, Logf: log.Logf})
+	s, err := Mount(context.Background(), Options{Mountpoint: mp1, Address: addr, Logger: log.Logger()})
 	if err != nil {
 		t.Fatalf("Mount: %v\n%s", err, log.String())
 	}
@@ -320,7 +320,7 @@ func TestMountOneWriter(t *testing.T) {
 	if !errors.Is(err, ErrVolumeHeld) || !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), "writer elsewhere") {
 		t.Errorf("a mount of a volume held elsewhere: %v, want ErrVolumeHeld naming the writer", err)
 	}
-	s, err = Mount(context.Background(), Options{Mountpoint: mp2, Address: addr, TakeOver: true, Logf: log.Logf})
+	s, err = Mount(context.Background(), Options{Mountpoint: mp2, Address: addr, TakeOver: true, Logger: log.Logger()})
 	if err != nil {
 		t.Fatalf("Mount with TakeOver: %v\n%s", err, log.String())
 	}
@@ -375,14 +375,14 @@ func TestCloseGivesUp(t *testing.T) {
 	mp := filepath.Join(t.TempDir(), "mnt")
 	leftovers(t, mp)
 	var log testutil.Log
-	s, err := Mount(context.Background(), Options{Mountpoint: mp, Address: addr, Logf: log.Logf})
+	s, err := Mount(context.Background(), Options{Mountpoint: mp, Address: addr, Logger: log.Logger()})
 	if err != nil {
 		t.Fatalf("Mount: %v\n%s", err, log.String())
 	}
 	if err := s.Close(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	s, err = Mount(context.Background(), Options{Mountpoint: mp, Address: addr, MountOptions: "ro", Logf: log.Logf})
+	s, err = Mount(context.Background(), Options{Mountpoint: mp, Address: addr, MountOptions: "ro", Logger: log.Logger()})
 	if err != nil {
 		t.Fatalf("Mount read-only: %v\n%s", err, log.String())
 	}
@@ -449,7 +449,7 @@ func TestAbandonRecordsLoss(t *testing.T) {
 	mp := filepath.Join(t.TempDir(), "mnt")
 	leftovers(t, mp)
 	var log testutil.Log
-	s, err := Mount(context.Background(), Options{Mountpoint: mp, Address: addr, MountOptions: "barrier=0", IOTimeout: 7 * time.Second, Logf: log.Logf})
+	s, err := Mount(context.Background(), Options{Mountpoint: mp, Address: addr, MountOptions: "barrier=0", IOTimeout: 7 * time.Second, Logger: log.Logger()})
 	if err != nil {
 		t.Fatalf("Mount: %v\n%s", err, log.String())
 	}

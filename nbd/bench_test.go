@@ -12,7 +12,7 @@ import (
 // socket on a memory device: one caller (latency bound) and many (pipelined).
 func BenchmarkRoundTrip(b *testing.B) {
 	const size = 256 << 20
-	ts := startServer(b, ServerConfig{Logf: func(string, ...any) {}}, Export{Device: blockdev.NewMem(size)})
+	ts := startServer(b, ServerConfig{Logger: discardLogger}, Export{Device: blockdev.NewMem(size)})
 	for _, conns := range []int{1, 4} {
 		c, err := Dial(context.Background(), ts.addr, ClientOptions{Connections: conns, ReplayBytes: -1})
 		if err != nil {
@@ -65,7 +65,7 @@ func BenchmarkRoundTrip(b *testing.B) {
 // fewer flushes of its own).
 func BenchmarkClientReplayLog(b *testing.B) {
 	const size = 256 << 20
-	ts := startServer(b, ServerConfig{Logf: func(string, ...any) {}}, Export{Device: blockdev.NewMem(size)})
+	ts := startServer(b, ServerConfig{Logger: discardLogger}, Export{Device: blockdev.NewMem(size)})
 	for _, replay := range []int64{-1, 64 << 20, 512 << 20} {
 		b.Run(fmt.Sprintf("log=%dMiB", max(replay, 0)>>20), func(b *testing.B) {
 			c, err := Dial(context.Background(), ts.addr, ClientOptions{ReplayBytes: replay})

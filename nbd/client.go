@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -55,11 +56,15 @@ type ClientOptions struct {
 	// N on host H)"). Characters that are not printable are replaced, and it is cut at
 	// 256 bytes.
 	Description string
-	// Logf, if set, receives a line per reconnect.
-	Logf func(format string, args ...any)
+	// Logger receives a record per lost connection, reconnect and give-up, with the
+	// server and the error as attributes. Nil discards them.
+	Logger *slog.Logger
 }
 
 func (o ClientOptions) withDefaults() ClientOptions {
+	if o.Logger == nil {
+		o.Logger = discardLogger
+	}
 	if o.Connections <= 0 {
 		o.Connections = 4
 	}
@@ -290,12 +295,6 @@ func (c *Client) install(conns []*clientConn, info exportInfo, epoch uint64) boo
 	return true
 }
 
-func (c *Client) logf(format string, args ...any) {
-	if c.opts.Logf != nil {
-		c.opts.Logf(format, args...)
-	}
-}
-
 // begin registers a call; it fails once the client is closed.
 func (c *Client) begin() error {
 	c.mu.Lock()
@@ -335,7 +334,7 @@ func (c *Client) conn(deadline *time.Time) (*clientConn, error) {
 					if c.dialErr != nil {
 						c.gaveUp = fmt.Errorf("%w: %w", c.gaveUp, c.dialErr)
 					}
-					c.logf("nbd: %v; requests fail at once until it is back", c.gaveUp)
+					c.opts.Logger.Warn("nbd: requests fail at once until it is back", "err", c.gaveUp)
 				}
 				return nil, c.gaveUp
 			}
@@ -418,7 +417,7 @@ func (c *Client) connLost(cc *clientConn, err error) {
 		if i < 0 {
 			return // already dropped
 		}
-		c.logf("nbd: connection to %s lost: %v", c.addr, err)
+		c.opts.Logger.Warn("nbd: connection to the server lost", "server", c.addr, "err", err)
 		_ = cc.nc.Close()
 		c.conns = slices.Delete(slices.Clone(c.conns), i, i+1)
 		if len(c.conns) == 0 {
@@ -428,7 +427,7 @@ func (c *Client) connLost(cc *clientConn, err error) {
 		}
 		return
 	}
-	c.logf("nbd: connection to %s lost: %v", c.addr, err)
+	c.opts.Logger.Warn("nbd: connection to the server lost", "server", c.addr, "err", err)
 	for _, o := range c.conns {
 		_ = o.nc.Close() // everything in flight is sent again after the replay
 	}
@@ -466,7 +465,7 @@ func (c *Client) reconnect(epoch uint64) {
 			// Another writer got the volume meanwhile: never a reason to write elsewhere;
 			// try again (requests wait by their own deadlines), it may go away.
 			if !busy {
-				c.logf("nbd: reconnect to %s refused: %v; trying again", c.addr, err)
+				c.opts.Logger.Warn("nbd: reconnect refused; trying again", "server", c.addr, "err", err)
 			}
 			busy = true
 		} else {
@@ -493,7 +492,7 @@ func (c *Client) reconnect(epoch uint64) {
 		}
 		if err == nil {
 			if c.install(conns, info, epoch) {
-				c.logf("nbd: reconnected to %s", c.addr)
+				c.opts.Logger.Info("nbd: reconnected", "server", c.addr)
 			}
 			return
 		}
@@ -520,7 +519,7 @@ func (c *Client) failForGood(err error) {
 	if c.state == stateClosed {
 		return
 	}
-	c.logf("nbd: %v; every request fails from now on", err)
+	c.opts.Logger.Error("nbd: every request fails from now on", "err", err)
 	c.failErr, c.state = err, stateFailed
 	c.cond.Broadcast()
 }

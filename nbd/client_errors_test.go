@@ -10,9 +10,10 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/atrest/atrest/internal/testutil"
 )
 
 // Tests of the client against a fake server that speaks a correct fixed-newstyle
@@ -400,13 +401,8 @@ func TestClientErrReplies(t *testing.T) {
 	for _, rc := range replyCases() {
 		t.Run(rc.name, func(t *testing.T) {
 			t.Parallel()
-			var mu sync.Mutex
-			var logs []string
-			opts := ClientOptions{DialTimeout: 3 * time.Second, ReconnectTimeout: -1, Logf: func(f string, a ...any) {
-				mu.Lock()
-				logs = append(logs, f)
-				mu.Unlock()
-			}}
+			var log testutil.Log
+			opts := ClientOptions{DialTimeout: 3 * time.Second, ReconnectTimeout: -1, Logger: log.Logger()}
 			c, err := Dial(context.Background(), fakeServer(t, rc.answer(t)), opts)
 			if err != nil {
 				t.Fatal(err)
@@ -436,9 +432,7 @@ func TestClientErrReplies(t *testing.T) {
 			if err := within(t, 5*time.Second, "Close", c.Close); err != nil {
 				t.Fatalf("Close: %v", err)
 			}
-			mu.Lock()
-			defer mu.Unlock()
-			if len(logs) != 1 {
+			if logs := log.String(); strings.Count(logs, "\n") != 1 || !strings.Contains(logs, "connection to the server lost") {
 				t.Fatalf("log lines %q, want one about the lost connection", logs)
 			}
 		})

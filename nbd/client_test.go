@@ -232,7 +232,7 @@ func serveOn(t *testing.T, sock string, dev blockdev.Device) (*Server, chan erro
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := NewServer(ServerConfig{Logf: func(string, ...any) {}})
+	s := NewServer(ServerConfig{Logger: discardLogger})
 	if err := s.AddExport(Export{Device: dev}); err != nil {
 		t.Fatal(err)
 	}
@@ -398,7 +398,7 @@ func TestClientGivesUp(t *testing.T) {
 	sock := filepath.Join(shortDir(t), "s")
 	srv, done := serveOn(t, sock, blockdev.NewMem(1<<20))
 	var log testutil.Log
-	c, err := Dial(context.Background(), "unix:"+sock, ClientOptions{ReconnectTimeout: timeout, Logf: log.Logf})
+	c, err := Dial(context.Background(), "unix:"+sock, ClientOptions{ReconnectTimeout: timeout, Logger: log.Logger()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -483,7 +483,7 @@ func TestClientUnflushed(t *testing.T) {
 func TestClientSplitsAndErrors(t *testing.T) {
 	checkLeaks(t)
 	mem := blockdev.NewMem(8 << 20)
-	ts := startServer(t, ServerConfig{MaxRequestSize: 64 << 10, Logf: func(string, ...any) {}},
+	ts := startServer(t, ServerConfig{MaxRequestSize: 64 << 10, Logger: discardLogger},
 		Export{Device: &failDev{Device: mem, failOff: 6 << 20}},
 		Export{Name: "ro", Device: mem, ReadOnly: true},
 		Export{Name: "plain", Device: plainDev{mem}})
@@ -662,7 +662,7 @@ func TestClientNoReconnectKeepsOtherConns(t *testing.T) {
 // medium error or a timeout below the server), and its Caps follow the device's.
 func TestClientFaults(t *testing.T) {
 	checkLeaks(t)
-	ts := startServer(t, ServerConfig{Logf: func(string, ...any) {}})
+	ts := startServer(t, ServerConfig{Logger: discardLogger})
 	var n atomic.Int32
 	blockdevtest.RunFaults(t, blockdevtest.FaultConfig{
 		Wrap: func(t *testing.T, lower blockdev.Device) blockdev.Device {

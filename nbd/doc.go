@@ -1,6 +1,7 @@
 // Package nbd serves blockdev.Devices over the Network Block Device protocol and
-// connects to NBD servers as a blockdev.Device (the protocol: shared/specs/nbd-protocol.md,
-// the NetworkBlockDevice/nbd doc/proto.md; section names are quoted in the code).
+// connects to NBD servers as a blockdev.Device. The protocol is
+// https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md; the code quotes
+// its section names.
 //
 // Server, Client and the helpers are safe for concurrent use, except that Client.Close
 // must not race with the Client's other calls.
@@ -8,8 +9,8 @@
 // # Server
 //
 // NewServer, AddExport/RemoveExport at any time, Serve once per listener (Listen builds
-// them from "unix:PATH" or "tcp:HOST:PORT"; SystemdListeners takes the sockets of
-// systemd socket activation), Shutdown to stop gracefully, Notify for sd_notify.
+// them from "unix:PATH" or "tcp:HOST:PORT"; the sockets of systemd socket activation
+// serve as well), Shutdown to stop gracefully.
 //
 // The server speaks the fixed newstyle handshake only (NOTLS mode) with NO_ZEROES, the
 // options EXPORT_NAME, GO, INFO (INFO_EXPORT, INFO_BLOCK_SIZE, INFO_NAME,
@@ -86,7 +87,7 @@
 // to the volume again. Export.SharedWriters turns the rule off. docs/nbd.md has the
 // details and the wire format.
 //
-// Shutdown order, for `atrest serve` on SIGTERM: Notify("STOPPING=1"), Shutdown(ctx)
+// Shutdown order, for `atrest serve` on SIGTERM: STOPPING=1 to systemd, Shutdown(ctx)
 // (listeners closed, connections drained, every export flushed), then close the
 // devices, which the server never closes. RemoveExport does the same for one export
 // (e.g. a drive that is going away) while the others keep serving.

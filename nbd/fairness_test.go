@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"strings"
 	"sync/atomic"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/atrest/atrest/blockdev"
+	"github.com/atrest/atrest/internal/linelog"
 	"github.com/atrest/atrest/internal/testutil"
 )
 
@@ -67,20 +69,25 @@ func promptRead(t *testing.T, ts *testServer, c *Client, n int, limit time.Durat
 	})
 }
 
-// countingLog is a ServerConfig.Logf that passes lines on to the test's log and counts
-// those that contain a string.
+// countingLog is a ServerConfig.Logger's destination that passes lines on to the
+// test's log and counts those that contain a string.
 type countingLog struct {
 	t     *testing.T
 	match string
 	n     atomic.Int32
 }
 
-func (l *countingLog) logf(format string, args ...any) {
-	line := fmt.Sprintf(format, args...)
+func (l *countingLog) logger() *slog.Logger {
+	return slog.New(linelog.New(l, "", slog.LevelDebug))
+}
+
+func (l *countingLog) Write(p []byte) (int, error) {
+	line := strings.TrimSuffix(string(p), "\n")
 	if strings.Contains(line, l.match) {
 		l.n.Add(1)
 	}
 	l.t.Log(line)
+	return len(p), nil
 }
 
 // hogKinds are the two ways for clients that never read to take all of the server's
@@ -155,7 +162,7 @@ func TestStuckClientsDropped(t *testing.T) {
 			log := &countingLog{t: t, match: "has taken no reply for 1s; disconnecting"}
 			cfg := hogKinds[0].cfg
 			cfg.WriteTimeout = time.Second
-			cfg.Logf = log.logf
+			cfg.Logger = log.logger()
 			ts := startServerOn(t, network, cfg, Export{Device: blockdev.NewMem(32 << 20)})
 			const hogs = 8
 			for range hogs {
@@ -179,7 +186,7 @@ func TestSlowReaderKept(t *testing.T) {
 	mem := blockdev.NewMem(32 << 20)
 	want := pattern(32<<20, 3)
 	mem.WriteAt(want, 0)
-	ts := startServer(t, ServerConfig{WriteTimeout: 3 * time.Second, Logf: log.logf}, Export{Device: mem})
+	ts := startServer(t, ServerConfig{WriteTimeout: 3 * time.Second, Logger: log.logger()}, Export{Device: mem})
 	r := dialRaw(t, ts.sock)
 	r.open("", false)
 	_ = r.nc.SetDeadline(time.Now().Add(60 * time.Second))
@@ -246,7 +253,7 @@ func connectAndRead(t *testing.T, ts *testServer) {
 // longest, and a client that completes its handshake gets in and reads within a second.
 func TestIdleHandshakes(t *testing.T) {
 	checkLeaks(t)
-	ts := startServer(t, ServerConfig{Logf: func(string, ...any) {}}, Export{Device: blockdev.NewMem(1 << 20)})
+	ts := startServer(t, ServerConfig{Logger: discardLogger}, Export{Device: blockdev.NewMem(1 << 20)})
 	var idle []net.Conn
 	for range 256 {
 		idle = append(idle, dialRaw(t, ts.sock).nc)
@@ -270,7 +277,7 @@ func TestIdleHandshakes(t *testing.T) {
 // from the same address still gets in.
 func TestHandshakesPerPeer(t *testing.T) {
 	checkLeaks(t)
-	ts := startServerOn(t, "tcp", ServerConfig{Logf: func(string, ...any) {}}, Export{Device: blockdev.NewMem(1 << 20)})
+	ts := startServerOn(t, "tcp", ServerConfig{Logger: discardLogger}, Export{Device: blockdev.NewMem(1 << 20)})
 	dialFrom := func(ip string) net.Conn {
 		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(ip)}}
 		nc, err := d.Dial("tcp", ts.dialTo)

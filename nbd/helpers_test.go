@@ -13,6 +13,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/atrest/atrest/internal/testutil"
 )
 
 // checkLeaks fails the test if goroutines started during it are still running once
@@ -94,8 +96,8 @@ func startServerOn(t testing.TB, network string, cfg ServerConfig, exports ...Ex
 		}
 		close(ready)
 	}
-	if cfg.Logf == nil {
-		cfg.Logf = t.Logf
+	if cfg.Logger == nil {
+		cfg.Logger = testutil.Logger(t)
 	}
 	s := NewServer(cfg)
 	for _, e := range exports {

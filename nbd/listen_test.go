@@ -121,24 +121,3 @@ func TestParseAddress(t *testing.T) {
 		}
 	}
 }
-
-func TestNotify(t *testing.T) {
-	t.Setenv("NOTIFY_SOCKET", "")
-	if sent, err := Notify("READY=1"); sent || err != nil {
-		t.Fatalf("without NOTIFY_SOCKET: %v %v", sent, err)
-	}
-	conn, path := notifySocket(t)
-	t.Setenv("NOTIFY_SOCKET", path)
-	if sent, err := Notify("READY=1\nSTATUS=serving 1 export"); !sent || err != nil {
-		t.Fatalf("%v %v", sent, err)
-	}
-	b := make([]byte, 100)
-	n, _ := conn.Read(b)
-	if string(b[:n]) != "READY=1\nSTATUS=serving 1 export" {
-		t.Fatalf("%q", b[:n])
-	}
-	t.Setenv("NOTIFY_SOCKET", "relative")
-	if _, err := Notify("READY=1"); err == nil {
-		t.Fatal("relative NOTIFY_SOCKET accepted")
-	}
-}

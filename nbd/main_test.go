@@ -17,6 +17,7 @@ import (
 
 	"github.com/atrest/atrest/blockcrypt"
 	"github.com/atrest/atrest/blockdev"
+	"github.com/atrest/atrest/internal/sdnotify"
 )
 
 // TestMain doubles as a small NBD server process for the tests that kill or signal a
@@ -36,7 +37,7 @@ func TestMain(m *testing.M) {
 }
 
 func helperServe() error {
-	ls, err := SystemdListeners()
+	ls, err := sdnotify.Listeners()
 	if err != nil {
 		return err
 	}
@@ -64,7 +65,7 @@ func helperServe() error {
 	var ready atomic.Int32
 	srv := NewServer(ServerConfig{Ready: func(net.Addr) {
 		if int(ready.Add(1)) == len(ls) {
-			Notify("READY=1\nSTATUS=serving")
+			sdnotify.Ready("serving")
 		}
 	}})
 	if err := srv.AddExport(Export{Device: dev}); err != nil {
@@ -77,7 +78,7 @@ func helperServe() error {
 		go func() { errc <- srv.Serve(context.Background(), l) }()
 	}
 	<-ctx.Done()
-	Notify("STOPPING=1")
+	sdnotify.Stopping()
 	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := srv.Shutdown(sctx); err != nil {

@@ -20,7 +20,7 @@ import (
 func TestProbe(t *testing.T) {
 	checkLeaks(t)
 	var log testutil.Log
-	ts := startServer(t, ServerConfig{Logf: log.Logf}, Export{Name: "vol", Device: blockdev.NewMem(1 << 20)})
+	ts := startServer(t, ServerConfig{Logger: log.Logger()}, Export{Name: "vol", Device: blockdev.NewMem(1 << 20)})
 	probe := func(addr string) error {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()

@@ -7,8 +7,8 @@ import (
 )
 
 // Wire constants of the NBD protocol, written from the specification
-// (NetworkBlockDevice/nbd doc/proto.md, copied to shared/specs/nbd-protocol.md); each
-// group names the section it comes from. github.com/pojntfx/go-nbd uses the same values.
+// (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md); each group
+// names the section it comes from. github.com/pojntfx/go-nbd uses the same values.
 
 // Magic numbers ("Handshake", "Fixed newstyle negotiation", "Request message", "Simple
 // reply message", "Structured reply chunk message").

@@ -251,7 +251,7 @@ func TestRequestErrors(t *testing.T) {
 	checkLeaks(t)
 	const max = 1 << 20
 	mem := blockdev.NewMem(8 << 20)
-	ts := startServer(t, ServerConfig{MaxRequestSize: max, Logf: func(string, ...any) {}},
+	ts := startServer(t, ServerConfig{MaxRequestSize: max, Logger: discardLogger},
 		Export{Name: "", Device: &failDev{Device: mem, failOff: 1 << 20}},
 		Export{Name: "ro", Device: mem, ReadOnly: true},
 		Export{Name: "plain", Device: plainDev{mem}},

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"reflect"
 	"sort"
@@ -58,9 +59,11 @@ type ServerConfig struct {
 	// Ready, if set, is called by Serve once it accepts connections on its listener.
 	// `atrest serve` uses it to tell systemd READY=1 once every listener is served.
 	Ready func(addr net.Addr)
-	// Logf, if set, receives one line per notable event (a connection refused, a device
-	// error answered with EIO, a failed flush). The package never prints by itself.
-	Logf func(format string, args ...any)
+	// Logger receives one record per notable event (a connection refused, a device
+	// error answered with EIO, a failed flush, a change of a volume's writer), with the
+	// export, peer and error as attributes. Nil discards them: the package never prints
+	// by itself.
+	Logger *slog.Logger
 }
 
 // maxOptionLen bounds the data of one option. The largest legal option is NBD_OPT_GO
@@ -71,6 +74,9 @@ const maxOptionLen = 4 + maxStringLen + 2 + 2*65535
 
 func (c *ServerConfig) withDefaults() ServerConfig {
 	d := *c
+	if d.Logger == nil {
+		d.Logger = discardLogger
+	}
 	if d.MaxRequestSize <= 0 {
 		d.MaxRequestSize = 32 << 20
 	}
@@ -155,6 +161,7 @@ var ErrServerClosed = errors.New("nbd server closed")
 // Server serves blockdev.Devices over NBD. All its methods are safe for concurrent use.
 type Server struct {
 	cfg ServerConfig
+	log *slog.Logger // cfg.Logger, never nil
 
 	pool       *pool         // payload bytes and requests beyond the connections' reserves
 	writeCheck time.Duration // the write watch's period (see serverConn.writeOut)
@@ -180,11 +187,15 @@ type Server struct {
 	watchOff atomic.Bool
 }
 
+// discardLogger stands for a nil Logger.
+var discardLogger = slog.New(slog.DiscardHandler)
+
 // NewServer returns a Server with no exports.
 func NewServer(cfg ServerConfig) *Server {
 	cfg = cfg.withDefaults()
 	s := &Server{
 		cfg:        cfg,
+		log:        cfg.Logger,
 		pool:       newPool(cfg.MaxTotalBytes, int64(cfg.MaxTotalRequests)),
 		writeCheck: cfg.WriteTimeout / 4,
 		clock:      time.Now(),
@@ -263,12 +274,6 @@ func (s *Server) watch() {
 	}
 }
 
-func (s *Server) logf(format string, args ...any) {
-	if s.cfg.Logf != nil {
-		s.cfg.Logf(format, args...)
-	}
-}
-
 // AddExport offers e to new connections. The name must be unique and at most 4096 bytes.
 func (s *Server) AddExport(e Export) error {
 	if e.Device == nil {
@@ -327,6 +332,17 @@ func (s *Server) RemoveExport(ctx context.Context, name string) error {
 	}
 	s.mu.Unlock()
 	return s.stopConns(ctx, conns)
+}
+
+// Connections returns how many connections use the named export now (0 for an export
+// that does not exist).
+func (s *Server) Connections(name string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if e, ok := s.exports[name]; ok {
+		return len(e.conns)
+	}
+	return 0
 }
 
 // ServerStats are counters of a Server, for status lines and tests.
@@ -435,7 +451,7 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
 				// Temporary (out of file descriptors): back off like net/http.
 				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-				s.logf("nbd: accept on %s: %v; retrying in %v", l.Addr(), err, delay)
+				s.log.Warn("nbd: accept failed; retrying", "listener", l.Addr(), "err", err, "delay", delay)
 				select {
 				case <-time.After(delay):
 				case <-lctx.Done():
@@ -537,8 +553,9 @@ func (s *Server) evictLocked(peer string) {
 	s.evicted++
 	if now := time.Now(); now.Sub(s.evictLog) >= time.Second {
 		idle := now.Sub(s.clock) - time.Duration(victim.active.Load())
-		s.logf("nbd: closed %d handshake(s) to admit new connections (the last: %s, silent for %v; limits %d, %d per address)",
-			s.evicted, victim.nc.RemoteAddr(), idle.Round(time.Millisecond), s.cfg.MaxHandshakes, s.cfg.MaxPeerHandshakes)
+		s.log.Warn(fmt.Sprintf("nbd: closed %d handshake(s) to admit new connections", s.evicted),
+			"peer", victim.nc.RemoteAddr(), "silent", idle.Round(time.Millisecond),
+			"max_handshakes", s.cfg.MaxHandshakes, "max_peer_handshakes", s.cfg.MaxPeerHandshakes)
 		s.evictLog, s.evicted = now, 0
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"math"
 	"net"
@@ -124,7 +125,7 @@ func (c *serverConn) serve() {
 	c.s.endHandshake(c)
 	if err != nil {
 		if !errors.Is(err, errHandshakeDone) && !isClosedConn(err) {
-			c.s.logf("nbd: handshake with %s: %v", c.nc.RemoteAddr(), err)
+			c.s.log.Info("nbd: handshake failed", "peer", c.nc.RemoteAddr(), "err", err)
 		}
 		return
 	}
@@ -153,7 +154,7 @@ func (c *serverConn) serve() {
 		// Not required by the protocol (a client flushes what it needs durable), but a
 		// disconnecting client's writes cost one flush to make safe.
 		if err := c.dev.Flush(); err != nil {
-			c.s.logf("nbd: flush of export %q after disconnect: %v", e.Name, err)
+			c.s.log.Error("nbd: flush after disconnect failed", "export", e.Name, "err", err)
 		}
 	}
 }
@@ -223,7 +224,7 @@ func (c *serverConn) readLoop() (ended bool) {
 		}
 		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
 			if !isClosedConn(err) {
-				c.s.logf("nbd: reading request from %s: %v", c.nc.RemoteAddr(), err)
+				c.s.log.Info("nbd: reading a request failed", "peer", c.nc.RemoteAddr(), "err", err)
 			}
 			return true
 		}
@@ -231,7 +232,7 @@ func (c *serverConn) readLoop() (ended bool) {
 		if !decodeRequest(hdr[:], &r) {
 			// The framing is lost: nothing after this can be parsed ("Either side MAY
 			// initiate a hard disconnect if it detects a violation").
-			c.s.logf("nbd: bad request magic from %s; disconnecting", c.nc.RemoteAddr())
+			c.s.log.Warn("nbd: bad request magic; disconnecting", "peer", c.nc.RemoteAddr())
 			_ = c.nc.Close()
 			return true
 		}
@@ -342,7 +343,7 @@ func (c *serverConn) handle(r *request) handleResult {
 			// 2^25, which "SHOULD NOT be considered a denial of service attack") reading it
 			// would be one, so the server disconnects ("Size constraints").
 			if uint64(r.length) > 2*uint64(max(maxReq, 1<<25)) {
-				c.s.logf("nbd: %d-byte write from %s; disconnecting", r.length, c.nc.RemoteAddr())
+				c.s.log.Warn("nbd: oversized write; disconnecting", "peer", c.nc.RemoteAddr(), "length", r.length)
 				return handleEnd
 			}
 			errno, msg = errInval, "write larger than the maximum payload size"
@@ -647,7 +648,7 @@ func (c *serverConn) execute(r *request, buf *[]byte, rep *reply) {
 		rep.errno = errnoFor(err, r.typ)
 		rep.msg = err.Error()
 		if rep.errno == errIO {
-			c.s.logf("nbd: %s at %d (%d bytes) on export %q: %v", cmdName(r.typ), off, r.length, c.exp.Name, err)
+			c.s.log.Error("nbd: device error", "export", c.exp.Name, "op", cmdName(r.typ), "offset", off, "length", r.length, "err", err)
 		}
 	}
 }
@@ -740,9 +741,9 @@ func (c *serverConn) writeBatch(batch []*reply) {
 			c.broken = true
 			switch {
 			case errors.Is(err, errStalled):
-				c.s.logf("nbd: %s has taken no reply for %v; disconnecting", c.nc.RemoteAddr(), c.s.cfg.WriteTimeout)
+				c.s.log.Warn(fmt.Sprintf("nbd: client has taken no reply for %v; disconnecting", c.s.cfg.WriteTimeout), "peer", c.nc.RemoteAddr())
 			case !isClosedConn(err):
-				c.s.logf("nbd: writing replies to %s: %v", c.nc.RemoteAddr(), err)
+				c.s.log.Info("nbd: writing replies failed", "peer", c.nc.RemoteAddr(), "err", err)
 			}
 			c.cancel()       // ends the reader's wait for budget
 			_ = c.nc.Close() // wakes the reader

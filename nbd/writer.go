@@ -291,7 +291,7 @@ func (s *Server) admit(c *serverConn, e *export, commit, final bool) (a admissio
 		return admission{}, false
 	}
 	if commit && s.transmitting >= s.cfg.MaxConns {
-		s.logf("nbd: refusing export %q to %s: %d connections already", e.Name, c.nc.RemoteAddr(), s.cfg.MaxConns)
+		s.log.Warn("nbd: refusing a connection: too many connections", "export", e.Name, "peer", c.nc.RemoteAddr(), "max_conns", s.cfg.MaxConns)
 		return admission{}, false
 	}
 	w := &c.writer
@@ -401,7 +401,7 @@ func (s *Server) releaseWriter(c *serverConn) {
 	}
 	s.mu.Unlock()
 	if ended {
-		s.logf("nbd: %s is no longer the writer of %s", h.desc, h.volume)
+		s.log.Info(fmt.Sprintf("nbd: %s is no longer the writer of %s", h.desc, h.volume))
 	}
 }
 
@@ -430,12 +430,12 @@ func (c *serverConn) enter(e *export) (a admission, ok bool) {
 		t.Stop()
 	}
 	if a.note != "" {
-		s.logf("%s", a.note)
+		s.log.Info(a.note)
 	}
 	if a.stop != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), takeOverTimeout)
 		if err := s.stopConns(ctx, a.stop); err != nil {
-			s.logf("nbd: take-over of %s: the previous writer's connections did not end within %v; closed them", e.volumeName(), takeOverTimeout)
+			s.log.Warn(fmt.Sprintf("nbd: take-over of %s: the previous writer's connections did not end in time; closed them", e.volumeName()), "timeout", takeOverTimeout)
 		}
 		cancel()
 		close(a.drained)

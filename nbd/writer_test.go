@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/atrest/atrest/blockdev"
+	"github.com/atrest/atrest/internal/linelog"
 )
 
 // Tests of the writer rule and of the volume identity (writer.go, docs/nbd.md).
@@ -30,11 +32,15 @@ type logLines struct {
 	b  strings.Builder
 }
 
-func (l *logLines) logf(format string, args ...any) {
-	l.t.Logf(format, args...)
+func (l *logLines) logger() *slog.Logger {
+	return slog.New(linelog.New(l, "", slog.LevelDebug))
+}
+
+func (l *logLines) Write(p []byte) (int, error) {
+	l.t.Log(strings.TrimSuffix(string(p), "\n"))
 	l.mu.Lock()
-	fmt.Fprintf(&l.b, format+"\n", args...)
-	l.mu.Unlock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
 }
 
 func (l *logLines) has(s string) bool {
@@ -148,7 +154,7 @@ func TestWriterRule(t *testing.T) {
 func testWriterRuleAcrossExports(t *testing.T) {
 	log := &logLines{t: t}
 	mem := blockdev.NewMem(1 << 20)
-	ts := startServer(t, ServerConfig{Logf: log.logf},
+	ts := startServer(t, ServerConfig{Logger: log.logger()},
 		Export{Name: "vol", Device: mem, VolumeID: volA},
 		Export{Name: "", Device: mem, VolumeID: volA},
 		Export{Name: "other", Device: blockdev.NewMem(1 << 20), VolumeID: volB})
@@ -265,14 +271,14 @@ func testWriterTakeOver(t *testing.T) {
 	log := &logLines{t: t}
 	mem := blockdev.NewMem(1 << 20)
 	dev := &writeGate{Device: mem, arrived: make(chan struct{}, 1), open: make(chan struct{})}
-	ts := startServer(t, ServerConfig{Logf: log.logf}, Export{Name: "vol", Device: dev, VolumeID: volA})
+	ts := startServer(t, ServerConfig{Logger: log.logger()}, Export{Name: "vol", Device: dev, VolumeID: volA})
 	openGate := sync.OnceFunc(func() { close(dev.open) })
 	defer openGate() // also when the test fails: the server's shutdown waits for the write
 
 	alog := &logLines{t: t}
 	// One connection: the reply to its write in flight comes before the end of the
 	// stream. (With several, the client drops them all when one ends.)
-	a := dialOK(t, ts.uri("vol"), ClientOptions{Description: "writer A", Connections: 1, ReconnectTimeout: 10 * time.Second, Logf: alog.logf})
+	a := dialOK(t, ts.uri("vol"), ClientOptions{Description: "writer A", Connections: 1, ReconnectTimeout: 10 * time.Second, Logger: alog.logger()})
 	inFlight := make(chan error, 1)
 	go func() {
 		_, err := a.WriteAt([]byte("A in flight"), gateOff)
@@ -333,16 +339,14 @@ func testWriterTakeOver(t *testing.T) {
 
 // serveExportOn serves e on a unix socket at sock until the test ends or the caller
 // closes the server.
-func serveExportOn(t *testing.T, sock string, e Export, logf func(string, ...any)) *Server {
+func serveExportOn(t *testing.T, sock string, e Export, log *slog.Logger) *Server {
 	t.Helper()
 	l, err := Listen("unix:" + sock)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if logf == nil {
-		logf = func(string, ...any) {}
-	}
-	s := NewServer(ServerConfig{Logf: logf})
+
+	s := NewServer(ServerConfig{Logger: log})
 	if err := s.AddExport(e); err != nil {
 		t.Fatal(err)
 	}
@@ -377,7 +381,7 @@ func TestClientPinsVolume(t *testing.T) {
 			first := blockdev.NewMem(size)
 			srv := serveExportOn(t, sock, Export{Name: "vol0", Device: first, VolumeID: tc.first}, nil)
 			clog := &logLines{t: t}
-			c := dialOK(t, "nbd+unix:///vol0?socket="+sock, ClientOptions{ReconnectTimeout: 10 * time.Second, Logf: clog.logf})
+			c := dialOK(t, "nbd+unix:///vol0?socket="+sock, ClientOptions{ReconnectTimeout: 10 * time.Second, Logger: clog.logger()})
 			if c.VolumeID() != tc.first || c.Info().Volume != tc.first {
 				t.Fatalf("pinned %s (info %s), want %s", c.VolumeID(), c.Info().Volume, tc.first)
 			}

@@ -49,6 +49,9 @@ keystore=$dir/keystore
 socket=$dir/nbd.sock
 mnt=$dir/mnt
 export ATREST_KEYSTORE=$keystore
+# The demo's daemon answers its control API here (not on the machine's
+# /run/atrest/control.sock), and the demo's commands ask it there.
+export ATREST_CONTROL=$dir/control.sock
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() {
@@ -171,7 +174,7 @@ The demo is running in $dir:
   NBD socket   $socket
   keystore     $keystore
   daemon log   $dir/serve.log
-Try: ATREST_KEYSTORE=$keystore $atrest encryption-status
+Try: ATREST_KEYSTORE=$keystore ATREST_CONTROL=$dir/control.sock $atrest encryption-status
 Tear it down with: $0 --teardown $dir
 EOF
 fi

@@ -6,6 +6,7 @@ set -euo pipefail
 
 packages=(
 	cryptsetup-bin       # LUKS2 interop: luksFormat, luksDump, open --test-passphrase
+	curl                 # the control API from the shell (--unix-socket), as an administrator asks it
 	e2fsprogs            # mkfs.ext4 on the mounted volumes
 	fio                  # benchmarks and verification jobs (ioengine=nbd)
 	fuse3                # fusermount3 for cleaning up FUSE mounts

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs atrest's whole test suite: installs what the tests need, then format and vet checks,
+# Runs atrest's whole test suite: installs what the tests need, then format, go.mod and vet checks,
 # the tests (as root, with real loop devices, FUSE, cryptsetup, nbdkit, qemu, fio), a smoke
 # run of the benchmark harness, the race detector on the concurrent packages, the pure-Go
 # build tag, and every fuzz target briefly.
@@ -34,6 +34,11 @@ if [ -n "$unformatted" ]; then
 	exit 1
 fi
 
+step "go mod tidy -diff"
+# go.mod and go.sum must be what `go mod tidy` makes of them: every direct dependency
+# listed as direct, nothing missing, nothing left over.
+go mod tidy -diff
+
 step "go vet"
 go vet ./...
 go vet -tags purego ./...
@@ -64,7 +69,7 @@ go test -count=1 -timeout 10m -tags purego ./blockcrypt/...
 
 step "go test -race"
 race_pkgs=()
-for p in blockdev/... blockcrypt/... nbd/... fusefs/... volmount/... mountstack/... keystore/... luks2/... e2e/... discovery/... internal/drivebay/...; do
+for p in blockdev/... blockcrypt/... nbd/... fusefs/... volmount/... mountstack/... keystore/... drive/... luks2/... e2e/... discovery/... internal/drivebay/... node/...; do
 	[ -d "${p%/...}" ] && race_pkgs+=("./$p")
 done
 go test -count=1 -timeout 20m -race "${race_pkgs[@]}"

@@ -2,14 +2,12 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"path/filepath"
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/atrest/atrest/internal/exitcodes"
 	"github.com/atrest/atrest/keystore"
 )
 
@@ -38,11 +36,6 @@ func init() {
 
 func runInit(_ context.Context, o initOptions) error {
 	k, err := keystore.Init(o.keystore)
-	if errors.Is(err, keystore.ErrCorrupt) {
-		// Init reads no keystore.json: only a master.key that an interrupted init
-		// would have left can be corrupt.
-		return fail(exitcodes.Keystore, err, "remove it if it is not a key you kept, and rerun")
-	}
 	if err != nil {
 		return keystoreError(err)
 	}

@@ -23,6 +23,7 @@ import (
 
 	"github.com/atrest/atrest/fusefs"
 	"github.com/atrest/atrest/internal/exitcodes"
+	"github.com/atrest/atrest/internal/sdnotify"
 	"github.com/atrest/atrest/mountstack"
 	"github.com/atrest/atrest/nbd"
 )
@@ -141,7 +142,7 @@ type readiness struct {
 // nil in the foreground.
 func runMount(ctx context.Context, o mountOptions, ready *readiness) error {
 	out := &switchWriter{w: o.log}
-	logf := func(format string, args ...any) { fmt.Fprintf(out, "atrest mount: "+format+"\n", args...) }
+	log := newLogger(out, "atrest mount")
 
 	mp, err := mountstack.AbsMountpoint(o.mountpoint)
 	if err != nil {
@@ -169,7 +170,7 @@ func runMount(ctx context.Context, o mountOptions, ready *readiness) error {
 	// re-executes the process on success, so it comes before anything that must not
 	// happen twice.
 	if err := fusefs.EnsureIOFlusher(); err != nil {
-		logf("warning: not running as an I/O flusher (%v): under memory pressure the mount can deadlock; run as root with CAP_SYS_RESOURCE", err)
+		log.Warn("not running as an I/O flusher: under memory pressure the mount can deadlock; run as root with CAP_SYS_RESOURCE", "err", err)
 	}
 	if ready != nil && ready.pipe != nil {
 		// Kept across EnsureIOFlusher's re-execution, dropped from here on: not for
@@ -199,33 +200,32 @@ func runMount(ctx context.Context, o mountOptions, ready *readiness) error {
 	}()
 
 	if o.takeOver {
-		logf("--take-over: the current writer of export %q loses its connections to the volume. If it is alive, "+
+		log.Warn(fmt.Sprintf("--take-over: the current writer of export %q loses its connections to the volume. If it is alive, "+
 			"the writes it has not flushed are lost and its file system sees I/O errors; if it is an ext4 mount, "+
-			"unmount it (or let it fail) before you use this mount: two ext4 mounts of one volume corrupt it", addr.Export)
+			"unmount it (or let it fail) before you use this mount: two ext4 mounts of one volume corrupt it", addr.Export))
 	}
 	s, err := mountstack.Mount(ctx, mountstack.Options{
 		Mountpoint: mp, Address: addr, FSType: o.fsType, MountOptions: o.options, FUSEDir: fuseDir,
 		IOTimeout: o.ioTimeout,
 		TakeOver:  o.takeOver,
-		Logf:      logf,
-		Logger:    slog.New(slog.NewTextHandler(out, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		Logger:    log,
 	})
 	if err != nil {
 		return mountError(err, mp)
 	}
-	if _, err := nbd.Notify(fmt.Sprintf("READY=1\nSTATUS=%s mounted on %s", s.Name(), mp)); err != nil {
-		logf("sd_notify: %v", err)
+	if _, err := sdnotify.Ready(fmt.Sprintf("%s mounted on %s", s.Name(), mp)); err != nil {
+		log.Warn(err.Error())
 	}
 	if ready != nil {
 		ready.signal(out)
 	}
 	select {
 	case <-ctx.Done():
-		nbd.Notify("STOPPING=1")
+		sdnotify.Stopping()
 	case <-s.Done():
 		// Ended from outside: Close only cleans up.
 	case <-abandon:
-		return abandonStack(s, addr, logf)
+		return abandonStack(s, addr, log)
 	}
 	// Close waits for the server to flush; SIGUSR1 still abandons meanwhile.
 	closed := make(chan error, 1)
@@ -234,20 +234,20 @@ func runMount(ctx context.Context, o mountOptions, ready *readiness) error {
 	case err := <-closed:
 		return mountError(err, mp)
 	case <-abandon:
-		return abandonStack(s, addr, logf)
+		return abandonStack(s, addr, log)
 	}
 }
 
 // abandonStack gives the stack up on SIGUSR1 (see mountstack.Stack.Abandon) and
 // returns the error the process exits with, after it logged it (a background child's
 // stderr goes nowhere).
-func abandonStack(s *mountstack.Stack, addr nbd.Address, logf func(string, ...any)) error {
+func abandonStack(s *mountstack.Stack, addr nbd.Address, log *slog.Logger) error {
 	writes, bytes, err := s.Abandon()
 	if err != nil {
-		logf("record what was lost in the state file: %v", err)
+		log.Error("recording what was lost in the state file failed", "err", err)
 	}
 	msg := fmt.Sprintf("abandoned the volume on %s on SIGUSR1 (what 'atrest umount' sends when the NBD server %s is unreachable): %s", s.Mountpoint(), addr, lostWrites(writes, bytes))
-	logf("%s", msg)
+	log.Warn(msg)
 	return fail(exitcodes.IO, errors.New(msg), "")
 }
 

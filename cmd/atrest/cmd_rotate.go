@@ -2,18 +2,21 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/atrest/atrest/internal/exitcodes"
 	"github.com/atrest/atrest/keystore"
+	"github.com/atrest/atrest/node"
 )
 
 type rotateOptions struct {
-	keystore string
-	force    bool
-	out      io.Writer
+	keystore, control string
+	force             bool
+	out               io.Writer
 }
 
 func init() {
@@ -24,40 +27,51 @@ func init() {
 		Description: "Generates a new master key and, drive by drive, adds a keyslot wrapped by it, verifies it\n" +
 			"and wipes the old one; then replaces master.key. The data keys do not change, so served\n" +
 			"volumes stay online. Crash-safe: a rerun resumes an interrupted rotation. A registered\n" +
-			"drive that is absent makes it refuse, unless --force, which leaves that drive locked to\n" +
-			"the old master key for good.",
+			"drive that is missing makes it refuse, unless --force, which leaves that drive stale:\n" +
+			"locked to the old master key for good. Runs in the daemon when it serves the keystore.",
 		Flags: []cli.Flag{
 			keystoreFlag(),
-			&cli.BoolFlag{Name: "force", Usage: "rotate even if drives are absent; they stay locked to the old key for good"},
+			controlFlag(),
+			&cli.BoolFlag{Name: "force", Usage: "rotate even if drives are missing; they become stale, locked to the old key for good"},
 		},
 		Action: func(c *cli.Context) error {
 			if c.NArg() != 0 {
 				return usagef("rotate-encryption-keys takes no arguments")
 			}
-			return runRotate(c.Context, rotateOptions{keystore: c.String("keystore"), force: c.Bool("force"), out: c.App.Writer})
+			return runRotate(c.Context, rotateOptions{keystore: c.String("keystore"), control: c.String("control"), force: c.Bool("force"), out: c.App.Writer})
 		},
 	})
 }
 
 func runRotate(ctx context.Context, o rotateOptions) error {
-	k, err := keystore.OpenLocked(o.keystore)
+	svc, daemon, done, err := service(ctx, o.keystore, o.control)
 	if err != nil {
-		return keystoreError(err)
+		return err
 	}
-	defer k.Close()
-	err = k.Rotate(ctx, keystore.RotateOptions{Force: o.force, Step: func(s keystore.Step) {
-		rotateProgress(o.out, s)
-		crashPoint(s.Name)
-	}})
-	if err != nil {
-		return keystoreError(err)
-	}
-	s := k.State()
-	fmt.Fprintf(o.out, "Master key: %s\n", s.MasterKey.ID)
-	for _, d := range s.Drives {
-		if d.State == keystore.DriveRetired && d.KeyID != s.MasterKey.ID {
-			fmt.Fprintf(o.out, "Drive %s (volume %s) stays locked to old key %s\n", d.UUID, d.Volume, d.KeyID)
+	defer done()
+	req := node.RotateRequest{Force: o.force}
+	if !daemon {
+		// In this process: progress on a terminal, and the crash points of the tests.
+		req.Step = func(s keystore.Step) {
+			rotateProgress(o.out, s)
+			crashPoint(s.Name)
 		}
+	} else {
+		progressf(o.out, "The daemon runs the rotation")
+	}
+	res, err := svc.Rotate(ctx, req)
+	if err != nil {
+		if errors.Is(err, context.Canceled) {
+			return fail(exitcodes.Failure, err, "rerun 'atrest rotate-encryption-keys' to finish it")
+		}
+		if errors.Is(err, node.ErrRotationRunning) {
+			return fail(exitcodes.Busy, err, "wait for it to finish: 'atrest encryption-status' shows its progress")
+		}
+		return keystoreError(err)
+	}
+	fmt.Fprintf(o.out, "Master key: %s\n", res.MasterKeyID)
+	for _, d := range res.StaleDrives {
+		fmt.Fprintf(o.out, "Drive %s (volume %s) is stale: locked to old key %s for good\n", d.UUID, d.Volume, d.KeyID)
 	}
 	fmt.Fprintln(o.out, "Key rotation complete")
 	return nil
@@ -86,7 +100,7 @@ func rotateProgress(w io.Writer, s keystore.Step) {
 	case keystore.StepDriveDone:
 		progressf(w, "%s: done", drive())
 	case keystore.StepDriveAbsent:
-		progressf(w, "Drive %s (volume %s) is absent: left locked to the old master key (--force)", s.Drive.UUID, s.Drive.Volume)
+		progressf(w, "Drive %s (volume %s) is missing: left locked to the old master key (--force), stale from now on", s.Drive.UUID, s.Drive.Volume)
 	case keystore.StepCommit:
 		progressf(w, "Every drive rewrapped")
 	case keystore.StepOldKeyDestroy:

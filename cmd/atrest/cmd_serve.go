@@ -7,20 +7,17 @@ import (
 	"io"
 	"net"
 	"os"
-	"path/filepath"
-	"slices"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
-	"github.com/google/uuid"
 	"github.com/urfave/cli/v2"
 
 	"github.com/atrest/atrest/internal/exitcodes"
-	"github.com/atrest/atrest/keystore"
-	"github.com/atrest/atrest/luks2"
+	"github.com/atrest/atrest/internal/sdnotify"
+	"github.com/atrest/atrest/internal/serving"
 	"github.com/atrest/atrest/nbd"
+	"github.com/atrest/atrest/node"
 )
 
 // defaultSocket is where the daemon listens when no --listen is given and systemd
@@ -35,6 +32,7 @@ type serveOptions struct {
 	direct   bool
 	shared   bool // --shared-writers
 	drain    time.Duration
+	control  string // the control API's socket; "" for none
 	log      io.Writer
 }
 
@@ -60,6 +58,7 @@ func init() {
 			&cli.BoolFlag{Name: "read-only", Usage: "export every volume read-only"},
 			&cli.BoolFlag{Name: "direct-io", Usage: "open the drives with O_DIRECT (block devices and disk file systems; not tmpfs)"},
 			&cli.BoolFlag{Name: "shared-writers", Usage: "let several clients write to a volume at once (DANGEROUS for ext4: only for benchmarks and self-coordinating clients)"},
+			&cli.StringFlag{Name: "control", Value: defaultControl, EnvVars: []string{"ATREST_CONTROL"}, Usage: "the control API's unix socket (root only; \"\" for none)"},
 			&cli.DurationFlag{Name: "drain-timeout", Value: 30 * time.Second, Usage: "how long SIGTERM waits for requests in flight"},
 		},
 		Action: func(c *cli.Context) error {
@@ -71,6 +70,7 @@ func init() {
 				direct:   c.Bool("direct-io"),
 				shared:   c.Bool("shared-writers"),
 				drain:    c.Duration("drain-timeout"),
+				control:  c.String("control"),
 				log:      c.App.ErrWriter,
 			})
 		},
@@ -79,7 +79,8 @@ func init() {
 
 // runServe serves until ctx ends (SIGTERM, SIGINT), then shuts down gracefully.
 func runServe(ctx context.Context, o serveOptions) error {
-	logf := func(format string, args ...any) { fmt.Fprintf(o.log, "atrest serve: "+format+"\n", args...) }
+	log := newLogger(o.log, "atrest serve")
+	logf := func(format string, args ...any) { log.Info(fmt.Sprintf(format, args...)) }
 
 	if len(o.listen) == 0 {
 		o.listen = []string{"unix:" + defaultSocket}
@@ -89,64 +90,19 @@ func runServe(ctx context.Context, o serveOptions) error {
 			return err
 		}
 	}
-	ks, err := keystore.Open(o.keystore)
+	n, err := node.Open(ctx, node.Config{
+		Keystore: o.keystore, Logger: log, Version: version(),
+		Drives: o.drives, ReadOnly: o.readOnly, Direct: o.direct, SharedWriters: o.shared,
+	})
 	if err != nil {
 		return keystoreError(err)
 	}
-	paths, err := drivePaths(ks, o.drives)
-	if err != nil {
-		return err
+	if err := n.Start(ctx); err != nil {
+		return serveError(n.Dir(), err)
 	}
-
-	// ready receives once per listener being served; the server calls Ready.
-	ready := make(chan struct{}, 64)
-	srv := nbd.NewServer(nbd.ServerConfig{Logf: logf, Ready: func(net.Addr) { ready <- struct{}{} }})
-	var drives []*keystore.UnlockedDrive
-	closeDrives := func() {
-		for _, d := range drives {
-			if err := d.Device.Close(); err != nil {
-				logf("close %s: %v", d.Path, err)
-			}
-		}
-	}
-	defer closeDrives()
-	if err := sameDrive(paths); err != nil {
-		return err
-	}
-	for _, p := range paths {
-		// Held exclusively while served: no format or adopt replaces its header
-		// under the daemon, and no second daemon serves it.
-		d, err := ks.Unlock(p, keystore.UnlockOptions{ReadOnly: o.readOnly, Direct: o.direct, Exclusive: true})
-		if err != nil {
-			return unlockError(ks, p, err)
-		}
-		drives = append(drives, d)
-		for _, other := range drives[:len(drives)-1] {
-			if other.Volume == d.Volume {
-				return usagef("drives %s and %s both hold volume %q: a volume is served from one drive (mirrors are not supported yet)", other.Path, d.Path, d.Volume)
-			}
-		}
-	}
-	names := exportNames(drives)
-	for _, d := range drives {
-		vid, err := uuid.Parse(d.VolumeUUID)
-		if err != nil {
-			return fail(exitcodes.Header, fmt.Errorf("drive %s: the atrest token's volume UUID %q: %w", d.Path, d.VolumeUUID, err), "")
-		}
-		for _, name := range names[d] {
-			err := srv.AddExport(nbd.Export{
-				Name:          name,
-				Description:   fmt.Sprintf("atrest volume %s (drive %s)", d.Volume, d.UUID),
-				Device:        d.Device,
-				ReadOnly:      o.readOnly,
-				VolumeID:      nbd.VolumeID(vid),
-				SharedWriters: o.shared,
-			})
-			if err != nil {
-				return err
-			}
-		}
-		logf("unlocked %s: volume %q (%s), %d bytes, %d-byte sectors, key %s", d.Path, d.Volume, d.VolumeUUID, d.Device.Size(), d.SectorSize, d.KeyID)
+	defer n.Close()
+	if len(n.Exports()) == 0 {
+		logf("the keystore knows no drives yet: each drive formatted with 'atrest drive format' while the daemon runs is served at once")
 	}
 	if o.shared && !o.readOnly {
 		logf("warning: --shared-writers: several clients may write to a volume at once; two ext4 mounts of one volume corrupt it")
@@ -162,134 +118,44 @@ func runServe(ctx context.Context, o serveOptions) error {
 		}
 	}
 
-	// Serve gets a context that SIGTERM does not cancel: when its context ends, Serve
-	// closes every connection at once, and requests the drives already executed would
-	// go unanswered. The stop is Shutdown's below: stop reading, answer, flush.
-	serveCtx := context.WithoutCancel(ctx)
-	var wg sync.WaitGroup
-	serveErr := make(chan error, len(listeners))
-	for _, l := range listeners {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := srv.Serve(serveCtx, l); err != nil && !errors.Is(err, nbd.ErrServerClosed) {
-				serveErr <- fmt.Errorf("serve on %s: %w", l.Addr(), err)
-			}
-		}()
-	}
-	abort := func(err error) error {
-		srv.Close()
-		wg.Wait()
+	controlErr := make(chan error, 1)
+	stopControl, err := serveControl(ctx, n, o, log, controlErr)
+	if err != nil {
 		return err
 	}
-	for range listeners {
-		select {
-		case <-ready:
-		case err := <-serveErr:
-			return abort(fail(exitcodes.Failure, err, ""))
-		case <-ctx.Done():
-			return abort(nil)
-		}
-	}
-	if err := selfCheck(ctx, listeners[0].Addr(), srv.Exports()); err != nil {
-		if ctx.Err() != nil {
-			// SIGTERM or SIGINT during the check: a stop before readiness, not a failure.
-			return abort(nil)
-		}
-		return abort(fail(exitcodes.Failure, err, ""))
-	}
-	var addrs []string
-	for _, l := range listeners {
-		addrs = append(addrs, l.Addr().Network()+":"+l.Addr().String())
-	}
-	logf("serving %d export(s) %q on %s", len(srv.Exports()), srv.Exports(), strings.Join(addrs, ", "))
-	if _, err := nbd.Notify(fmt.Sprintf("READY=1\nSTATUS=serving %d volume(s)", len(drives))); err != nil {
-		logf("sd_notify: %v", err)
-	}
-
-	select {
-	case <-ctx.Done():
-	case err = <-serveErr:
-	}
-	nbd.Notify("STOPPING=1")
-	logf("stopping: draining requests and flushing drives")
-	sctx, cancel := context.WithTimeout(context.Background(), o.drain)
-	defer cancel()
-	if serr := srv.Shutdown(sctx); serr != nil {
-		logf("shutdown: %v", serr)
-		err = errors.Join(err, serr)
-	}
-	wg.Wait()
-	if err != nil {
+	defer stopControl()
+	err = serving.Run(ctx, n, serving.Options{
+		Listeners: listeners, Logger: log, Drain: o.drain, Errors: controlErr, Stopping: stopControl,
+		Ready: func(ctx context.Context) (string, error) {
+			if err := n.SelfCheck(ctx, listeners[0].Addr()); err != nil {
+				return "", fail(exitcodes.Failure, err, "")
+			}
+			var addrs []string
+			for _, l := range listeners {
+				addrs = append(addrs, l.Addr().Network()+":"+l.Addr().String())
+			}
+			logf("serving %d export(s) %q on %s", len(n.Exports()), n.Exports(), strings.Join(addrs, ", "))
+			return fmt.Sprintf("serving %d export(s)", len(n.Exports())), nil
+		},
+	})
+	var ce *cmdError
+	if err != nil && !errors.As(err, &ce) {
 		return fail(exitcodes.IO, err, "")
 	}
-	logf("stopped")
-	return nil
+	return err
 }
 
-// drivePaths expands the DRIVE arguments (paths or glob patterns), or lists the drives
-// the keystore knows when there are none.
-func drivePaths(ks *keystore.Keystore, args []string) ([]string, error) {
-	var paths []string
-	if len(args) == 0 {
-		for _, d := range ks.Drives() {
-			paths = append(paths, d.Path)
-		}
-		if len(paths) == 0 {
-			return nil, fail(exitcodes.DriveMissing, errors.New("the keystore knows no drives"), "format one with 'atrest drive format', or name drives on the command line")
-		}
-		return paths, nil
-	}
-	for _, a := range args {
-		matches, err := filepath.Glob(a)
-		if err != nil {
-			return nil, usagef("drive pattern %q: %v", a, err)
-		}
-		if len(matches) == 0 {
-			if !hasGlobMeta(a) {
-				return nil, fail(exitcodes.DriveMissing, fmt.Errorf("drive %s does not exist", a), "check the path; a pulled drive must be reattached first")
-			}
-			return nil, fail(exitcodes.DriveMissing, fmt.Errorf("no drive matches %q", a), "")
-		}
-		paths = append(paths, matches...)
-	}
-	slices.Sort(paths)
-	return slices.Compact(paths), nil
-}
-
-// sameDrive refuses two DRIVE arguments that are one drive (a link and its target):
-// the second exclusive open would fail against the first.
-func sameDrive(paths []string) error {
-	seen := make([]os.FileInfo, len(paths))
-	for i, p := range paths {
-		fi, err := os.Stat(p)
-		if err != nil {
-			continue // Unlock says what is wrong with it
-		}
-		for j, other := range seen[:i] {
-			if other != nil && os.SameFile(fi, other) {
-				return usagef("drives %s and %s are the same drive", paths[j], p)
-			}
-		}
-		seen[i] = fi
-	}
-	return nil
-}
-
-// hasGlobMeta reports whether a DRIVE argument is a pattern rather than a path
-// (filepath.Match's special characters).
-func hasGlobMeta(s string) bool { return strings.ContainsAny(s, `*?[\`) }
-
-// unlockError maps a failure to unlock the drive at path to an exit code and a hint.
-func unlockError(ks *keystore.Keystore, path string, err error) error {
-	if !strings.Contains(err.Error(), path) { // the keystore's errors mostly name it
-		err = fmt.Errorf("unlock %s: %w", path, err)
-	}
+// serveError maps a failure of node.Start to an exit code and a hint.
+func serveError(dir string, err error) error {
 	switch {
-	case errors.Is(err, os.ErrNotExist):
+	case errors.Is(err, node.ErrNoDrive), errors.Is(err, os.ErrNotExist):
 		return fail(exitcodes.DriveMissing, err, "reattach the drive, or name the drives to serve on the command line")
-	case errors.Is(err, luks2.ErrWrongKey):
-		return fail(exitcodes.Key, err, fmt.Sprintf("the master key of %s does not open this drive: is --keystore this cluster's current keystore (a backup from before a key rotation holds a retired key)?", ks.Dir()))
+	case errors.Is(err, node.ErrInvalid):
+		return usageError(err)
+	case errors.Is(err, node.ErrConflict):
+		return usageError(err)
+	case errors.Is(err, node.ErrWrongKey):
+		return fail(exitcodes.Key, err, fmt.Sprintf("the master key of %s does not open this drive: is --keystore this cluster's current keystore (a backup from before a key rotation holds a retired key)?", dir))
 	}
 	return keystoreError(err)
 }
@@ -310,36 +176,16 @@ func listenError(err error, specs []string) error {
 	if errors.Is(err, syscall.EADDRINUSE) {
 		return fail(exitcodes.Busy, err, "another process listens there: stop it or choose another --listen address")
 	}
-	for _, spec := range specs {
-		// nbd.Listen refuses a unix socket that a live server answers on (and
-		// removes a stale one); tell that case apart by asking the socket.
-		if path, ok := strings.CutPrefix(spec, "unix:"); ok && strings.Contains(err.Error(), path) {
-			if c, derr := net.DialTimeout("unix", path, time.Second); derr == nil {
-				c.Close()
-				return fail(exitcodes.Busy, err, "another 'atrest serve' (or another NBD server) already serves "+path+": stop it first, or choose another --listen path")
-			}
-		}
+	if errors.Is(err, nbd.ErrSocketInUse) {
+		return fail(exitcodes.Busy, err, "another 'atrest serve' (or another NBD server) already serves it: stop it first, or choose another --listen path")
 	}
 	return fail(exitcodes.Failure, err, "")
-}
-
-// exportNames gives each drive's export names: its volume's name, and also "" (the
-// default export) when it is the only one.
-func exportNames(drives []*keystore.UnlockedDrive) map[*keystore.UnlockedDrive][]string {
-	m := make(map[*keystore.UnlockedDrive][]string, len(drives))
-	for _, d := range drives {
-		m[d] = []string{d.Volume}
-	}
-	if len(drives) == 1 {
-		m[drives[0]] = append(m[drives[0]], "")
-	}
-	return m
 }
 
 // serveListeners returns the sockets passed by systemd, or else those of the --listen
 // specs.
 func serveListeners(specs []string) ([]net.Listener, error) {
-	ls, err := nbd.SystemdListeners()
+	ls, err := sdnotify.Listeners()
 	if err != nil || len(ls) > 0 {
 		return ls, err
 	}
@@ -354,25 +200,4 @@ func serveListeners(specs []string) ([]net.Listener, error) {
 		ls = append(ls, l)
 	}
 	return ls, nil
-}
-
-// selfCheck connects to the server as a client and reads the first sector of every
-// export, so that readiness is announced only when the exports really answer. It says
-// it never writes, so it never holds a volume against a mount.
-func selfCheck(ctx context.Context, addr net.Addr, exports []string) error {
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	for _, name := range exports {
-		c, err := nbd.Dial(ctx, addr.Network()+":"+addr.String(), nbd.ClientOptions{Export: name, Connections: 1, ReconnectTimeout: -1, ReadOnly: true, Description: "atrest serve's self-check"})
-		if err != nil {
-			return fmt.Errorf("self-check of export %q: %w", name, err)
-		}
-		buf := make([]byte, min(4096, c.Size()))
-		_, err = c.ReadAt(buf, 0)
-		c.Close()
-		if err != nil {
-			return fmt.Errorf("self-check of export %q: read: %w", name, err)
-		}
-	}
-	return nil
 }

@@ -13,8 +13,8 @@ import (
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/atrest/atrest/blockcrypt"
 	"github.com/atrest/atrest/internal/exitcodes"
+	"github.com/atrest/atrest/internal/xtsspeed"
 )
 
 type speedOptions struct {
@@ -56,7 +56,7 @@ func init() {
 				errOut:  c.App.ErrWriter,
 			}
 			if len(o.sizes) == 0 {
-				o.sizes = blockcrypt.SpeedSizes
+				o.sizes = xtsspeed.Sizes
 			}
 			if o.perCase <= 0 {
 				return usagef("--duration must be positive")
@@ -70,7 +70,7 @@ func init() {
 }
 
 func runSpeed(ctx context.Context, o speedOptions) error {
-	results, err := blockcrypt.MeasureSpeed(ctx, o.sizes, o.perCase)
+	results, err := xtsspeed.Measure(ctx, o.sizes, o.perCase)
 	if err != nil {
 		if errors.Is(err, context.Canceled) {
 			return fail(exitcodes.Failure, err, "")
@@ -81,7 +81,7 @@ func runSpeed(ctx context.Context, o speedOptions) error {
 	if o.openssl == "" {
 		note = "openssl is not installed: no comparison with OpenSSL"
 	} else {
-		ssl, err := blockcrypt.OpenSSLSpeed(ctx, o.openssl, o.sizes, 1, true)
+		ssl, err := xtsspeed.OpenSSL(ctx, o.openssl, o.sizes, 1, true)
 		results = append(results, ssl...)
 		if err != nil {
 			if ctx.Err() != nil {
@@ -106,7 +106,7 @@ func runSpeed(ctx context.Context, o speedOptions) error {
 
 // printSpeed prints one row per implementation and operation, one column per size, with
 // the ratio to OpenSSL in brackets.
-func printSpeed(w io.Writer, results []blockcrypt.SpeedResult, sizes []int, note, sslVersion string) error {
+func printSpeed(w io.Writer, results []xtsspeed.Result, sizes []int, note, sslVersion string) error {
 	type key struct {
 		impl, op string
 		size     int
@@ -148,7 +148,7 @@ func printSpeed(w io.Writer, results []blockcrypt.SpeedResult, sizes []int, note
 				continue
 			}
 			cell := fmt.Sprintf("%.2f", v)
-			if ssl, ok := gbps[key{blockcrypt.OpenSSLName, r.op, s}]; ok && r.impl != blockcrypt.OpenSSLName {
+			if ssl, ok := gbps[key{xtsspeed.OpenSSLName, r.op, s}]; ok && r.impl != xtsspeed.OpenSSLName {
 				cell += fmt.Sprintf(" (%.2fx)", v/ssl)
 			}
 			fmt.Fprintf(tw, "\t%s", cell)
@@ -159,8 +159,8 @@ func printSpeed(w io.Writer, results []blockcrypt.SpeedResult, sizes []int, note
 		return err
 	}
 	fmt.Fprintln(w)
-	if impls := blockcrypt.Implementations(); len(impls) > 0 {
-		fmt.Fprintf(w, "atrest uses %s on this CPU.\n", impls[0])
+	if impl := xtsspeed.InUse(); impl != "" {
+		fmt.Fprintf(w, "atrest uses %s on this CPU.\n", impl)
 	}
 	if sslVersion != "" {
 		fmt.Fprintf(w, "OpenSSL: %s, `openssl speed -evp aes-256-xts`, one XTS data unit per buffer.\n", sslVersion)

@@ -8,6 +8,7 @@ import (
 
 	"github.com/atrest/atrest/blockcrypt"
 	"github.com/atrest/atrest/internal/testutil"
+	"github.com/atrest/atrest/internal/xtsspeed"
 )
 
 // TestSpeedJSON runs `atrest speed --json` briefly (hidden flags) and checks the schema:
@@ -40,7 +41,7 @@ func TestSpeedJSON(t *testing.T) {
 		}
 		seen[impl+" "+op] = true
 	}
-	impls := append(blockcrypt.Implementations(), blockcrypt.XCryptoName, blockcrypt.OpenSSLName)
+	impls := append(blockcrypt.Implementations(), xtsspeed.XCryptoName, xtsspeed.OpenSSLName)
 	for _, impl := range impls {
 		for _, op := range []string{"encrypt", "decrypt"} {
 			if !seen[impl+" "+op] {
@@ -54,7 +55,7 @@ func TestSpeedJSON(t *testing.T) {
 }
 
 func TestPrintSpeed(t *testing.T) {
-	results := []blockcrypt.SpeedResult{
+	results := []xtsspeed.Result{
 		{Impl: "fast", Op: "encrypt", Size: 512, GBps: 10},
 		{Impl: "fast", Op: "encrypt", Size: 4096, GBps: 12},
 		{Impl: "fast", Op: "decrypt", Size: 512, GBps: 9},

@@ -10,13 +10,13 @@ import (
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/atrest/atrest/keystore"
+	"github.com/atrest/atrest/node"
 )
 
 type statusOptions struct {
-	keystore string
-	json     bool
-	out      io.Writer
+	keystore, control string
+	json              bool
+	out               io.Writer
 }
 
 func init() {
@@ -24,32 +24,41 @@ func init() {
 		Name:    "encryption-status",
 		Aliases: []string{"encryption_status"},
 		Usage:   "report the encryption of the cluster: master key, last rotation, drives",
-		Flags:   []cli.Flag{keystoreFlag(), &cli.BoolFlag{Name: "json", Usage: "print JSON (schema in docs/luks2-profile.md)"}},
+		Description: "Asks the daemon when it serves the keystore (it then also says which drives it sees\n" +
+			"and which volumes it exports), or reads the keystore and checks every drive itself.",
+		Flags: []cli.Flag{keystoreFlag(), controlFlag(), &cli.BoolFlag{Name: "json", Usage: "print JSON (schema in docs/status.md)"}},
 		Action: func(c *cli.Context) error {
 			if c.NArg() != 0 {
 				return usagef("encryption-status takes no arguments")
 			}
-			return runStatus(c.Context, statusOptions{keystore: c.String("keystore"), json: c.Bool("json"), out: c.App.Writer})
+			return runStatus(c.Context, statusOptions{keystore: c.String("keystore"), control: c.String("control"), json: c.Bool("json"), out: c.App.Writer})
 		},
 	})
 }
 
-func runStatus(_ context.Context, o statusOptions) error {
-	k, err := keystore.Open(o.keystore)
+func runStatus(ctx context.Context, o statusOptions) error {
+	svc, _, done, err := service(ctx, o.keystore, o.control)
+	if err != nil {
+		return err
+	}
+	defer done()
+	st, err := svc.Status(ctx)
 	if err != nil {
 		return keystoreError(err)
 	}
-	st, err := k.Status()
-	if err != nil {
-		return keystoreError(err)
-	}
-	if o.json {
+	return printStatus(o.out, st, o.json)
+}
+
+// printStatus prints the status, as text or JSON: the same whether the daemon or the
+// keystore answered.
+func printStatus(w io.Writer, st *node.Status, asJSON bool) error {
+	if asJSON {
 		b, _ := json.MarshalIndent(st, "", "  ")
-		_, err := fmt.Fprintf(o.out, "%s\n", b)
+		_, err := fmt.Fprintf(w, "%s\n", b)
 		return err
 	}
 	yes := map[bool]string{true: "yes", false: "no"}
-	tw := tabwriter.NewWriter(o.out, 0, 8, 1, ' ', 0)
+	tw := tabwriter.NewWriter(w, 0, 8, 1, ' ', 0)
 	fmt.Fprintf(tw, "Data Encrypted:\t%s\n", yes[st.DataEncrypted])
 	fmt.Fprintf(tw, "Encryption Type:\t%s, %s\n", st.Type, st.Cipher)
 	fmt.Fprintf(tw, "Cluster UUID:\t%s\n", st.ClusterUUID)
@@ -66,22 +75,53 @@ func runStatus(_ context.Context, o statusOptions) error {
 			r.Started.UTC().Format(time.RFC3339), r.DrivesDone, r.DrivesLeft)
 	}
 	fmt.Fprintf(tw, "Key Rotation In Progress:\t%s\n", rot)
+	served := "no (read from the keystore and the drives)"
+	if st.Serving {
+		served = "yes (the daemon answered)"
+	}
+	fmt.Fprintf(tw, "Served:\t%s\n", served)
+	fmt.Fprintf(tw, "Volumes:\t%d\n", len(st.Volumes))
 	fmt.Fprintf(tw, "Drives:\t%d\n", len(st.Drives))
 	tw.Flush()
-	if len(st.Drives) == 0 {
-		return nil
+	if len(st.Volumes) > 0 {
+		tw = tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
+		fmt.Fprintln(tw, "  VOLUME\tLAYOUT\tSTATE\tMEMBERS\tEXPORTS")
+		for _, v := range st.Volumes {
+			exports := "-"
+			if len(v.Exports) > 0 {
+				exports = fmt.Sprintf("%q", v.Exports)
+			}
+			fmt.Fprintf(tw, "  %s\t%s\t%s\t%d\t%s\n", v.Name, v.Layout, v.State, len(v.Members), exports)
+		}
+		tw.Flush()
 	}
-	tw = tabwriter.NewWriter(o.out, 0, 8, 2, ' ', 0)
-	fmt.Fprintln(tw, "  UUID\tVOLUME\tSTATE\tKEY ID\tPATH")
-	for _, d := range st.Drives {
-		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\n", d.UUID, d.Volume, d.State, d.KeyID, d.Path)
+	if len(st.Drives) > 0 {
+		if err := printDrives(w, st.Drives, "  "); err != nil {
+			return err
+		}
+	}
+	for _, a := range st.Advice {
+		fmt.Fprintf(w, "Advice: %s\n", a)
+	}
+	return nil
+}
+
+// printDrives prints drives as a table, then what is known of those not present.
+func printDrives(w io.Writer, drives []node.DriveStatus, indent string) error {
+	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
+	fmt.Fprintf(tw, "%sUUID\tVOLUME\tMEMBER\tSECTOR\tSTATE\tKEY ID\tPATH\n", indent)
+	for _, d := range drives {
+		fmt.Fprintf(tw, "%s%s\t%s\t%d/%d\t%d\t%s\t%s\t%s\n", indent, d.UUID, d.Volume, d.MemberIndex+1, d.MemberCount, d.SectorSize, d.State, d.KeyID, d.Path)
 	}
 	if err := tw.Flush(); err != nil {
 		return err
 	}
-	for _, d := range st.Drives {
-		if d.Detail != "" {
-			fmt.Fprintf(o.out, "  %s: %s\n", d.UUID, d.Detail)
+	for _, d := range drives {
+		switch {
+		case d.Detail != "" && d.Hint != "":
+			fmt.Fprintf(w, "%s%s: %s (%s)\n", indent, d.UUID, d.Detail, d.Hint)
+		case d.Detail != "" || d.Hint != "":
+			fmt.Fprintf(w, "%s%s: %s%s\n", indent, d.UUID, d.Detail, d.Hint)
 		}
 	}
 	return nil

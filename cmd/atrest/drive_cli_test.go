@@ -12,6 +12,7 @@ import (
 	"github.com/atrest/atrest/internal/exitcodes"
 	"github.com/atrest/atrest/keystore"
 	"github.com/atrest/atrest/luks2"
+	"github.com/atrest/atrest/node"
 )
 
 // commandPaths lists every command and subcommand as the words that run it, but for
@@ -70,7 +71,7 @@ func TestDriveUsageErrors(t *testing.T) {
 		want string
 	}{
 		{[]string{"drive", "adopt", img}, exitcodes.Usage, "drive adopt needs --key-file"},
-		{[]string{"drive", "adopt", "--key-file", filepath.Join(dir, "nonexistent"), img}, exitcodes.Usage, "--key-file: open " + filepath.Join(dir, "nonexistent")},
+		{[]string{"drive", "adopt", "--key-file", filepath.Join(dir, "nonexistent"), img}, exitcodes.Usage, "--key-file: stat " + filepath.Join(dir, "nonexistent")},
 		{[]string{"drive", "adopt", "--key-file", dir, img}, exitcodes.Usage, "is a directory"},
 		{[]string{"drive", "format", dir}, exitcodes.Usage, dir + " is a directory"},
 		{[]string{"drive", "format", "--force", dir}, exitcodes.Usage, dir + " is a directory"},
@@ -94,7 +95,7 @@ func TestFormatCreateCleanup(t *testing.T) {
 	bin, dir, ks := ksCluster(t)
 	ksMust(t, bin, ks, "drive", "format", "--create", "20M", "--volume", "taken", filepath.Join(dir, "first.img"))
 	img := filepath.Join(dir, "second.img")
-	ksWant(t, ksRun(t, bin, ks, nil, "drive", "format", "--create", "20M", "--volume", "taken", img), exitcodes.Exists, "volume already exists")
+	ksWant(t, ksRun(t, bin, ks, nil, "drive", "format", "--create", "20M", "--volume", "taken", img), exitcodes.Exists, `volume "taken": already in the registry`)
 	if _, err := os.Stat(img); !os.IsNotExist(err) {
 		t.Fatalf("the failed format left %s behind (%v)", img, err)
 	}
@@ -106,7 +107,7 @@ func TestFormatCreateCleanup(t *testing.T) {
 	if err := os.WriteFile(kept, []byte("someone's file"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	ksWant(t, ksRun(t, bin, ks, nil, "drive", "format", "--create", "20M", "--force", "--volume", "taken", kept), exitcodes.Exists, "volume already exists")
+	ksWant(t, ksRun(t, bin, ks, nil, "drive", "format", "--create", "20M", "--force", "--volume", "taken", kept), exitcodes.Exists, `volume "taken": already in the registry`)
 	if _, err := os.Stat(kept); err != nil {
 		t.Fatalf("a failed format removed a file it did not create: %v", err)
 	}
@@ -174,14 +175,14 @@ func TestDriveListAsServe(t *testing.T) {
 	if err := os.Truncate(cut, luks2.DataOffset); err != nil {
 		t.Fatal(err)
 	}
-	var list []driveListEntry
+	var list []node.DriveStatus
 	if err := json.Unmarshal([]byte(ksMust(t, bin, ks, "drive", "list", "--json")), &list); err != nil {
 		t.Fatal(err)
 	}
-	if len(list) != 2 || !list[0].Present || list[0].Detail != "" || list[1].Present || !strings.Contains(list[1].Detail, keystore.StateDamaged) {
+	if len(list) != 2 || !list[0].Present || list[0].Detail != "" || list[1].Present || list[1].State != node.DriveDamaged || !strings.Contains(list[1].Detail, "bad encrypted region") {
 		t.Fatalf("drive list: %+v", list)
 	}
-	if st := ksStatus(t, bin, ks); st.Drives[1].State != keystore.StateDamaged {
+	if st := ksStatus(t, bin, ks); st.Drives[1].State != node.DriveDamaged {
 		t.Fatalf("status of the truncated drive: %+v", st.Drives[1])
 	}
 	ksWant(t, ksRun(t, bin, ks, nil, "serve", "--listen", "unix:"+filepath.Join(dir, "s.sock"), cut), exitcodes.Header, "no whole 4096-byte sector")

@@ -15,11 +15,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/atrest/atrest/drive"
 	"github.com/atrest/atrest/internal/exitcodes"
 	"github.com/atrest/atrest/internal/testutil"
 	"github.com/atrest/atrest/keystore"
 	"github.com/atrest/atrest/luks2"
 	"github.com/atrest/atrest/luks2/luks2test"
+	"github.com/atrest/atrest/node"
 )
 
 // ksBuild builds the atrest binary into the test's temporary directory.
@@ -55,6 +57,16 @@ func ksRun(t testing.TB, bin, ks string, env []string, args ...string) ksResult 
 	return r
 }
 
+// ksUnlock opens a drive as the daemon does, with a fresh snapshot of the keystore.
+func ksUnlock(t testing.TB, ks, path string, readOnly bool) (*drive.Unlocked, error) {
+	t.Helper()
+	k, err := keystore.Open(ks)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return drive.Unlock(path, drive.UnlockOptions{ClusterUUID: k.ClusterUUID(), Keys: k.Keys, ReadOnly: readOnly})
+}
+
 func ksMust(t testing.TB, bin, ks string, args ...string) string {
 	t.Helper()
 	r := ksRun(t, bin, ks, nil, args...)
@@ -71,9 +83,9 @@ func ksWant(t testing.TB, r ksResult, code int, inStderr string) {
 	}
 }
 
-func ksStatus(t testing.TB, bin, ks string) keystore.Status {
+func ksStatus(t testing.TB, bin, ks string) node.Status {
 	t.Helper()
-	var st keystore.Status
+	var st node.Status
 	if err := json.Unmarshal([]byte(ksMust(t, bin, ks, "encryption-status", "--json")), &st); err != nil {
 		t.Fatal(err)
 	}
@@ -130,11 +142,7 @@ func TestKeystoreCommands(t *testing.T) {
 	dw := filepath.Join(dir, "wiped.img")
 	ksMust(t, bin, ks, "drive", "format", "--create", "20M", "--wipe", "--volume", "wiped", dw)
 	{
-		k, err := keystore.Open(ks)
-		if err != nil {
-			t.Fatal(err)
-		}
-		u, err := k.Unlock(dw, keystore.UnlockOptions{ReadOnly: true})
+		u, err := ksUnlock(t, ks, dw, true)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -162,17 +170,14 @@ func TestKeystoreCommands(t *testing.T) {
 		t.Logf("mkfs.ext4 unavailable (%v: %s); ext4 detection not checked", err, out)
 	}
 
-	var list []struct {
-		keystore.Drive
-		Present bool `json:"present"`
-	}
+	var list []node.DriveStatus
 	if err := json.Unmarshal([]byte(ksMust(t, bin, ks, "drive", "list", "--json")), &list); err != nil {
 		t.Fatal(err)
 	}
 	if len(list) != 3 || list[1].Volume != "db" || list[1].SectorSize != 512 || !list[0].Present || list[0].Path != d1 {
 		t.Fatalf("list: %+v", list)
 	}
-	if out := ksMust(t, bin, ks, "drive", "list"); !strings.Contains(out, "vol0") || !strings.Contains(out, "PRESENT") {
+	if out := ksMust(t, bin, ks, "drive", "list"); !strings.Contains(out, "vol0") || !strings.Contains(out, "STATE") {
 		t.Fatalf("list: %s", out)
 	}
 
@@ -181,7 +186,7 @@ func TestKeystoreCommands(t *testing.T) {
 		t.Fatalf("status: %+v", st)
 	}
 	for _, d := range st.Drives {
-		if d.State != keystore.StatePresent || d.KeyID != st.MasterKeyID {
+		if d.State != node.DrivePresent || d.KeyID != st.MasterKeyID {
 			t.Fatalf("status drive %+v", d)
 		}
 	}
@@ -231,13 +236,13 @@ func TestKeystoreCommands(t *testing.T) {
 
 	// A pulled drive: refused, then --force.
 	os.Rename(d2, d2+".pulled")
-	ksWant(t, ksRun(t, bin, ks, nil, "rotate-encryption-keys"), exitcodes.DriveMissing, "absent")
+	ksWant(t, ksRun(t, bin, ks, nil, "rotate-encryption-keys"), exitcodes.DriveMissing, "missing")
 	out = ksMust(t, bin, ks, "rotate-encryption-keys", "--force")
-	if !strings.Contains(out, "stays locked to old key") || !strings.HasSuffix(out, "Key rotation complete\n") {
+	if !strings.Contains(out, "is stale: locked to old key") || !strings.HasSuffix(out, "Key rotation complete\n") {
 		t.Fatalf("forced rotation: %s", out)
 	}
 	st = ksStatus(t, bin, ks)
-	if st.Drives[1].State != keystore.StateOldKey || st.Drives[1].KeyID == st.MasterKeyID {
+	if st.Drives[1].State != node.DriveStale || st.Drives[1].KeyID == st.MasterKeyID {
 		t.Fatalf("pulled drive: %+v", st.Drives[1])
 	}
 
@@ -264,14 +269,10 @@ func TestRotateSurvivesSIGKILL(t *testing.T) {
 		paths = append(paths, p)
 	}
 	data := make([][]byte, len(paths))
-	k, err := keystore.Open(ks)
-	if err != nil {
-		t.Fatal(err)
-	}
 	for i, p := range paths {
 		data[i] = make([]byte, 20000)
 		rand.Read(data[i])
-		u, err := k.Unlock(p, keystore.UnlockOptions{})
+		u, err := ksUnlock(t, ks, p, false)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -282,12 +283,11 @@ func TestRotateSurvivesSIGKILL(t *testing.T) {
 
 	check := func(when string, oldMaster []byte) {
 		t.Helper()
-		k, err := keystore.Open(ks)
-		if err != nil {
+		if _, err := keystore.Open(ks); err != nil {
 			t.Fatalf("%s: keystore: %v", when, err)
 		}
 		for i, p := range paths {
-			u, err := k.Unlock(p, keystore.UnlockOptions{ReadOnly: true})
+			u, err := ksUnlock(t, ks, p, true)
 			if err != nil {
 				t.Fatalf("%s: drive %d: %v", when, i, err)
 			}
@@ -361,11 +361,11 @@ func TestRotateSurvivesSIGKILL(t *testing.T) {
 	if r.signal != syscall.SIGKILL {
 		t.Fatalf("named crash point not reached: %+v", r)
 	}
-	k, _ = keystore.Open(ks)
+	k, _ := keystore.Open(ks)
 	if j := k.State().Rotation; j == nil || j.Drives[0].State != keystore.RotDone || j.Drives[1].State != keystore.RotWiping || j.Drives[2].State != keystore.RotPending {
 		t.Fatalf("journal after a kill at drive-verified:2: %+v", j)
 	}
-	if st := ksStatus(t, bin, ks); !st.RotationUnderWay || st.Rotation.DrivesDone != 1 || st.Drives[1].State != keystore.StateRotating {
+	if st := ksStatus(t, bin, ks); !st.RotationUnderWay || st.Rotation.DrivesDone != 1 || st.Drives[1].State != node.DriveRotating {
 		t.Fatalf("status after the kill: %+v", st)
 	}
 	rerun("killed at drive-verified:2", old)
@@ -442,7 +442,7 @@ func TestUnlockDuringRotation(t *testing.T) {
 			break
 		}
 		for _, p := range paths {
-			u, err := k.Unlock(p, keystore.UnlockOptions{ReadOnly: true})
+			u, err := drive.Unlock(p, drive.UnlockOptions{ClusterUUID: k.ClusterUUID(), Keys: k.Keys, ReadOnly: true})
 			if err != nil {
 				failure = fmt.Errorf("unlock during a rotation: %w", err)
 				break
@@ -480,18 +480,18 @@ func TestDamagedHeaders(t *testing.T) {
 	}
 	flip(luks2.HeaderSize + 4096 + 2) // the secondary's JSON
 	st := ksStatus(t, bin, ks)
-	if st.Drives[0].State != keystore.StateDegraded || !strings.Contains(st.Drives[0].Detail, "secondary header damaged") {
+	if st.Drives[0].State != node.DriveDegraded || !strings.Contains(st.Drives[0].Detail, "secondary header damaged") {
 		t.Fatalf("one damaged copy: %+v", st.Drives[0])
 	}
 	ksMust(t, bin, ks, "rotate-encryption-keys")
-	if st := ksStatus(t, bin, ks); st.Drives[0].State != keystore.StatePresent {
+	if st := ksStatus(t, bin, ks); st.Drives[0].State != node.DrivePresent {
 		t.Fatalf("after the rotation: %+v", st.Drives[0])
 	}
 	flip(4096 + 2)
 	flip(luks2.HeaderSize + 4096 + 2)
 	before, _ := os.ReadFile(d)
 	ksWant(t, ksRun(t, bin, ks, nil, "rotate-encryption-keys"), exitcodes.Header, "both LUKS2 header copies are damaged")
-	if st := ksStatus(t, bin, ks); st.Drives[0].State != keystore.StateDamaged {
+	if st := ksStatus(t, bin, ks); st.Drives[0].State != node.DriveDamaged {
 		t.Fatalf("both damaged: %+v", st.Drives[0])
 	}
 	if after, _ := os.ReadFile(d); !bytes.Equal(before, after) {

@@ -12,11 +12,10 @@ import (
 	"github.com/urfave/cli/v2"
 	"golang.org/x/term"
 
-	"github.com/atrest/atrest/blockcrypt"
-	"github.com/atrest/atrest/blockdev"
 	"github.com/atrest/atrest/internal/exitcodes"
+	"github.com/atrest/atrest/internal/securefile"
 	"github.com/atrest/atrest/keystore"
-	"github.com/atrest/atrest/luks2"
+	"github.com/atrest/atrest/node"
 )
 
 // keystoreFlag is the --keystore flag of every command that uses the keystore.
@@ -29,7 +28,8 @@ func keystoreFlag() *cli.StringFlag {
 	}
 }
 
-// keystoreError maps the errors of keystore and luks2 to exit codes and hints.
+// keystoreError maps an error of the node (in this process or through the daemon's
+// control API: both carry its class, node.ErrorCode) to an exit code and a hint.
 func keystoreError(err error) error {
 	if err == nil {
 		return nil
@@ -38,41 +38,17 @@ func keystoreError(err error) error {
 	if errors.As(err, &ce) {
 		return err
 	}
-	var unsafe *keystore.UnsafeError
-	var missing *keystore.MissingError
-	switch {
-	case errors.Is(err, keystore.ErrBusy):
-		return fail(exitcodes.Busy, err, "wait for the other atrest command to finish")
-	case errors.Is(err, blockdev.ErrInUse):
-		return fail(exitcodes.Busy, err, "the drive is in use: 'atrest serve' serves it, it is mounted, or another program holds it; stop that first (nothing was written)")
-	case errors.Is(err, keystore.ErrNoKeystore):
-		return fail(exitcodes.Keystore, err, "create one with 'atrest init', or point --keystore (ATREST_KEYSTORE) at it")
-	case errors.As(err, &unsafe) && unsafe.Fix != "":
+	var unsafe *securefile.UnsafeError
+	if errors.As(err, &unsafe) && unsafe.Fix != "" {
 		return fail(exitcodes.Keystore, err, unsafe.Fix+" (the keystore must be root's alone: directory 0700, files 0600, no symlinks)")
-	case errors.Is(err, keystore.ErrUnsafe):
-		return fail(exitcodes.Keystore, err, "the keystore must be root's alone: directory 0700, files 0600, no symlinks")
-	case errors.Is(err, keystore.ErrCorrupt):
-		return fail(exitcodes.Keystore, err, "restore the keystore from a backup; atrest never rewrites a keystore it cannot read")
-	case errors.Is(err, keystore.ErrExists), errors.Is(err, keystore.ErrVolumeExists), errors.Is(err, keystore.ErrRegistered):
-		return fail(exitcodes.Exists, err, "")
-	case errors.Is(err, keystore.ErrRotationUnderWay):
-		return fail(exitcodes.Failure, err, "'atrest rotate-encryption-keys' finishes it; then rerun")
-	case errors.As(err, &missing) && missing.Rewrapping:
+	}
+	var missing *keystore.MissingError
+	if errors.As(err, &missing) && missing.Rewrapping {
 		return fail(exitcodes.DriveMissing, err, "reattach the drive and rerun: a drive the rotation was rewrapping must come back")
-	case errors.Is(err, keystore.ErrDriveMissing):
-		return fail(exitcodes.DriveMissing, err, "reattach the drive and rerun, or rerun with --force to leave it locked to the old master key for good")
-	case errors.Is(err, keystore.ErrForeign):
-		return fail(exitcodes.Key, err, "a drive of another cluster, or one formatted by cryptsetup: bring it in with 'atrest drive adopt --key-file KEY PATH'")
-	case errors.Is(err, luks2.ErrWrongKey):
-		return fail(exitcodes.Key, err, "check the key file: it must be the one the drive was formatted or last opened with")
-	case errors.Is(err, luks2.ErrDamaged):
-		return fail(exitcodes.Header, err, "restore the header from a backup (cryptsetup luksHeaderRestore); nothing was written")
-	case errors.Is(err, luks2.ErrTruncated), errors.Is(err, blockcrypt.ErrRegion):
-		return fail(exitcodes.Header, err, "a truncated image, or a header copied from a larger drive: put back the whole image or the right drive; nothing was written")
-	case errors.Is(err, luks2.ErrUnsupported), errors.Is(err, luks2.ErrNotLUKS):
-		return fail(exitcodes.Header, err, "")
-	case errors.Is(err, os.ErrNotExist), errors.Is(err, os.ErrPermission):
-		return fail(exitcodes.Failure, err, "")
+	}
+	code, _ := node.ErrorCode(err)
+	if h, ok := errorHints[code]; ok {
+		return fail(h.exit, err, h.hint)
 	}
 	var errno syscall.Errno
 	if errors.As(err, &errno) {
@@ -84,6 +60,37 @@ func keystoreError(err error) error {
 		return fail(exitcodes.IO, err, hint)
 	}
 	return err
+}
+
+// errorHints gives the exit code and hint of each class of node error (node.ErrorCode).
+var errorHints = map[string]struct {
+	exit int
+	hint string
+}{
+	"busy":               {exitcodes.Busy, "wait for the other atrest command to finish"},
+	"rotation-running":   {exitcodes.Busy, "wait for it to finish: 'atrest encryption-status' shows its progress"},
+	"in-use":             {exitcodes.Busy, "the drive is in use: 'atrest serve' serves it, it is mounted, or another program holds it; stop that first (nothing was written)"},
+	"no-keystore":        {exitcodes.Keystore, "create one with 'atrest init', or point --keystore (ATREST_KEYSTORE) at it"},
+	"keystore-unsafe":    {exitcodes.Keystore, "the keystore must be root's alone: directory 0700, files 0600, no symlinks"},
+	"stray-key":          {exitcodes.Keystore, "remove it if it is not a key you kept, and rerun"},
+	"keystore-corrupt":   {exitcodes.Keystore, "restore the keystore from a backup; atrest never rewrites a keystore it cannot read"},
+	"rotation-under-way": {exitcodes.Failure, "'atrest rotate-encryption-keys' finishes it; then rerun"},
+	"not-migrated":       {exitcodes.Keystore, "any command that changes the keystore (drive format, rotate-encryption-keys) migrates it"},
+	"exists":             {exitcodes.Exists, ""},
+	"holds-data":         {exitcodes.Exists, "formatting destroys it; rerun with --force if that is what you want"},
+	"drive-missing":      {exitcodes.DriveMissing, "reattach the drive and rerun, or rerun with --force to leave it locked to the old master key for good"},
+	"no-drive":           {exitcodes.DriveMissing, "reattach the drive, or name the drives to serve on the command line"},
+	"foreign":            {exitcodes.Key, "a drive of another cluster, or one formatted by cryptsetup: bring it in with 'atrest drive adopt --key-file KEY PATH'"},
+	"wrong-key":          {exitcodes.Key, "check the key file: it must be the one the drive was formatted or last opened with"},
+	"header-damaged":     {exitcodes.Header, "restore the header from a backup (cryptsetup luksHeaderRestore); nothing was written"},
+	"truncated":          {exitcodes.Header, "a truncated image, or a header copied from a larger drive: put back the whole image or the right drive; nothing was written"},
+	"unsupported":        {exitcodes.Header, ""},
+	"not-luks":           {exitcodes.Header, ""},
+	"invalid":            {exitcodes.Usage, "run 'atrest help' or 'atrest COMMAND --help' for usage"},
+	"ambiguous":          {exitcodes.Usage, "name the drive by more of its UUID, or by its path"},
+	"not-found":          {exitcodes.Failure, "'atrest drive list' and 'atrest encryption-status' list what the node knows"},
+	"not-exist":          {exitcodes.Failure, ""},
+	"permission":         {exitcodes.Failure, ""},
 }
 
 // onTerminal reports whether w is a terminal: progress is shown only there.

@@ -105,7 +105,7 @@ func (b *bench) setup(ctx context.Context) error {
 	if len(encDrives) > 0 {
 		sock := filepath.Join(b.work, "enc.sock")
 		if serve, err = b.daemon(ctx, "atrest-serve", []string{ks}, "atrest serve: serving",
-			append([]string{atrest, "serve", "--shared-writers", "--listen", "unix:" + sock}, encDrives...)...); err != nil {
+			append([]string{atrest, "serve", "--shared-writers", "--listen", "unix:" + sock, "--control", sock + ".ctl"}, encDrives...)...); err != nil {
 			return err
 		}
 		if needEnc {
@@ -121,7 +121,7 @@ func (b *bench) setup(ctx context.Context) error {
 		// A drive of its own: atrest serve holds its drives exclusively.
 		sock := filepath.Join(b.work, "enc1.sock")
 		if serve1, err = b.daemon(ctx, "atrest-serve-gomaxprocs1", []string{ks, "GOMAXPROCS=1"}, "atrest serve: serving",
-			atrest, "serve", "--shared-writers", "--listen", "unix:"+sock, img("enc1")); err != nil {
+			atrest, "serve", "--shared-writers", "--listen", "unix:"+sock, "--control", sock+".ctl", img("enc1")); err != nil {
 			return err
 		}
 		uri := "nbd+unix:///enc1?socket=" + sock
@@ -496,7 +496,7 @@ func (b *bench) speed(ctx context.Context, atrest string) error {
 	if err := json.Unmarshal(out, &b.rep.Speed); err != nil {
 		return fmt.Errorf("atrest speed --json: %w", err)
 	}
-	// The first implementation measured is the one atrest uses: MeasureSpeed goes
+	// The first implementation measured is the one atrest uses: xtsspeed.Measure goes
 	// through them in order of preference, the chosen one first.
 	if len(b.rep.Speed) > 0 {
 		b.rep.SpeedImpl = b.rep.Speed[0].Impl

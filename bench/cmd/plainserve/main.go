@@ -19,18 +19,19 @@ import (
 	"crypto/rand"
 	"flag"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"runtime/pprof"
 	"strings"
-	"sync/atomic"
 	"syscall"
-	"time"
 
 	"github.com/atrest/atrest/blockcrypt"
 	"github.com/atrest/atrest/blockdev"
+	"github.com/atrest/atrest/internal/linelog"
+	"github.com/atrest/atrest/internal/serving"
 	"github.com/atrest/atrest/nbd"
 )
 
@@ -75,16 +76,8 @@ func run(listens, files []string, encrypt, direct, trim bool) error {
 		}
 		ls = append(ls, l)
 	}
-	var ready atomic.Int32
-	srv := nbd.NewServer(nbd.ServerConfig{
-		Ready: func(net.Addr) {
-			if int(ready.Add(1)) == len(ls) {
-				fmt.Println("ready")
-				nbd.Notify("READY=1")
-			}
-		},
-		Logf: func(format string, args ...any) { fmt.Fprintf(os.Stderr, format+"\n", args...) },
-	})
+	log := slog.New(linelog.New(os.Stderr, "plainserve", nil))
+	srv := nbd.NewServer(nbd.ServerConfig{Logger: log})
 	var devs []blockdev.Device
 	defer func() {
 		for _, d := range devs {
@@ -119,17 +112,13 @@ func run(listens, files []string, encrypt, direct, trim bool) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	errc := make(chan error, len(ls))
-	for _, l := range ls {
-		go func() { errc <- srv.Serve(context.Background(), l) }()
-	}
-	select {
-	case <-ctx.Done():
-	case err := <-errc:
-		return err
-	}
-	nbd.Notify("STOPPING=1")
-	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	return srv.Shutdown(sctx)
+	// The lifecycle of atrest serve's (package serving): the listeners exist, so a
+	// client that connects once "ready" is printed is served.
+	return serving.Run(ctx, srv, serving.Options{
+		Listeners: ls, Logger: log,
+		Ready: func(context.Context) (string, error) {
+			fmt.Println("ready")
+			return fmt.Sprintf("serving %d export(s)", len(srv.Exports())), nil
+		},
+	})
 }

@@ -1,4 +1,10 @@
-package blockcrypt
+// Package xtsspeed measures the XTS-AES-256 throughput of each implementation in
+// package blockcrypt against golang.org/x/crypto/xts and `openssl speed` (`atrest
+// speed`). It lives apart from blockcrypt so that the data path carries no benchmark
+// code and no dependency on x/crypto/xts. Measurements lock their goroutine to a thread
+// and count its CPU time; the functions may run concurrently but then measure each
+// other's load.
+package xtsspeed
 
 import (
 	"bufio"
@@ -14,11 +20,14 @@ import (
 
 	"golang.org/x/crypto/xts"
 	"golang.org/x/sys/unix"
+
+	"github.com/atrest/atrest/blockcrypt"
 )
 
-// SpeedResult is one throughput measurement of XTS-AES-256 (`atrest speed`).
-type SpeedResult struct {
-	// Impl is an implementation name (Implementations), XCryptoName or OpenSSLName.
+// Result is one throughput measurement of XTS-AES-256 (`atrest speed`).
+type Result struct {
+	// Impl is an implementation name (blockcrypt.Implementations), XCryptoName or
+	// OpenSSLName.
 	Impl string `json:"impl"`
 	// Op is "encrypt" or "decrypt".
 	Op string `json:"op"`
@@ -35,17 +44,26 @@ const (
 	OpenSSLName = "openssl"
 )
 
-// SpeedSizes are the request sizes `atrest speed` measures by default: one 512-byte
-// sector, one 4096-byte sector, and 16 of them.
-var SpeedSizes = []int{512, 4096, 64 << 10}
+// Sizes are the request sizes `atrest speed` measures by default: one 512-byte sector,
+// one 4096-byte sector, and 16 of them.
+var Sizes = []int{512, 4096, 64 << 10}
 
-// MeasureSpeed measures the XTS throughput on one core of every implementation this CPU
+// Measure measures the XTS throughput on one core of every implementation this CPU
 // can run and of golang.org/x/crypto/xts, encrypting and decrypting buffers of each
 // size in place (sizes below 4096 as 512-byte sectors, others as 4096-byte sectors, which
 // must divide them). Each case runs for about perCase of CPU time on one locked thread
 // and reports bytes per CPU second, the measure `openssl speed` uses. It stops early
+
+// InUse names the XTS implementation atrest uses on this CPU (the fastest it has).
+func InUse() string {
+	if impls := blockcrypt.Implementations(); len(impls) > 0 {
+		return impls[0]
+	}
+	return ""
+}
+
 // when ctx is done.
-func MeasureSpeed(ctx context.Context, sizes []int, perCase time.Duration) ([]SpeedResult, error) {
+func Measure(ctx context.Context, sizes []int, perCase time.Duration) ([]Result, error) {
 	for _, size := range sizes {
 		if size <= 0 || size%512 != 0 || (size > 4096 && size%4096 != 0) {
 			return nil, fmt.Errorf("speed: size %d is not a whole number of sectors (512, 4096, or a multiple of 4096)", size)
@@ -55,7 +73,7 @@ func MeasureSpeed(ctx context.Context, sizes []int, perCase time.Duration) ([]Sp
 		return nil, fmt.Errorf("speed: duration per case %v is not positive", perCase)
 	}
 	// A fixed key: speed does not depend on it, and no secret is involved.
-	key := make([]byte, KeySize)
+	key := make([]byte, blockcrypt.KeySize)
 	for i := range key {
 		key[i] = byte(i)
 	}
@@ -63,7 +81,7 @@ func MeasureSpeed(ctx context.Context, sizes []int, perCase time.Duration) ([]Sp
 	if err != nil {
 		return nil, fmt.Errorf("speed: %w", err)
 	}
-	var results []SpeedResult
+	var results []Result
 	for _, size := range sizes {
 		ss := 4096
 		if size < 4096 {
@@ -71,11 +89,8 @@ func MeasureSpeed(ctx context.Context, sizes []int, perCase time.Duration) ([]Sp
 		}
 		buf := make([]byte, size)
 		for _, op := range []string{"encrypt", "decrypt"} {
-			for _, impl := range implementations {
-				if !impl.available {
-					continue
-				}
-				c, err := newCipherWith(impl, key)
+			for _, impl := range blockcrypt.Implementations() {
+				c, err := blockcrypt.NewCipherImpl(impl, key)
 				if err != nil {
 					return nil, fmt.Errorf("speed: %w", err)
 				}
@@ -88,7 +103,7 @@ func MeasureSpeed(ctx context.Context, sizes []int, perCase time.Duration) ([]Sp
 				if err != nil {
 					return nil, err
 				}
-				results = append(results, SpeedResult{Impl: impl.name, Op: op, Size: size, GBps: gbps})
+				results = append(results, Result{Impl: impl, Op: op, Size: size, GBps: gbps})
 			}
 			crypt := ref.Encrypt
 			if op == "decrypt" {
@@ -103,7 +118,7 @@ func MeasureSpeed(ctx context.Context, sizes []int, perCase time.Duration) ([]Sp
 			if err != nil {
 				return nil, err
 			}
-			results = append(results, SpeedResult{Impl: XCryptoName, Op: op, Size: size, GBps: gbps})
+			results = append(results, Result{Impl: XCryptoName, Op: op, Size: size, GBps: gbps})
 		}
 	}
 	return results, nil
@@ -152,16 +167,16 @@ func threadCPUTime() (time.Duration, error) {
 	return time.Duration(ts.Nano()), nil
 }
 
-// OpenSSLSpeed runs `openssl speed -evp aes-256-xts` at each size for the given whole
+// OpenSSL runs `openssl speed -evp aes-256-xts` at each size for the given whole
 // number of seconds, encrypting, and decrypting too if decrypt is set, and returns its
-// figures as SpeedResults with Impl OpenSSLName. openssl encrypts each buffer as one XTS
-// data unit (one tweak), where MeasureSpeed uses 4096-byte sectors above 4096 bytes.
-func OpenSSLSpeed(ctx context.Context, openssl string, sizes []int, seconds int, decrypt bool) ([]SpeedResult, error) {
+// figures as Results with Impl OpenSSLName. openssl encrypts each buffer as one XTS
+// data unit (one tweak), where Measure uses 4096-byte sectors above 4096 bytes.
+func OpenSSL(ctx context.Context, openssl string, sizes []int, seconds int, decrypt bool) ([]Result, error) {
 	ops := []string{"encrypt"}
 	if decrypt {
 		ops = append(ops, "decrypt")
 	}
-	var results []SpeedResult
+	var results []Result
 	for _, op := range ops {
 		for _, size := range sizes {
 			args := []string{"speed", "-mr", "-evp", "aes-256-xts", "-bytes", strconv.Itoa(size), "-seconds", strconv.Itoa(seconds)}
@@ -182,7 +197,7 @@ func OpenSSLSpeed(ctx context.Context, openssl string, sizes []int, seconds int,
 			if !ok {
 				return results, fmt.Errorf("%s %s: no result for %d bytes in its output", openssl, strings.Join(args, " "), size)
 			}
-			results = append(results, SpeedResult{Impl: OpenSSLName, Op: op, Size: size, GBps: rate / 1e9})
+			results = append(results, Result{Impl: OpenSSLName, Op: op, Size: size, GBps: rate / 1e9})
 		}
 	}
 	return results, nil

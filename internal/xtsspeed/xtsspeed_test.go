@@ -1,4 +1,4 @@
-package blockcrypt
+package xtsspeed
 
 import (
 	"context"
@@ -6,10 +6,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/atrest/atrest/blockcrypt"
 	"github.com/atrest/atrest/internal/testutil"
 )
 
-func TestParseOpenSSLSpeed(t *testing.T) {
+func TestParseOpenSSL(t *testing.T) {
 	// Output of OpenSSL 3.0 `openssl speed -mr -evp aes-256-xts -bytes 512 -seconds 1`.
 	out := "+DT:AES-256-XTS:1:512\n+R:10091623:AES-256-XTS:0.990000\n" +
 		"version: 3.0.22\nbuilt on: Mon Aug 25 00:00:00 2026 UTC\n" +
@@ -39,10 +40,10 @@ func TestParseOpenSSLSpeed(t *testing.T) {
 	}
 }
 
-// TestOpenSSLSpeed runs the real openssl briefly and checks that its figures parse.
-func TestOpenSSLSpeed(t *testing.T) {
+// TestOpenSSL runs the real openssl briefly and checks that its figures parse.
+func TestOpenSSL(t *testing.T) {
 	openssl := testutil.Tool(t, "openssl")
-	res, err := OpenSSLSpeed(context.Background(), openssl, []int{4096}, 1, true)
+	res, err := OpenSSL(context.Background(), openssl, []int{4096}, 1, true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -54,47 +55,47 @@ func TestOpenSSLSpeed(t *testing.T) {
 			t.Errorf("implausible result %+v", r)
 		}
 	}
-	if _, err := OpenSSLSpeed(context.Background(), "/nonexistent/openssl", []int{512}, 1, false); err == nil {
+	if _, err := OpenSSL(context.Background(), "/nonexistent/openssl", []int{512}, 1, false); err == nil {
 		t.Error("a missing openssl gave no error")
 	}
 }
 
-func TestMeasureSpeed(t *testing.T) {
-	res, err := MeasureSpeed(context.Background(), []int{512, 8192}, 3*time.Millisecond)
+func TestMeasure(t *testing.T) {
+	res, err := Measure(context.Background(), []int{512, 8192}, 3*time.Millisecond)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := 2 * 2 * (len(Implementations()) + 1)
+	want := 2 * 2 * (len(blockcrypt.Implementations()) + 1)
 	if len(res) != want {
 		t.Fatalf("%d results, want %d", len(res), want)
 	}
-	seen := map[SpeedResult]bool{}
+	seen := map[Result]bool{}
 	for _, r := range res {
 		if r.GBps <= 0 || (r.Op != "encrypt" && r.Op != "decrypt") || (r.Size != 512 && r.Size != 8192) {
 			t.Errorf("bad result %+v", r)
 		}
-		key := SpeedResult{Impl: r.Impl, Op: r.Op, Size: r.Size}
+		key := Result{Impl: r.Impl, Op: r.Op, Size: r.Size}
 		if seen[key] {
 			t.Errorf("duplicate %+v", key)
 		}
 		seen[key] = true
 	}
-	if !seen[SpeedResult{Impl: XCryptoName, Op: "decrypt", Size: 8192}] || !seen[SpeedResult{Impl: "purego", Op: "encrypt", Size: 512}] {
+	if !seen[Result{Impl: XCryptoName, Op: "decrypt", Size: 8192}] || !seen[Result{Impl: "purego", Op: "encrypt", Size: 512}] {
 		t.Errorf("missing rows in %+v", res)
 	}
 	for _, bad := range []int{0, -512, 100, 4096 + 512, 6144} {
-		if _, err := MeasureSpeed(context.Background(), []int{bad}, time.Millisecond); err == nil {
+		if _, err := Measure(context.Background(), []int{bad}, time.Millisecond); err == nil {
 			t.Errorf("size %d accepted", bad)
 		}
 	}
 	for _, d := range []time.Duration{0, -time.Millisecond} {
-		if _, err := MeasureSpeed(context.Background(), []int{512}, d); err == nil || !strings.Contains(err.Error(), "not positive") {
+		if _, err := Measure(context.Background(), []int{512}, d); err == nil || !strings.Contains(err.Error(), "not positive") {
 			t.Errorf("duration %v per case: %v, want a refusal", d, err)
 		}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if _, err := MeasureSpeed(ctx, []int{512}, time.Second); err == nil {
+	if _, err := Measure(ctx, []int{512}, time.Second); err == nil {
 		t.Error("a cancelled context did not stop the measurement")
 	}
 }
