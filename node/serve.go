@@ -101,7 +101,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	n.mu.Lock()
 	n.started = n.now()
 	n.mu.Unlock()
-	n.emit(Event{Type: EventNodeStarted, Message: fmt.Sprintf("serving %d volume(s)", len(paths))})
+	n.emit(Event{Type: EventNodeStarted, Message: fmt.Sprintf("node started: %d volume(s) unlocked", len(paths))})
 	return nil
 }
 
