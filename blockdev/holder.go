@@ -9,6 +9,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/atrest/atrest/internal/mountinfo"
 )
 
 // Finding who holds a drive that an exclusive open was refused: for the error message
@@ -96,28 +98,12 @@ func mountOf(devno string) string {
 	scanFields("/proc/self/mountinfo", func(fields []string) bool {
 		// ID PARENT MAJOR:MINOR ROOT MOUNTPOINT ...
 		if len(fields) > 4 && fields[2] == devno {
-			mp = unescapeMountinfo(fields[4])
+			mp = mountinfo.Unescape(fields[4])
 			return false
 		}
 		return true
 	})
 	return mp
-}
-
-// unescapeMountinfo undoes the octal escapes (\040 for a space) of mountinfo paths.
-func unescapeMountinfo(s string) string {
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 // maxOpeners bounds the processes blockDeviceHolder names.

@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -15,6 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/atrest/atrest/internal/mountinfo"
 	"github.com/atrest/atrest/internal/testutil"
 )
 
@@ -216,7 +216,7 @@ func isMountpoint(t testing.TB, path string) bool {
 	}
 	for _, line := range strings.Split(string(b), "\n") {
 		f := strings.Fields(line)
-		if len(f) > 4 && unescapeMountinfo(f[4]) == path {
+		if len(f) > 4 && mountinfo.Unescape(f[4]) == path {
 			return true
 		}
 	}
@@ -224,21 +224,6 @@ func isMountpoint(t testing.TB, path string) bool {
 }
 
 // unescapeMountinfo undoes the kernel's octal escapes (\040 for a space, \134 for a
-// backslash).
-func unescapeMountinfo(s string) string {
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
-}
 
 // loopsOver lists the loop devices whose backing file is file, from
 // /sys/block/loop*/loop/backing_file.

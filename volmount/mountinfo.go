@@ -7,6 +7,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+
+	"github.com/atrest/atrest/internal/mountinfo"
 )
 
 // mountEntry is one line of /proc/self/mountinfo (proc(5)).
@@ -61,9 +63,9 @@ func parseMountinfo(data []byte) ([]mountEntry, error) {
 		out = append(out, mountEntry{
 			major:      uint32(maj),
 			minor:      uint32(mnr),
-			mountpoint: unescapeOctal(f[4]),
+			mountpoint: mountinfo.Unescape(f[4]),
 			fsType:     f[sep+1],
-			source:     unescapeOctal(f[sep+2]),
+			source:     mountinfo.Unescape(f[sep+2]),
 		})
 	}
 	if err := sc.Err(); err != nil {
@@ -71,25 +73,6 @@ func parseMountinfo(data []byte) ([]mountEntry, error) {
 	}
 	return out, nil
 }
-
-// unescapeOctal undoes the kernel's \ooo escapes of space, tab, newline and backslash.
-func unescapeOctal(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) && isOctal(s[i+1]) && isOctal(s[i+2]) && isOctal(s[i+3]) {
-			b.WriteByte((s[i+1]-'0')<<6 | (s[i+2]-'0')<<3 | (s[i+3] - '0'))
-			i += 3
-			continue
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
-}
-
-func isOctal(c byte) bool { return c >= '0' && c <= '7' }
 
 // mountAt returns the topmost mount whose mount point is path, if any.
 func mountAt(mounts []mountEntry, path string) (mountEntry, bool) {

@@ -95,12 +95,6 @@ func TestREADMESection(t *testing.T) {
 	}
 }
 
-func TestUnescapeMount(t *testing.T) {
-	if got := unescapeMount(`/tmp/a\040b\134c`); got != `/tmp/a b\c` {
-		t.Errorf("unescapeMount = %q", got)
-	}
-}
-
 func TestCommand(t *testing.T) {
 	t.Setenv("BENCH_PROGRAM", "bench/run.sh")
 	args := os.Args

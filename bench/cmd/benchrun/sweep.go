@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/atrest/atrest/internal/mountinfo"
 	"github.com/atrest/atrest/mountstack"
 )
 
@@ -211,7 +212,7 @@ func mountsUnder(dir string) []mountEntry {
 		if len(f) < 10 {
 			continue
 		}
-		mp := unescapeMount(f[4])
+		mp := mountinfo.Unescape(f[4])
 		sep := slices.Index(f, "-")
 		if sep < 0 || sep+1 >= len(f) || !strings.HasPrefix(mp, dir+"/") {
 			continue
@@ -220,25 +221,6 @@ func mountsUnder(dir string) []mountEntry {
 	}
 	slices.SortStableFunc(out, func(a, b mountEntry) int { return len(b.dir) - len(a.dir) })
 	return out
-}
-
-// unescapeMount undoes the octal escapes of mountinfo (\040 for a space...).
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 // runQuiet runs a command for cleanup, with a timeout; its output goes nowhere
