@@ -1,79 +1,35 @@
-package node
+package node_test
 
 import (
 	"context"
 	"errors"
-	"net"
 	"os"
 	"path/filepath"
 	"slices"
 	"testing"
 	"time"
 
-	"github.com/atrest/atrest/keystore"
 	"github.com/atrest/atrest/nbd"
+	"github.com/atrest/atrest/node"
+	"github.com/atrest/atrest/node/nodetest"
 )
-
-// newNode makes a keystore in a temporary directory and opens its node, offline.
-func newNode(t *testing.T) (*Node, string) {
-	t.Helper()
-	root := t.TempDir()
-	dir := filepath.Join(root, "keystore")
-	l, err := keystore.Init(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	l.Close()
-	n, err := Open(context.Background(), Config{Keystore: dir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return n, root
-}
-
-// serveOn starts n and serves it on a unix socket in dir; stopped at cleanup.
-func serveOn(t *testing.T, n *Node, dir string) string {
-	t.Helper()
-	ctx := context.Background()
-	if err := n.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(dir, "nbd.sock")
-	l, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- n.Serve(ctx, l) }()
-	t.Cleanup(func() {
-		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		defer cancel()
-		if err := n.Shutdown(sctx); err != nil {
-			t.Errorf("shutdown: %v", err)
-		}
-		if err := <-done; !errors.Is(err, nbd.ErrServerClosed) {
-			t.Errorf("serve: %v", err)
-		}
-	})
-	return sock
-}
 
 // TestAddDriveWhileServing: a node that serves no volume yet starts; a drive added
 // through it is exported at once under its volume's name, and reads back what was
 // written through the export; the status calls it present and the volume ok.
 func TestAddDriveWhileServing(t *testing.T) {
 	ctx := context.Background()
-	n, dir := newNode(t)
-	sock := serveOn(t, n, dir)
+	n, dir := nodetest.New(t)
+	sock := nodetest.Serve(t, n)
 	if got := n.Exports(); len(got) != 0 {
 		t.Fatalf("exports before any drive: %q", got)
 	}
 	img := filepath.Join(dir, "a.img")
-	res, err := n.AddDrive(ctx, AddDriveRequest{Path: img, Volume: "data", Create: 32 << 20})
+	res, err := n.AddDrive(ctx, node.AddDriveRequest{Path: img, Volume: "data", Create: 32 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !res.Exported || res.Drive.State != DrivePresent || res.Drive.Volume != "data" || res.Drive.Path != img {
+	if !res.Exported || res.Drive.State != node.DrivePresent || res.Drive.Volume != "data" || res.Drive.Path != img {
 		t.Fatalf("AddDrive: %+v", res)
 	}
 	if got := n.Exports(); !slices.Equal(got, []string{"data"}) {
@@ -97,27 +53,27 @@ func TestAddDriveWhileServing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !st.Serving || len(st.Volumes) != 1 || st.Volumes[0].State != VolumeOK || !slices.Equal(st.Volumes[0].Exports, []string{"data"}) || st.Volumes[0].Size != 32<<20-16<<20 {
+	if !st.Serving || len(st.Volumes) != 1 || st.Volumes[0].State != node.VolumeOK || !slices.Equal(st.Volumes[0].Exports, []string{"data"}) || st.Volumes[0].Size != 32<<20-16<<20 {
 		t.Fatalf("status volumes: %+v", st.Volumes)
 	}
 	if len(st.Drives) != 1 || !st.Drives[0].Present || st.Drives[0].Since == nil {
 		t.Fatalf("status drives: %+v", st.Drives)
 	}
 	// The drive is held: formatting it again is refused, and changes nothing.
-	if _, err := n.AddDrive(ctx, AddDriveRequest{Path: img, Force: true}); !errors.Is(err, ErrConflict) && ErrorCodeOf(err) != "in-use" {
+	if _, err := n.AddDrive(ctx, node.AddDriveRequest{Path: img, Force: true}); !errors.Is(err, node.ErrConflict) && ErrorCodeOf(err) != "in-use" {
 		t.Fatalf("format of a served drive: %v", err)
 	}
 }
 
-// ErrorCodeOf is ErrorCode's code alone.
-func ErrorCodeOf(err error) string { c, _ := ErrorCode(err); return c }
+// ErrorCodeOf is node.ErrorCode's code alone.
+func ErrorCodeOf(err error) string { c, _ := node.ErrorCode(err); return c }
 
 // TestAddDriveRefusals: malformed requests change nothing: no image is left behind and
 // the registry stays empty.
 func TestAddDriveRefusals(t *testing.T) {
 	ctx := context.Background()
-	n, dir := newNode(t)
-	for _, req := range []AddDriveRequest{
+	n, dir := nodetest.New(t)
+	for _, req := range []node.AddDriveRequest{
 		{Path: "relative.img", Create: 32 << 20},
 		{Path: filepath.Join(dir, "a.img"), Create: 32 << 20, Volume: "a/b"},
 		{Path: filepath.Join(dir, "a.img"), Create: 32 << 20, Volume: "bad\nname"},
@@ -138,13 +94,13 @@ func TestAddDriveRefusals(t *testing.T) {
 	if err := os.WriteFile(img, make([]byte, 32<<20), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := n.AddDrive(ctx, AddDriveRequest{Path: img}); err != nil {
+	if _, err := n.AddDrive(ctx, node.AddDriveRequest{Path: img}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := n.AddDrive(ctx, AddDriveRequest{Path: img}); !errors.Is(err, ErrHoldsData) || ErrorCodeOf(err) != "holds-data" {
+	if _, err := n.AddDrive(ctx, node.AddDriveRequest{Path: img}); !errors.Is(err, node.ErrHoldsData) || ErrorCodeOf(err) != "holds-data" {
 		t.Errorf("format over a LUKS2 drive without force: %v", err)
 	}
-	if _, err := n.AddDrive(ctx, AddDriveRequest{Path: filepath.Join(dir, "c.img"), Create: 32 << 20, Volume: "vol0"}); !errors.Is(err, ErrConflict) && ErrorCodeOf(err) != "exists" {
+	if _, err := n.AddDrive(ctx, node.AddDriveRequest{Path: filepath.Join(dir, "c.img"), Create: 32 << 20, Volume: "vol0"}); !errors.Is(err, node.ErrConflict) && ErrorCodeOf(err) != "exists" {
 		t.Errorf("a second volume vol0: %v", err)
 	}
 	if _, err := os.Stat(filepath.Join(dir, "c.img")); !errors.Is(err, os.ErrNotExist) {
@@ -160,17 +116,17 @@ func TestAddDriveRefusals(t *testing.T) {
 // records the new key in the registry, and the export keeps answering.
 func TestRotateWhileServing(t *testing.T) {
 	ctx := context.Background()
-	n, dir := newNode(t)
-	if _, err := n.AddDrive(ctx, AddDriveRequest{Path: filepath.Join(dir, "a.img"), Create: 32 << 20}); err != nil {
+	n, dir := nodetest.New(t)
+	if _, err := n.AddDrive(ctx, node.AddDriveRequest{Path: filepath.Join(dir, "a.img"), Create: 32 << 20}); err != nil {
 		t.Fatal(err)
 	}
-	sock := serveOn(t, n, dir)
+	sock := nodetest.Serve(t, n)
 	if got := n.Exports(); !slices.Equal(got, []string{"", "vol0"}) {
 		t.Fatalf("exports: %q", got)
 	}
 	events := n.Subscribe(t.Context())
 	before, _ := n.EncryptionStatus(ctx)
-	res, err := n.Rotate(ctx, RotateRequest{})
+	res, err := n.Rotate(ctx, node.RotateRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -179,17 +135,17 @@ func TestRotateWhileServing(t *testing.T) {
 		t.Fatalf("encryption status %+v after rotation %+v", es, res)
 	}
 	ds, err := n.Drives(ctx)
-	if err != nil || len(ds) != 1 || ds[0].KeyID != res.MasterKeyID || ds[0].State != DrivePresent {
+	if err != nil || len(ds) != 1 || ds[0].KeyID != res.MasterKeyID || ds[0].State != node.DrivePresent {
 		t.Fatalf("drives after rotation: %+v, %v", ds, err)
 	}
 	var types []string
 	for e := range events {
 		types = append(types, e.Type)
-		if e.Type == EventRotationFinished {
+		if e.Type == node.EventRotationFinished {
 			break
 		}
 	}
-	if types[0] != EventRotationStarted {
+	if types[0] != node.EventRotationStarted {
 		t.Errorf("events: %q", types)
 	}
 	c, err := nbd.Dial(ctx, "unix:"+sock, nbd.ClientOptions{Export: "vol0", Connections: 1, ReconnectTimeout: -1, ReadOnly: true})
@@ -207,32 +163,32 @@ func TestRotateWhileServing(t *testing.T) {
 // leaves the registry; the other volume is served on.
 func TestRemoveVolumeWhileServing(t *testing.T) {
 	ctx := context.Background()
-	n, dir := newNode(t)
+	n, dir := nodetest.New(t)
 	a, b := filepath.Join(dir, "a.img"), filepath.Join(dir, "b.img")
 	for _, p := range []string{a, b} {
-		if _, err := n.AddDrive(ctx, AddDriveRequest{Path: p, Create: 32 << 20}); err != nil {
+		if _, err := n.AddDrive(ctx, node.AddDriveRequest{Path: p, Create: 32 << 20}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	sock := serveOn(t, n, dir)
+	sock := nodetest.Serve(t, n)
 	c, err := nbd.Dial(ctx, "unix:"+sock, nbd.ClientOptions{Export: "vol0", Connections: 1, ReconnectTimeout: -1, ReadOnly: true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := n.RemoveVolume(ctx, RemoveVolumeRequest{Name: "vol0"}); !errors.Is(err, ErrConflict) {
+	if _, err := n.RemoveVolume(ctx, node.RemoveVolumeRequest{Name: "vol0"}); !errors.Is(err, node.ErrConflict) {
 		t.Fatalf("remove a volume with a client: %v", err)
 	}
 	c.Close()
-	if _, err := n.RemoveVolume(ctx, RemoveVolumeRequest{Name: "nope"}); !errors.Is(err, ErrNotFound) {
+	if _, err := n.RemoveVolume(ctx, node.RemoveVolumeRequest{Name: "nope"}); !errors.Is(err, node.ErrNotFound) {
 		t.Fatalf("remove no volume: %v", err)
 	}
-	if _, err := n.RemoveVolume(ctx, RemoveVolumeRequest{Name: "../x"}); !errors.Is(err, ErrInvalid) {
+	if _, err := n.RemoveVolume(ctx, node.RemoveVolumeRequest{Name: "../x"}); !errors.Is(err, node.ErrInvalid) {
 		t.Fatalf("remove a bad name: %v", err)
 	}
-	var removed *VolumeStatus
+	var removed *node.VolumeStatus
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 		// The server counts the connection until it has seen it close.
-		if removed, err = n.RemoveVolume(ctx, RemoveVolumeRequest{Name: "vol0"}); !errors.Is(err, ErrConflict) || time.Now().After(deadline) {
+		if removed, err = n.RemoveVolume(ctx, node.RemoveVolumeRequest{Name: "vol0"}); !errors.Is(err, node.ErrConflict) || time.Now().After(deadline) {
 			break
 		}
 	}
@@ -247,7 +203,7 @@ func TestRemoveVolumeWhileServing(t *testing.T) {
 		t.Fatalf("volumes after the removal: %+v, %v", vols, err)
 	}
 	// Let go: the drive can be formatted again, as a new volume.
-	if _, err := n.AddDrive(ctx, AddDriveRequest{Path: a, Force: true, Volume: "again"}); err != nil {
+	if _, err := n.AddDrive(ctx, node.AddDriveRequest{Path: a, Force: true, Volume: "again"}); err != nil {
 		t.Fatalf("format the removed volume's drive: %v", err)
 	}
 	if got := n.Exports(); !slices.Equal(got, []string{"again", "vol1"}) {

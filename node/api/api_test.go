@@ -21,46 +21,17 @@ import (
 	"github.com/atrest/atrest/keystore"
 	"github.com/atrest/atrest/nbd"
 	"github.com/atrest/atrest/node"
+	"github.com/atrest/atrest/node/nodetest"
 )
-
-// newNode makes a keystore in a temporary directory and opens its node, offline.
-func newNode(t *testing.T) (*node.Node, string) {
-	t.Helper()
-	root := t.TempDir()
-	dir := filepath.Join(root, "keystore")
-	l, err := keystore.Init(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	l.Close()
-	n, err := node.Open(context.Background(), node.Config{Keystore: dir, Version: "test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return n, root
-}
 
 // socketDir is a directory for sockets with a short path (a unix socket's path is
 // bounded to 107 bytes, which t.TempDir's can pass), mode 0755 so that another uid
-// reaches what is in it.
-func socketDir(t *testing.T) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "atrest-api-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	return dir
-}
 
 // serveAPI serves svc's control API on a socket in a new socket directory; stopped at
 // cleanup. It returns the socket's path and a client of it.
 func serveAPI(t *testing.T, svc node.Service) (string, *Client) {
 	t.Helper()
-	sock := filepath.Join(socketDir(t), "control.sock")
+	sock := filepath.Join(nodetest.SocketDir(t), "control.sock")
 	l, err := Listen(sock)
 	if err != nil {
 		t.Fatal(err)
@@ -136,7 +107,7 @@ func addDrive(t *testing.T, n *node.Node, dir, vol string) *node.AddDriveResult 
 // process, and a rotation through the API shows in the encryption status.
 func TestEndpoints(t *testing.T) {
 	ctx := context.Background()
-	n, dir := newNode(t)
+	n, dir := nodetest.New(t)
 	a := addDrive(t, n, dir, "alpha")
 	addDrive(t, n, dir, "beta")
 	_, c := serveAPI(t, n)
@@ -211,7 +182,7 @@ func TestEndpoints(t *testing.T) {
 // TestEncryptionStatusShape: the product's shape exactly: three keys, the time RFC 3339
 // in UTC or null.
 func TestEncryptionStatusShape(t *testing.T) {
-	n, _ := newNode(t)
+	n, _ := nodetest.New(t)
 	sock, c := serveAPI(t, n)
 	for i := range 2 {
 		status, h, body := call(t, sock, "GET", "/v1/encryption/status", "", nil)
@@ -281,7 +252,7 @@ func (h *heldRotation) Rotate(ctx context.Context, req node.RotateRequest) (*nod
 // first one finishes.
 func TestRotateConflict(t *testing.T) {
 	ctx := context.Background()
-	n, dir := newNode(t)
+	n, dir := nodetest.New(t)
 	addDrive(t, n, dir, "alpha")
 	h := &heldRotation{Node: n, started: make(chan struct{}), release: make(chan struct{})}
 	sock, c := serveAPI(t, h)
@@ -320,27 +291,8 @@ func TestRotateConflict(t *testing.T) {
 // exported at once: nbdinfo lists it and a client reads it.
 func TestAddDriveWhileServing(t *testing.T) {
 	ctx := context.Background()
-	n, dir := newNode(t)
-	if err := n.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	nbdSock := filepath.Join(socketDir(t), "nbd.sock")
-	l, err := net.Listen("unix", nbdSock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan error, 1)
-	go func() { served <- n.Serve(ctx, l) }()
-	t.Cleanup(func() {
-		sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		defer cancel()
-		if err := n.Shutdown(sctx); err != nil {
-			t.Errorf("node shutdown: %v", err)
-		}
-		if err := <-served; !errors.Is(err, nbd.ErrServerClosed) {
-			t.Errorf("node serve: %v", err)
-		}
-	})
+	n, dir := nodetest.New(t)
+	nbdSock := nodetest.Serve(t, n)
 	sock, c := serveAPI(t, n)
 	id, err := c.Identity(ctx)
 	if err != nil || !id.Serving || id.PID != os.Getpid() {
@@ -393,7 +345,7 @@ func TestAddDriveWhileServing(t *testing.T) {
 // among it.
 func TestEvents(t *testing.T) {
 	ctx := context.Background()
-	n, dir := newNode(t)
+	n, dir := nodetest.New(t)
 	addDrive(t, n, dir, "alpha")
 	_, c := serveAPI(t, n)
 	es, err := c.Events(ctx)
@@ -431,8 +383,8 @@ func TestEvents(t *testing.T) {
 
 // TestShutdownEndsEvents: Shutdown ends the event streams instead of waiting for them.
 func TestShutdownEndsEvents(t *testing.T) {
-	n, _ := newNode(t)
-	sock := filepath.Join(socketDir(t), "control.sock")
+	n, _ := nodetest.New(t)
+	sock := filepath.Join(nodetest.SocketDir(t), "control.sock")
 	l, err := Listen(sock)
 	if err != nil {
 		t.Fatal(err)
@@ -466,7 +418,7 @@ func TestShutdownEndsEvents(t *testing.T) {
 
 // TestEventsUnsupported: a Service that publishes no events answers 503 offline.
 func TestEventsUnsupported(t *testing.T) {
-	n, _ := newNode(t)
+	n, _ := nodetest.New(t)
 	_, c := serveAPI(t, struct{ node.Service }{n})
 	if _, err := c.Events(t.Context()); !errors.Is(err, node.ErrOffline) {
 		t.Errorf("events of a service without Subscribe: %v", err)
@@ -477,7 +429,7 @@ func TestEventsUnsupported(t *testing.T) {
 // JSON error, and change nothing: no image is created, the registry and the keys stay.
 func TestBadRequests(t *testing.T) {
 	ctx := context.Background()
-	n, dir := newNode(t)
+	n, dir := nodetest.New(t)
 	addDrive(t, n, dir, "alpha")
 	sock, _ := serveAPI(t, n)
 	before, err := n.Status(ctx)
@@ -562,7 +514,7 @@ func TestBadRequests(t *testing.T) {
 // TestListen: the socket is 0600 in a directory made 0755; a stale socket is replaced,
 // a live one refused with ErrInUse, a file that is not a socket left alone.
 func TestListen(t *testing.T) {
-	dir := filepath.Join(socketDir(t), "run", "atrest")
+	dir := filepath.Join(nodetest.SocketDir(t), "run", "atrest")
 	sock := filepath.Join(dir, "control.sock")
 	l, err := Listen(sock)
 	if err != nil {
@@ -609,7 +561,7 @@ func TestListen(t *testing.T) {
 // TestNoDaemon: Dial says ErrNoDaemon when the socket is not there (or its directory is
 // not), so that the CLI works offline.
 func TestNoDaemon(t *testing.T) {
-	dir := socketDir(t)
+	dir := nodetest.SocketDir(t)
 	for _, p := range []string{filepath.Join(dir, "control.sock"), filepath.Join(dir, "run", "control.sock")} {
 		if _, err := Dial(t.Context(), p); !errors.Is(err, ErrNoDaemon) || !strings.Contains(err.Error(), p) {
 			t.Errorf("Dial(%s): %v, want ErrNoDaemon naming the socket", p, err)
@@ -633,7 +585,7 @@ func TestGarbageAnswers(t *testing.T) {
 		{"closed at once", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			sock := filepath.Join(socketDir(t), "control.sock")
+			sock := filepath.Join(nodetest.SocketDir(t), "control.sock")
 			l, err := net.Listen("unix", sock)
 			if err != nil {
 				t.Fatal(err)
@@ -674,7 +626,7 @@ func TestGarbageAnswers(t *testing.T) {
 
 // TestDrivePathEscaping: a drive named by a path travels escaped and is found.
 func TestDrivePathEscaping(t *testing.T) {
-	n, dir := newNode(t)
+	n, dir := nodetest.New(t)
 	sub := filepath.Join(dir, "a b%2F")
 	if err := os.Mkdir(sub, 0o755); err != nil {
 		t.Fatal(err)
@@ -709,9 +661,9 @@ func (h *heldAdd) AddDrive(ctx context.Context, req node.AddDriveRequest) (*node
 // TestShutdownFinishesRequests: a request under way when Shutdown starts is answered,
 // its context not cancelled (a format with a wipe, which checks it, completes).
 func TestShutdownFinishesRequests(t *testing.T) {
-	n, dir := newNode(t)
+	n, dir := nodetest.New(t)
 	h := &heldAdd{Node: n, started: make(chan struct{}), release: make(chan struct{})}
-	sock := filepath.Join(socketDir(t), "control.sock")
+	sock := filepath.Join(nodetest.SocketDir(t), "control.sock")
 	l, err := Listen(sock)
 	if err != nil {
 		t.Fatal(err)
@@ -756,7 +708,7 @@ func TestShutdownFinishesRequests(t *testing.T) {
 // volume that is not there is 404, a bad force value or a body 400, and nothing changes
 // on a refusal.
 func TestRemoveVolume(t *testing.T) {
-	n, dir := newNode(t)
+	n, dir := nodetest.New(t)
 	addDrive(t, n, dir, "keep")
 	addDrive(t, n, dir, "gone")
 	sock, c := serveAPI(t, n)

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/atrest/atrest/node"
+	"github.com/atrest/atrest/node/nodetest"
 )
 
 // openapi is the part of an OpenAPI 3 document that the tests read.
@@ -103,7 +104,7 @@ func TestOpenAPIResponses(t *testing.T) {
 	for name, sc := range doc.Components.Schemas {
 		checkKeywords(t, "#/components/schemas/"+name, sc)
 	}
-	n, dir := newNode(t)
+	n, dir := nodetest.New(t)
 	a := addDrive(t, n, dir, "alpha")
 	if err := n.Start(t.Context()); err != nil {
 		t.Fatal(err)

@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/atrest/atrest/node/nodetest"
 )
 
 // peerEnv, set, makes the test binary the child of TestNonRootRefused: it calls the
@@ -68,7 +70,7 @@ func TestNonRootRefused(t *testing.T) {
 		}
 		t.Skip("needs root to run a child as another uid")
 	}
-	n, _ := newNode(t)
+	n, _ := nodetest.New(t)
 	sock, c := serveAPI(t, n)
 	if err := os.Chmod(sock, 0o666); err != nil {
 		t.Fatal(err)
