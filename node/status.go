@@ -41,11 +41,10 @@ func (n *Node) Status(ctx context.Context) (*Status, error) {
 		LastRotation: s.LastRotation, RotationUnderWay: s.Rotation != nil,
 		Serving: n.serving(), Volumes: []VolumeStatus{}, Drives: []DriveStatus{}, Advice: []string{},
 	}
-	journal := map[string]string{}
+	journal := journalStates(s)
 	if j := s.Rotation; j != nil {
 		st.Rotation = &RotationStatus{Started: j.Started, OldKeyID: j.OldKeyID, NewKeyID: j.NewKey.ID, Phase: j.Phase}
 		for _, rd := range j.Drives {
-			journal[rd.UUID] = rd.State
 			if rd.State == keystore.RotDone || rd.State == keystore.RotAbsent {
 				st.Rotation.DrivesDone++
 			} else {
@@ -66,6 +65,17 @@ func (n *Node) Status(ctx context.Context) (*Status, error) {
 	}
 	st.Advice = append(st.Advice, advice(s, r, st.Drives)...)
 	return st, nil
+}
+
+// journalStates gives each drive of a rotation under way its step in the journal.
+func journalStates(s keystore.State) map[string]string {
+	m := map[string]string{}
+	if j := s.Rotation; j != nil {
+		for _, rd := range j.Drives {
+			m[rd.UUID] = rd.State
+		}
+	}
+	return m
 }
 
 // driveStatus is one registry drive with its health: stale and retired drives from
@@ -203,13 +213,7 @@ func (n *Node) Drive(ctx context.Context, name string) (*DriveStatus, error) {
 	if err != nil {
 		return nil, err
 	}
-	journal := map[string]string{}
-	if j := k.State().Rotation; j != nil {
-		for _, rd := range j.Drives {
-			journal[rd.UUID] = rd.State
-		}
-	}
-	ds, err := n.driveStatus(k, r, d, journal)
+	ds, err := n.driveStatus(k, r, d, journalStates(k.State()))
 	if err != nil {
 		return nil, err
 	}
