@@ -3,10 +3,12 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/atrest/atrest/internal/exitcodes"
 	"github.com/atrest/atrest/internal/testutil"
 )
 
@@ -131,5 +133,51 @@ func TestServeTakesNewDrive(t *testing.T) {
 	}
 	if strip(text) != strip(offText) {
 		t.Errorf("encryption-status differs with and without the daemon:\n%s\n---\n%s", text, offText)
+	}
+}
+
+// TestControlSocketOfAnotherKeystore: the control socket belongs to one daemon. A
+// second daemon (another keystore, its own NBD socket) asked to answer on the same
+// control socket is refused as busy and leaves nothing behind; the commands of that
+// other keystore, pointed at the first daemon's control socket, work on their own
+// keystore and never reach the daemon, which serves on unchanged. The daemon's log has
+// one readiness line.
+func TestControlSocketOfAnotherKeystore(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t)
+	d := c.serve(c.format("first", "48M"))
+	other := newClusterIn(t, c.dir, "keystore-other") // c.dir: the same ATREST_CONTROL
+	img := other.format("theirs", "48M")
+	other.refused(exitcodes.Busy, "in use by a running daemon", []string{img},
+		spawnOpts{sock: filepath.Join(c.dir, "other.sock"), args: []string{img}, env: []string{"ATREST_CONTROL=" + c.control()}})
+
+	out := other.must("drive", "format", "--create", "48M", "--volume", "second", filepath.Join(c.dir, "second.img"))
+	if strings.Contains(out, "Served by the daemon") {
+		t.Fatalf("a drive of another keystore was given to the daemon: %s", out)
+	}
+	var st struct {
+		Serving bool `json:"serving"`
+		Volumes []struct {
+			Name string `json:"name"`
+		} `json:"volumes"`
+	}
+	if err := json.Unmarshal([]byte(other.must("encryption-status", "--json")), &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Serving || len(st.Volumes) != 2 {
+		t.Fatalf("the other keystore's status: %+v", st)
+	}
+	list := runProg(t, "", 60*time.Second, nil, testutil.Tool(t, "nbdinfo"), "--list", "nbd+unix:///?socket="+d.sock)
+	if list.code != 0 || strings.Contains(list.stdout, "second") || strings.Contains(list.stdout, "theirs") {
+		t.Fatalf("nbdinfo --list of the daemon: exit %d\n%s%s", list.code, list.stdout, list.stderr)
+	}
+	ready := 0
+	for _, l := range strings.Split(d.stderr.String(), "\n") {
+		if strings.HasPrefix(l, "atrest serve: serving") {
+			ready++
+		}
+	}
+	if ready != 1 {
+		t.Errorf("%d lines of the daemon's log read as its readiness line 'atrest serve: serving ...', want 1:\n%s", ready, d.stderr.String())
 	}
 }

@@ -210,3 +210,36 @@ func TestRemoveVolumeWhileServing(t *testing.T) {
 		t.Fatalf("exports: %q", got)
 	}
 }
+
+// TestRemoveVolumeForced: a volume removed with Force while a client is connected is
+// gone at once: the client's next read fails, its export is no longer offered, and the
+// drive is let go (it can be formatted again).
+func TestRemoveVolumeForced(t *testing.T) {
+	ctx := context.Background()
+	n, dir := nodetest.New(t)
+	img := filepath.Join(dir, "a.img")
+	if _, err := n.AddDrive(ctx, node.AddDriveRequest{Path: img, Create: 32 << 20, Volume: "held"}); err != nil {
+		t.Fatal(err)
+	}
+	sock := nodetest.Serve(t, n)
+	c, err := nbd.Dial(ctx, "unix:"+sock, nbd.ClientOptions{Export: "held", Connections: 1, ReconnectTimeout: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.WriteAt([]byte("before the removal"), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.RemoveVolume(ctx, node.RemoveVolumeRequest{Name: "held", Force: true}); err != nil {
+		t.Fatalf("forced removal with a client connected: %v", err)
+	}
+	if _, err := c.ReadAt(make([]byte, 4096), 0); err == nil {
+		t.Error("the client of a removed volume still reads")
+	}
+	if got := n.Exports(); len(got) != 0 {
+		t.Errorf("exports after the removal: %q", got)
+	}
+	if _, err := n.AddDrive(ctx, node.AddDriveRequest{Path: img, Force: true}); err != nil {
+		t.Errorf("format the removed volume's drive: %v", err)
+	}
+}

@@ -108,6 +108,14 @@ func runServe(ctx context.Context, o serveOptions) error {
 		logf("warning: --shared-writers: several clients may write to a volume at once; two ext4 mounts of one volume corrupt it")
 	}
 
+	// The control socket first: a daemon refused there has not created its NBD sockets,
+	// and one whose NBD sockets are refused removes its control socket again (stop).
+	controlErr := make(chan error, 1)
+	stopControl, err := serveControl(ctx, n, o, log, controlErr)
+	if err != nil {
+		return err
+	}
+	defer stopControl()
 	listeners, err := serveListeners(o.listen)
 	if err != nil {
 		return listenError(err, o.listen)
@@ -118,12 +126,6 @@ func runServe(ctx context.Context, o serveOptions) error {
 		}
 	}
 
-	controlErr := make(chan error, 1)
-	stopControl, err := serveControl(ctx, n, o, log, controlErr)
-	if err != nil {
-		return err
-	}
-	defer stopControl()
 	err = serving.Run(ctx, n, serving.Options{
 		Listeners: listeners, Logger: log, Drain: o.drain, Errors: controlErr, Stopping: stopControl,
 		Ready: func(ctx context.Context) (string, error) {
