@@ -31,15 +31,18 @@ func dialDaemon(ctx context.Context, dir, control string) daemonClient {
 	}
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	c, err := api.Dial(dctx, control)
+	// One round trip: the identity says both that a daemon answers and which keystore
+	// it serves.
+	c := api.NewClient(control)
+	id, err := c.Identity(dctx)
 	if err != nil {
+		c.Close()
 		if !errors.Is(err, api.ErrNoDaemon) {
 			warnf("the daemon's control socket %s: %v; working on the keystore directly", control, err)
 		}
 		return nil
 	}
-	id, err := c.Identity(dctx)
-	if err != nil || !sameDir(id.Keystore, dir) {
+	if !sameDir(id.Keystore, dir) {
 		c.Close()
 		return nil
 	}
