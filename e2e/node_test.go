@@ -140,8 +140,8 @@ func TestServeTakesNewDrive(t *testing.T) {
 // second daemon (another keystore, its own NBD socket) asked to answer on the same
 // control socket is refused as busy and leaves nothing behind; the commands of that
 // other keystore, pointed at the first daemon's control socket, work on their own
-// keystore and never reach the daemon, which serves on unchanged. The daemon's log has
-// one readiness line.
+// keystore and never reach the daemon, which serves on unchanged; a control path where
+// no control API answers is said in a warning. The daemon's log has one readiness line.
 func TestControlSocketOfAnotherKeystore(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t)
@@ -170,6 +170,12 @@ func TestControlSocketOfAnotherKeystore(t *testing.T) {
 	list := runProg(t, "", 60*time.Second, nil, testutil.Tool(t, "nbdinfo"), "--list", "nbd+unix:///?socket="+d.sock)
 	if list.code != 0 || strings.Contains(list.stdout, "second") || strings.Contains(list.stdout, "theirs") {
 		t.Fatalf("nbdinfo --list of the daemon: exit %d\n%s%s", list.code, list.stdout, list.stderr)
+	}
+	// A control path that is no control API (here the daemon's NBD socket): the command
+	// says so and works on the keystore.
+	r := runProg(t, c.dir, 60*time.Second, cleanEnv("ATREST_KEYSTORE="+c.ks, "ATREST_CONTROL="+d.sock), atrestBin, "encryption-status")
+	if r.code != 0 || !strings.Contains(r.stderr, "warning: the daemon's control socket "+d.sock) || !strings.Contains(r.stdout, "read from the keystore") {
+		t.Errorf("encryption-status with ATREST_CONTROL at the NBD socket: exit %d\n%s%s", r.code, r.stdout, r.stderr)
 	}
 	ready := 0
 	for _, l := range strings.Split(d.stderr.String(), "\n") {
