@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -137,24 +138,26 @@ func checkAddDrive(req *AddDriveRequest) error {
 	return nil
 }
 
-// readKeyFile reads the key file of an adoption (at most 8 KiB, as cryptsetup's
-// default keyfile size limit is far above any real key).
+// readKeyFile reads the key file of an adoption: at most 8 KiB (cryptsetup's default
+// keyfile size limit is far above any real key, and a larger file is not a key).
 func readKeyFile(path string) ([]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	b := make([]byte, 8<<10+1)
-	n, err := f.Read(b)
-	if err != nil {
+	b, err := io.ReadAll(io.LimitReader(f, 8<<10+1))
+	switch {
+	case err != nil:
+		clear(b)
 		return nil, fmt.Errorf("read key file %s: %w", path, err)
-	}
-	if n > 8<<10 {
+	case len(b) == 0:
+		return nil, fmt.Errorf("key file %s is empty: %w", path, ErrInvalid)
+	case len(b) > 8<<10:
 		clear(b)
 		return nil, fmt.Errorf("key file %s is larger than 8 KiB: %w", path, ErrInvalid)
 	}
-	return b[:n], nil
+	return b, nil
 }
 
 // createImage creates the image file of a request with Create, empty; it reports

@@ -243,3 +243,26 @@ func TestRemoveVolumeForced(t *testing.T) {
 		t.Errorf("format the removed volume's drive: %v", err)
 	}
 }
+
+// TestAdoptKeyFileRefusals: an adoption's key file that is empty, larger than a key
+// file can be, or not an absolute path is refused before anything is locked, and the
+// drive is not touched.
+func TestAdoptKeyFileRefusals(t *testing.T) {
+	ctx := context.Background()
+	n, dir := nodetest.New(t)
+	img := filepath.Join(dir, "a.img")
+	if err := os.WriteFile(img, make([]byte, 32<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	empty, big := filepath.Join(dir, "empty.key"), filepath.Join(dir, "big.key")
+	os.WriteFile(empty, nil, 0o600)
+	os.WriteFile(big, make([]byte, 8<<10+1), 0o600)
+	for _, key := range []string{empty, big, "relative.key"} {
+		if _, err := n.AddDrive(ctx, node.AddDriveRequest{Path: img, AdoptKeyFile: key}); !errors.Is(err, node.ErrInvalid) {
+			t.Errorf("adopt with key file %s: %v, want invalid", key, err)
+		}
+	}
+	if vols, err := n.Volumes(ctx); err != nil || len(vols) != 0 {
+		t.Errorf("volumes after refused adoptions: %+v, %v", vols, err)
+	}
+}
