@@ -231,14 +231,24 @@ func (n *Node) Volumes(ctx context.Context) ([]VolumeStatus, error) {
 
 // Volume returns one volume by name.
 func (n *Node) Volume(ctx context.Context, name string) (*VolumeStatus, error) {
-	st, err := n.Status(ctx)
+	k, r, err := n.snapshot(ctx)
 	if err != nil {
 		return nil, err
 	}
-	for _, v := range st.Volumes {
-		if v.Name == name {
-			return &v, nil
-		}
+	v := r.Volume(name)
+	if v == nil {
+		return nil, fmt.Errorf("volume %q: %w", name, ErrNotFound)
 	}
-	return nil, fmt.Errorf("volume %q: %w", name, ErrNotFound)
+	// Its members only: the other drives' headers need not be read.
+	journal := journalStates(k.State())
+	var drives []DriveStatus
+	for _, d := range r.VolumeDrives(v) {
+		ds, err := n.driveStatus(k, r, d, journal)
+		if err != nil {
+			return nil, err
+		}
+		drives = append(drives, ds)
+	}
+	vs := n.volumeStatus(r, v, drives)
+	return &vs, nil
 }
