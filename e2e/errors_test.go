@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"errors"
 	"net"
 	"os"
 	"path/filepath"
@@ -130,7 +131,13 @@ func TestServeErrors(t *testing.T) {
 		a := c.format("a", "32M")
 		b := c.format("b", "32M")
 		live := c.serve(a)
-		c.refused(exitcodes.Busy, "another server answers", []string{a, b}, spawnOpts{args: []string{b}})
+		// A control socket of its own, so that what refuses it is the NBD socket; the
+		// control socket it took first is removed again.
+		ctl := filepath.Join(c.dir, "second.ctl")
+		c.refused(exitcodes.Busy, "another server answers", []string{a, b}, spawnOpts{args: []string{b}, env: []string{"ATREST_CONTROL=" + ctl}})
+		if _, err := os.Lstat(ctl); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("the refused daemon left its control socket %s: %v", ctl, err)
+		}
 		if _, err := os.Lstat(live.sock); err != nil {
 			t.Fatalf("the live daemon's socket is gone: %v", err)
 		}
