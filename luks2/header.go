@@ -224,6 +224,41 @@ func Load(dev io.ReaderAt) (*Header, error) {
 	return h, nil
 }
 
+// ReadUUID returns the UUID that the binary header of dev names, without the
+// checksum or the JSON area: the primary copy's first 4 KiB, or, where those carry no
+// valid binary header, the secondary copy's binary header at each offset the
+// specification allows. It is a quick look at which drive this is (a probe of a drive
+// whose I/O failed), not a validation, which is Load's. It returns ErrNotLUKS when no
+// copy carries a LUKS2 magic, and a read error of the primary copy as it is (a drive
+// that cannot be read says nothing about its header).
+func ReadUUID(dev io.ReaderAt) (string, error) {
+	b := make([]byte, binHeaderSize)
+	var primary error
+	if _, err := dev.ReadAt(b, 0); err != nil && !isEOF(err) {
+		return "", fmt.Errorf("read the primary binary header: %w", err)
+	} else if err == nil {
+		bin, err := decodeBinary(b, 0)
+		if err == nil {
+			return bin.uuid, nil
+		}
+		primary = fmt.Errorf("primary binary header: %w", err)
+	}
+	for _, off := range hdrSizes {
+		if _, err := dev.ReadAt(b, off); err != nil {
+			// Past the end of the drive (or unreadable there): the copies that
+			// remain would be farther still.
+			break
+		}
+		if bin, err := decodeBinary(b, off); err == nil {
+			return bin.uuid, nil
+		}
+	}
+	if primary != nil && !errors.Is(primary, ErrNotLUKS) {
+		return "", primary
+	}
+	return "", ErrNotLUKS
+}
+
 // NeedsRepair reports whether a header copy is damaged or stale, with the reason.
 func (h *Header) NeedsRepair() (bool, error) {
 	err := errors.Join(h.copyErr[0], h.copyErr[1])
@@ -456,6 +491,16 @@ func (h *Header) Segment() Segment {
 	s := *h.m.segments[h.m.segmentID()]
 	s.Flags = slices.Clone(s.Flags)
 	return s
+}
+
+// SegmentDigest is the digest that covers the data segment: PBKDF2 of the data key
+// with its salt. Two headers with the same digest (salt and value) were made for the
+// same data key.
+func (h *Header) SegmentDigest() Digest {
+	d := *h.m.segmentDigest()
+	d.Salt, d.Value = slices.Clone(d.Salt), slices.Clone(d.Value)
+	d.Keyslots, d.Segments = slices.Clone(d.Keyslots), slices.Clone(d.Segments)
+	return d
 }
 
 // AllowDiscards reports the persistent allow-discards flag.
