@@ -69,7 +69,7 @@ go test -count=1 -timeout 10m -tags purego ./blockcrypt/...
 
 step "go test -race"
 race_pkgs=()
-for p in blockdev/... blockcrypt/... nbd/... fusefs/... volmount/... mountstack/... keystore/... drive/... luks2/... e2e/... discovery/... internal/drivebay/... node/...; do
+for p in blockdev/... blockcrypt/... nbd/... fusefs/... volmount/... mountstack/... keystore/... drive/... luks2/... e2e/... discovery/... internal/drivebay/... node/... slot/...; do
 	[ -d "${p%/...}" ] && race_pkgs+=("./$p")
 done
 go test -count=1 -timeout 20m -race "${race_pkgs[@]}"
