@@ -55,9 +55,12 @@ const (
 type Presence string
 
 const (
+	// Present: the drive is in the slot and requests run on it.
 	Present Presence = "present"
+	// Missing: the drive is out; requests wait for it (see State.TimedOut).
 	Missing Presence = "missing"
-	Closed  Presence = "closed"
+	// Closed: the slot is closed; requests fail with blockdev.ErrClosed.
+	Closed Presence = "closed"
 )
 
 // State is what a Slot says about itself.
@@ -117,11 +120,12 @@ type Slot struct {
 	logger       *slog.Logger
 
 	// cur is the drive in the slot, nil while it is missing and after Close: loaded
-	// once per call on the hot path. It is changed only under both mu and lg.mu.
+	// when a call starts and again when it returns, to see whether the drive it ran on
+	// is still the slot's. It is changed only under both mu and lg.mu.
 	cur atomic.Pointer[held]
 
-	// lg is the replay log (nil entries and noLog when disabled); its mutex orders the
-	// appends against the changes of cur.
+	// lg is the replay log, empty when noLog; its mutex orders the appends and drops
+	// against the changes of cur.
 	lg    replayLog
 	noLog bool
 	limit int64
@@ -671,26 +675,10 @@ func (s *Slot) Pull(reason string) error {
 	if reason == "" {
 		reason = "pulled by the operator"
 	}
-	s.opMu.Lock()
-	defer s.opMu.Unlock()
-	h := s.cur.Load()
-	if h == nil {
-		return s.absentErr("pull")
-	}
-	mark, ok := s.markLog(h)
-	if !ok {
-		return s.absentErr("pull")
-	}
-	if err := h.dev.Flush(); err != nil {
-		return fmt.Errorf("pull drive %s at %s: flush (the drive stays in the slot): %w", s.id.UUID, h.path, err)
-	}
-	s.dropLog(h, mark)
-	s.mu.Lock()
-	closed, ok := s.goneLocked(h, reason)
-	s.mu.Unlock()
-	s.deliver()
-	if !ok {
-		return s.absentErr("pull")
+	h, closed, err := s.pull(reason)
+	s.deliver() // not under opMu: Notify may call Reinsert
+	if err != nil {
+		return err
 	}
 	select {
 	case err := <-closed:
@@ -701,6 +689,31 @@ func (s *Slot) Pull(reason string) error {
 		s.logger.Warn("slot: the pulled drive does not close (a call still runs on it)", "path", h.path)
 	}
 	return nil
+}
+
+// pull is Pull up to the close of the drive, under opMu.
+func (s *Slot) pull(reason string) (*held, <-chan error, error) {
+	s.opMu.Lock()
+	defer s.opMu.Unlock()
+	h := s.cur.Load()
+	if h == nil {
+		return nil, nil, s.absentErr("pull")
+	}
+	mark, ok := s.markLog(h)
+	if !ok {
+		return nil, nil, s.absentErr("pull")
+	}
+	if err := h.dev.Flush(); err != nil {
+		return nil, nil, fmt.Errorf("pull drive %s at %s: flush (the drive stays in the slot): %w", s.id.UUID, h.path, err)
+	}
+	s.dropLog(h, mark)
+	s.mu.Lock()
+	closed, ok := s.goneLocked(h, reason)
+	s.mu.Unlock()
+	if !ok {
+		return nil, nil, s.absentErr("pull")
+	}
+	return h, closed, nil
 }
 
 // absentErr is the error of an operation (pull) that needs a drive in the slot.
@@ -729,6 +742,7 @@ func (s *Slot) Check() State {
 // fails, the slot stays Missing and the device is closed. Reinsert of a present slot is
 // an error wrapping ErrPresent.
 func (s *Slot) Reinsert(path string) error {
+	defer s.deliver() // after opMu is released: Notify may call Pull
 	s.opMu.Lock()
 	defer s.opMu.Unlock()
 	s.mu.Lock()
@@ -788,7 +802,6 @@ func (s *Slot) Reinsert(path string) error {
 	s.changedLocked()
 	s.logger.Info("slot: drive back", "path", path, "replayed", len(entries), "generation", h.gen)
 	s.mu.Unlock()
-	s.deliver()
 	return nil
 }
 

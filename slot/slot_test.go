@@ -748,3 +748,38 @@ func TestIdentify(t *testing.T) {
 		t.Errorf("identities: %+v, %+v, %+v", a, b, c)
 	}
 }
+
+// TestNotifyMayCallTheSlot: Notify may call Reinsert and Pull (as a node that knows
+// where the drive is may do at once), from a pull and from a failed request alike.
+func TestNotifyMayCallTheSlot(t *testing.T) {
+	mem := newDrive(t, testSize, sharedHeader())
+	first := insert(mem)
+	path := absentPath(t)
+	devs := map[string]blockdev.Device{"/dev/sdf": insert(mem), "/dev/sdg": insert(mem)}
+	var s *slot.Slot
+	var back atomic.Int64
+	notify := func(st slot.State) {
+		if st.Presence != slot.Missing {
+			return
+		}
+		next := "/dev/sdf"
+		if back.Add(1) == 2 {
+			next = "/dev/sdg"
+		}
+		if err := s.Reinsert(next); err != nil {
+			t.Errorf("Reinsert from Notify: %v", err)
+		}
+	}
+	s = newSlot(t, first, slot.Config{Path: path, Open: opener(devs), Notify: notify})
+	if err := result(t, "Pull", returned(func() error { return s.Pull("") })); err != nil {
+		t.Fatal(err)
+	}
+	if st := s.State(); st.Presence != slot.Present || st.Path != "/dev/sdf" {
+		t.Fatalf("after a Pull that Notify answered: %+v", st)
+	}
+	// So does a Check that finds the drive gone (no drive is at /dev/sdf here).
+	s.Check()
+	if st := s.State(); st.Presence != slot.Present || st.Path != "/dev/sdg" || st.Generation != 5 {
+		t.Fatalf("after a Check that Notify answered: %+v", st)
+	}
+}
