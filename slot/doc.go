@@ -86,7 +86,8 @@
 //
 // # Concurrency
 //
-// A Slot is safe for concurrent use. The hot path of a present drive is one atomic load
-// of the drive in the slot, the call, and for a change the append to the log under a
-// mutex (the copy is made outside it). No goroutine is started per request.
+// A Slot is safe for concurrent use. The hot path of a present drive is the call and
+// an atomic load of the drive in the slot before and after it, and for a change the
+// append to the log under a mutex (the copy is made outside it). No goroutine is
+// started per request.
 package slot
