@@ -4,7 +4,6 @@ import (
 	"crypto/rand"
 	"errors"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -35,13 +34,7 @@ func openDirect(path string) (blockdev.Device, error) {
 // it. It returns the bay, the image and the slot.
 func bayDrive(t *testing.T, cfg slot.Config) (*drivebay.Bay, string, *slot.Slot) {
 	t.Helper()
-	img := filepath.Join(t.TempDir(), "sdc.img")
-	if err := os.WriteFile(img, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(img, bayImageSize); err != nil {
-		t.Fatal(err)
-	}
+	img := imageFile(t, bayImageSize, nil)
 	f, err := blockdev.OpenFile(img, blockdev.FileOptions{})
 	if err != nil {
 		t.Fatal(err)

@@ -116,6 +116,17 @@ func (c *closeCounter) closed() int {
 	return c.closes
 }
 
+// pull pulls the drive f out from under s, as a power cut does (its volatile cache is
+// lost), and has the slot find it gone.
+func pull(t testing.TB, s *slot.Slot, f *blockdev.Faulty) {
+	t.Helper()
+	f.Vanish()
+	f.PowerCut()
+	if st := s.Check(); st.Presence != slot.Missing {
+		t.Fatalf("Check of a pulled drive: %+v", st)
+	}
+}
+
 // absentPath is a path where no drive is: a probe there fails.
 func absentPath(t testing.TB) string { return filepath.Join(t.TempDir(), "sdz") }
 

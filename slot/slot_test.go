@@ -194,11 +194,7 @@ func TestFUAWriteOverLoggedWrite(t *testing.T) {
 	if _, err := s.WriteAtFUA(fua, dataOff+2048); err != nil {
 		t.Fatal(err)
 	}
-	first.Vanish()
-	first.PowerCut()
-	if got := s.Check(); got.Presence != slot.Missing {
-		t.Fatalf("Check of a vanished drive: %+v", got)
-	}
+	pull(t, s, first)
 	if err := s.Reinsert(path); err != nil {
 		t.Fatal(err)
 	}
@@ -220,9 +216,7 @@ func TestTrimReplay(t *testing.T) {
 	if _, err := s.WriteAt(p, dataOff+4096); err != nil {
 		t.Fatal(err)
 	}
-	first.Vanish()
-	first.PowerCut()
-	s.Check()
+	pull(t, s, first)
 	if err := s.Reinsert(path); err != nil {
 		t.Fatal(err)
 	}
@@ -435,10 +429,7 @@ func TestReinsertRefusesAnotherDrive(t *testing.T) {
 	if err := s.Trim(dataOff+1<<20, 1<<20); err != nil {
 		t.Fatal(err)
 	}
-	first.Vanish()
-	if st := s.Check(); st.Presence != slot.Missing {
-		t.Fatalf("Check of a vanished drive: %+v", st)
-	}
+	pull(t, s, first)
 	for what, img := range images {
 		before := fileSum(t, img)
 		err := s.Reinsert(img)
@@ -476,9 +467,7 @@ func TestReinsertReplayFails(t *testing.T) {
 	if _, err := s.WriteAt(p, dataOff); err != nil {
 		t.Fatal(err)
 	}
-	first.Vanish()
-	first.PowerCut()
-	s.Check()
+	pull(t, s, first)
 	for _, path := range []string{"w", "f"} {
 		if err := s.Reinsert(path); err == nil || !errors.Is(err, blockdev.ErrMedium) {
 			t.Errorf("Reinsert of a drive failing the replay (%s): %v", path, err)
