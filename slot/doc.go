@@ -39,8 +39,8 @@
 //
 // While the drive is missing, every request waits for it, at most
 // [Config.MissingTimeout] after the drive went: then it fails with an error of the
-// class blockdev.ErrGone saying since when the drive is missing (the NBD server
-// answers EIO), and so does every later request, at once ([State].TimedOut), until the
+// classes ErrMissing and blockdev.ErrTimeout saying since when the drive is missing
+// (the NBD server answers EIO to this request and keeps the connection), and so does every later request, at once ([State].TimedOut), until the
 // drive is put back. Close fails the waiting requests with blockdev.ErrClosed.
 //
 // # Generations

@@ -83,7 +83,7 @@ type State struct {
 	// Unflushed is the number of bytes of data in the replay log now.
 	Unflushed int64
 	// TimedOut: missing for longer than MissingTimeout; requests fail at once with an
-	// error of the class blockdev.ErrGone (EIO to an NBD client) until Reinsert.
+	// error of the class ErrMissing until Reinsert.
 	TimedOut bool
 }
 
@@ -96,6 +96,13 @@ var (
 	// ErrNotSameDrive: the drive offered to Reinsert is not the slot's: another UUID,
 	// another data key (the drive was reformatted) or another size.
 	ErrNotSameDrive = errors.New("not the drive of this slot")
+	// ErrMissing: a request gave up on a missing drive. With a MissingTimeout of zero
+	// or more (the request waited that long) the error is of the class
+	// blockdev.ErrTimeout too, which the NBD server answers with EIO: the drive may
+	// come back, but this request failed. With a negative MissingTimeout (a mirror's
+	// member: it never waits) it is of the class blockdev.ErrGone, for the layer
+	// above to fail the member out.
+	ErrMissing = errors.New("drive missing")
 )
 
 // held is one drive in the slot, from the moment it was put in until it goes. A call
@@ -281,10 +288,11 @@ func (s *Slot) acquire() (*held, error) {
 func (s *Slot) missingErrLocked() error {
 	since := s.st.Since.Format(time.RFC3339)
 	if s.timeout < 0 {
-		return fmt.Errorf("drive %s (last at %s) is missing since %s: %w", s.id.UUID, s.st.Path, since, blockdev.ErrGone)
+		return fmt.Errorf("drive %s (last at %s) is missing since %s: %w (%w)", s.id.UUID, s.st.Path, since,
+			ErrMissing, blockdev.ErrGone)
 	}
-	return fmt.Errorf("drive %s (last at %s) is missing since %s, longer than the %v requests wait: %w",
-		s.id.UUID, s.st.Path, since, s.timeout, blockdev.ErrGone)
+	return fmt.Errorf("drive %s (last at %s) is missing since %s, longer than the %v requests wait: %w (%w)",
+		s.id.UUID, s.st.Path, since, s.timeout, ErrMissing, blockdev.ErrTimeout)
 }
 
 // failed decides what becomes of err, the error of a call (op, on [off, off+n)) that

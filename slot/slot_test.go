@@ -332,8 +332,9 @@ func TestProbeFindsAnotherDrive(t *testing.T) {
 }
 
 // TestMissingTimeout: requests wait for a missing drive until MissingTimeout after it
-// went, then fail with ErrGone saying since when; later ones fail at once, until the
-// drive is back. With a negative timeout they fail at once.
+// went, then fail with ErrMissing of the class ErrTimeout (EIO, not a gone device: the
+// NBD server must not make its client reconnect) saying since when; later ones fail at
+// once, until the drive is back. With a negative timeout they fail at once, as gone.
 func TestMissingTimeout(t *testing.T) {
 	const timeout = 300 * time.Millisecond
 	mem := newDrive(t, testSize, sharedHeader())
@@ -349,8 +350,9 @@ func TestMissingTimeout(t *testing.T) {
 		return err
 	}))
 	waited := time.Since(start)
-	if !errors.Is(err, blockdev.ErrGone) || !strings.Contains(err.Error(), "missing since") {
-		t.Fatalf("read of a drive missing too long: %v, want ErrGone saying since when", err)
+	if !errors.Is(err, slot.ErrMissing) || !errors.Is(err, blockdev.ErrTimeout) || errors.Is(err, blockdev.ErrGone) ||
+		!strings.Contains(err.Error(), "missing since") {
+		t.Fatalf("read of a drive missing too long: %v, want ErrMissing and ErrTimeout saying since when", err)
 	}
 	st := s.State()
 	if !st.TimedOut || waited < timeout-10*time.Millisecond {
@@ -364,8 +366,8 @@ func TestMissingTimeout(t *testing.T) {
 		func() error { return s.Trim(dataOff, 4096) },
 		func() error { return s.WriteZeroes(dataOff, 4096, 0) },
 	} {
-		if err := call(); !errors.Is(err, blockdev.ErrGone) {
-			t.Errorf("a call after the timeout: %v, want ErrGone", err)
+		if err := call(); !errors.Is(err, slot.ErrMissing) || !errors.Is(err, blockdev.ErrTimeout) {
+			t.Errorf("a call after the timeout: %v, want ErrMissing and ErrTimeout", err)
 		}
 	}
 	if d := time.Since(start); d >= timeout {
@@ -385,8 +387,8 @@ func TestMissingTimeout(t *testing.T) {
 		f := insert(newDrive(t, testSize, sharedHeader()))
 		s := newSlot(t, f, slot.Config{Path: absentPath(t), MissingTimeout: -1})
 		f.Vanish()
-		if _, err := s.WriteAt(make([]byte, 4096), dataOff); !errors.Is(err, blockdev.ErrGone) {
-			t.Errorf("write to a vanished drive without a wait: %v, want ErrGone", err)
+		if _, err := s.WriteAt(make([]byte, 4096), dataOff); !errors.Is(err, slot.ErrMissing) || !errors.Is(err, blockdev.ErrGone) {
+			t.Errorf("write to a vanished drive without a wait: %v, want ErrMissing and ErrGone", err)
 		}
 		if st := s.State(); !st.TimedOut || st.Presence != slot.Missing {
 			t.Errorf("state: %+v", st)
